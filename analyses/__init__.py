@@ -1,0 +1,6 @@
+"""The studies. Importing this package registers every analysis with `workbench.report`.
+
+Each module is runnable: `python -m analyses.<name>`, or `workbench run <name>`.
+"""
+
+from analyses import model_card  # noqa: F401  (registers "model-card")

@@ -1,0 +1,9 @@
+"""workbench: train small transformers, look inside them, and find the circuits that explain them."""
+
+from workbench.errors import CheckpointError, ConfigError, HookNameError, InputError, OfflineError, WorkbenchError
+from workbench.loading import load, resolve_device, save_model
+from workbench.model import ModelConfig, Transformer
+
+__all__ = ["CheckpointError", "ConfigError", "HookNameError", "InputError", "ModelConfig", "OfflineError",
+           "Transformer", "WorkbenchError", "load", "resolve_device", "save_model"]
+__version__ = "0.1.0"

@@ -1,0 +1,186 @@
+"""The `workbench` command.
+
+    workbench report                          every analysis on the shipped models -> ./reports/<time>/
+    workbench run <analysis> [--model M] [--out DIR] [--<setting> VALUE ...]
+    workbench train <preset | config.json> [--out DIR] [--resume]
+    workbench info <model>                    hook names and shapes, config, parameters
+    workbench list                            presets, shipped models and analyses
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+import typing
+from pathlib import Path
+from typing import Any, Optional
+
+from workbench.errors import WorkbenchError
+
+DEVICE_HELP = "auto (cuda if available, else cpu), cpu or cuda"
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _add_config_args(parser: argparse.ArgumentParser, config_cls: type) -> None:
+    """One --option per field of a frozen config dataclass, typed from its default."""
+    hints = typing.get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        flag = "--" + f.name.replace("_", "-")
+        help_ = f"(default: {default!r})"
+        if isinstance(default, bool):
+            parser.add_argument(flag, type=_parse_bool, dest=f.name, default=None, help=help_)
+        elif isinstance(default, (tuple, list)):
+            elem = type(default[0]) if default else str
+            parser.add_argument(flag, type=elem, nargs="+", dest=f.name, default=None, help=help_)
+        elif isinstance(default, (int, float, str)):
+            parser.add_argument(flag, type=type(default), dest=f.name, default=None, help=help_)
+        elif default is None:
+            inner = [a for a in typing.get_args(hints[f.name]) if a is not type(None)]
+            parser.add_argument(flag, type=inner[0] if inner else str, dest=f.name, default=None, help=help_)
+
+
+def _overrides(args: argparse.Namespace, config_cls: type) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(config_cls):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            out[f.name] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+def cmd_run(argv: list[str]) -> int:
+    from workbench.report import default_report_dir, get_analysis, make_config, registry, run_analysis, write_report
+
+    if not argv or argv[0].startswith("-"):
+        names = ", ".join(sorted(registry()))
+        print(f"usage: workbench run <analysis> [--model M] [--out DIR] [options]\nanalyses: {names}")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    analysis = get_analysis(argv[0])
+    parser = argparse.ArgumentParser(prog=f"workbench run {analysis.name}", description=analysis.description)
+    parser.add_argument("--model", default=analysis.default_models[0] if analysis.default_models else None,
+                        help="preset name, model folder, or hf:<name or path>")
+    parser.add_argument("--out", type=Path, default=None, help="report folder (default ./reports/<analysis>-<time>)")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    _add_config_args(parser, analysis.config_cls)
+    args = parser.parse_args(argv[1:])
+    cfg = make_config(analysis, _overrides(args, analysis.config_cls))
+    section = run_analysis(analysis.name, args.model, cfg, device=args.device)
+    out = args.out or default_report_dir().with_name(f"{analysis.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    path = write_report(out, [section], title=f"{analysis.name} · {section.model}")
+    print(f"Wrote {path}/index.html, metrics.json and {len(section.figures)} figures in {path}/figures")
+    for line in section.headlines:
+        print(f"  {line}")
+    return 0
+
+
+def cmd_report(argv: list[str]) -> int:
+    from workbench.report import report_all
+
+    parser = argparse.ArgumentParser(prog="workbench report",
+                                     description="Run every analysis on the shipped toy models.")
+    parser.add_argument("--out", type=Path, default=None, help="report folder (default ./reports/<time>)")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    args = parser.parse_args(argv)
+    report_all(args.out, device=args.device)
+    return 0
+
+
+def cmd_train(argv: list[str]) -> int:
+    from workbench.train import TrainingInterrupted, load_train_config, train
+
+    parser = argparse.ArgumentParser(prog="workbench train", description="Train a preset or a config JSON.")
+    parser.add_argument("config", help="preset name in models/ or a path to a TrainConfig JSON")
+    parser.add_argument("--out", type=Path, default=None, help="run folder (default ./runs/<name>)")
+    parser.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    parser.add_argument("--steps", type=int, default=None, help="override n_steps")
+    parser.add_argument("--seed", type=int, default=None, help="override the model and data seeds")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="override precision")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    name, cfg = load_train_config(args.config)
+    if args.steps is not None:
+        cfg = dataclasses.replace(cfg, n_steps=args.steps)
+    if args.seed is not None:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, seed=args.seed),
+                                  data=dataclasses.replace(cfg.data, seed=args.seed))
+    if args.precision is not None:
+        cfg = dataclasses.replace(cfg, precision=args.precision)
+    out = args.out or Path("runs") / name
+    try:
+        train(cfg, out, name=name, resume=args.resume, device=args.device, progress=not args.no_progress)
+    except TrainingInterrupted as stop:
+        print(f"\n{stop}", file=sys.stderr)
+        return 130
+    return 0
+
+
+def cmd_info(argv: list[str]) -> int:
+    from workbench.loading import load
+
+    parser = argparse.ArgumentParser(prog="workbench info", description="Hook names, shapes and config of a model.")
+    parser.add_argument("model", help="preset name, model folder, or hf:<name or path>")
+    parser.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    parser.add_argument("--seq-len", type=int, default=8, help="sequence length used for the shapes")
+    args = parser.parse_args(argv)
+    model = load(args.model, device=args.device)
+    print(f"{args.model}: {type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} parameters")
+    cfg = model.cfg
+    for key in ("n_layers", "d_model", "n_heads", "d_head", "d_mlp", "n_ctx", "d_vocab", "normalization_type"):
+        print(f"  {key:<20} {getattr(cfg, key, None)}")
+    import torch
+
+    tokens = torch.zeros(1, args.seq_len, dtype=torch.long, device=next(model.parameters()).device)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+    print(f"hooks (shapes for batch 1 × {args.seq_len} tokens):")
+    for name in cache:
+        print(f"  {name:<40} {list(cache[name].shape)}")
+    return 0
+
+
+def cmd_list(argv: list[str]) -> int:
+    from workbench.loading import models_dir, preset_names, shipped_models
+    from workbench.report import registry
+
+    shipped = set(shipped_models())
+    print(f"presets ({models_dir()}):")
+    for name in preset_names():
+        print(f"  {name:<16} {'trained' if name in shipped else 'not trained'}")
+    print("analyses:")
+    for a in registry().values():
+        print(f"  {a.name:<16} {a.description}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "report": cmd_report, "train": cmd_train, "info": cmd_info, "list": cmd_list}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point of the `workbench` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__)
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except WorkbenchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,307 @@
+"""Training data: a text pipeline on Hugging Face `datasets`, and synthetic repeated-segment tasks.
+
+Text comes from the Python standard library's own source (the default, read from the running
+interpreter), a local file or folder, or `hub:<name>` when online. It is tokenized, packed into
+rows of n_ctx tokens separated by <|endoftext|>, split deterministically into train and
+validation rows, and cached on disk (under $WORKBENCH_CACHE, default ~/.cache/workbench).
+
+A training batch for step t is a pure function of (seed, t): text rows sampled from the train
+split, and `synthetic_fraction` of rows made of repeated random segments. That is what makes
+`--resume` bit-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import sysconfig
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+
+from workbench.errors import InputError, OfflineError, check_field
+from workbench.tokenizer import Tokenizer, byte_tokenizer, eos_id, train_bpe
+
+TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst", ".json", ".jsonl", ".csv", ".html", ".c", ".h", ".js")
+_SKIP_STDLIB_DIRS = {"site-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__", "turtledemo"}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where training tokens come from."""
+
+    text: str = "stdlib"
+    """'stdlib' (the running Python's standard library source), a local file or folder, or 'hub:<dataset>'."""
+    tokenizer: Literal["byte", "bpe"] = "byte"
+    """'byte': 256 byte tokens + <|endoftext|>; 'bpe': a byte-level BPE trained on the text."""
+    bpe_vocab_size: int = 1024
+    """Vocabulary size of the BPE (with tokenizer='bpe'); the model's d_vocab must equal it."""
+    max_text_mb: Optional[float] = 16.0
+    """Read at most this many MB of text (files in sorted order); None reads everything."""
+    val_fraction: float = 0.02
+    """Share of packed text rows held out for validation."""
+    synthetic_fraction: float = 0.5
+    """Share of each batch made of repeated random segments (1.0: no text at all)."""
+    repeat_len_min: int = 4
+    """Shortest repeated segment."""
+    repeat_len_max: int = 32
+    """Longest repeated segment."""
+    seed: int = 0
+    """Seed of the train/validation split and of every batch."""
+
+    def __post_init__(self) -> None:
+        own = "DataConfig"
+        check_field(self.tokenizer in ("byte", "bpe"), own, "tokenizer", self.tokenizer, "'byte' or 'bpe'")
+        check_field(isinstance(self.bpe_vocab_size, int) and self.bpe_vocab_size > 257, own,
+                    "bpe_vocab_size", self.bpe_vocab_size, "an integer above 257 (the byte tokens)")
+        check_field(0.0 < self.val_fraction < 0.5, own, "val_fraction", self.val_fraction, "in (0, 0.5)")
+        check_field(0.0 <= self.synthetic_fraction <= 1.0, own, "synthetic_fraction",
+                    self.synthetic_fraction, "in [0, 1]")
+        check_field(self.max_text_mb is None or self.max_text_mb > 0, own, "max_text_mb",
+                    self.max_text_mb, "positive or None")
+        check_field(1 <= self.repeat_len_min <= self.repeat_len_max, own, "repeat_len_min",
+                    (self.repeat_len_min, self.repeat_len_max), "≥1 and ≤ repeat_len_max")
+
+    @property
+    def uses_text(self) -> bool:
+        """False when every row is synthetic, so no corpus is read."""
+        return self.synthetic_fraction < 1.0
+
+    @property
+    def d_vocab(self) -> int:
+        """The vocabulary size a model trained on this data must have."""
+        return 257 if self.tokenizer == "byte" else self.bpe_vocab_size
+
+
+# -- text sources ---------------------------------------------------------------------------------
+def stdlib_files() -> list[Path]:
+    """The running interpreter's standard-library .py files, tests and vendored packages left out."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [p for p in root.rglob("*.py") if not _SKIP_STDLIB_DIRS & set(p.relative_to(root).parts[:-1])]
+    return sorted(files)
+
+
+def local_files(path: Path) -> list[Path]:
+    """A file, or the text files under a folder, sorted."""
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+        if not files:
+            raise InputError(f"No text files ({', '.join(TEXT_SUFFIXES)}) under {path}.")
+        return files
+    raise InputError(f"Text source {str(path)!r} is neither 'stdlib', 'hub:<name>', nor an existing "
+                     "file or folder.")
+
+
+def _cap(files: list[Path], max_mb: Optional[float]) -> list[Path]:
+    if max_mb is None:
+        return files
+    kept, total = [], 0
+    for f in files:
+        total += f.stat().st_size
+        if kept and total > max_mb * 1e6:
+            break
+        kept.append(f)
+    return kept
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether huggingface.co answers, and the user has not set HF_HUB_OFFLINE."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def require_hub(what: str) -> None:
+    """Raise OfflineError unless the Hugging Face hub can be reached."""
+    if not hub_reachable():
+        raise OfflineError(f"{what} needs the Hugging Face hub, and this machine is offline "
+                           "(or HF_HUB_OFFLINE is set). Use a local file or folder instead, "
+                           "or the default 'stdlib' corpus.")
+
+
+def load_text(source: str, max_mb: Optional[float] = None):
+    """A `datasets.Dataset` with one document per row in a 'text' column."""
+    import datasets
+
+    if source.startswith("hub:"):
+        name = source[4:]
+        require_hub(f"The dataset {name!r}")
+        ds = datasets.load_dataset(name, split="train")
+        if "text" not in ds.column_names:
+            raise InputError(f"Hub dataset {name!r} has no 'text' column (columns: {ds.column_names}).")
+        return ds.select_columns(["text"])
+    files = stdlib_files() if source == "stdlib" else local_files(Path(source).expanduser())
+    files = _cap(files, max_mb)
+    return datasets.load_dataset("text", data_files=[str(f) for f in files], sample_by="document",
+                                 split="train", encoding_errors="replace")
+
+
+def _source_fingerprint(source: str, max_mb: Optional[float]) -> str:
+    if source.startswith("hub:"):
+        return source
+    files = stdlib_files() if source == "stdlib" else local_files(Path(source).expanduser())
+    files = _cap(files, max_mb)
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+# -- packing and caching ----------------------------------------------------------------------------
+def pack(token_lists, eos: int, n_ctx: int) -> np.ndarray:
+    """Join documents with <|endoftext|> and cut the stream into full rows [N, n_ctx]."""
+    stream = np.fromiter((t for doc in token_lists for t in (*doc, eos)), dtype=np.int32)
+    n_rows = len(stream) // n_ctx
+    return stream[: n_rows * n_ctx].reshape(n_rows, n_ctx)
+
+
+def split_rows(rows: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic shuffle, then the last val_fraction of rows (at least one) is validation."""
+    order = np.random.default_rng(seed).permutation(len(rows))
+    n_val = max(1, int(round(len(rows) * val_fraction)))
+    if len(rows) < 2:
+        raise InputError(f"The text has only {len(rows)} packed rows; give it more text or a smaller n_ctx.")
+    return rows[order[n_val:]], rows[order[:n_val]]
+
+
+def cache_dir() -> Path:
+    """Where packed token arrays are cached ($WORKBENCH_CACHE, default ~/.cache/workbench)."""
+    return Path(os.environ.get("WORKBENCH_CACHE", Path.home() / ".cache" / "workbench"))
+
+
+@dataclass(frozen=True)
+class TextData:
+    """Packed token rows: train [N, n_ctx] and validation [M, n_ctx]."""
+
+    train: np.ndarray
+    val: np.ndarray
+
+
+def build_tokenizer(cfg: DataConfig) -> Tokenizer:
+    """The byte tokenizer, or a BPE trained on (at most 4 MB of) the configured text."""
+    if cfg.tokenizer == "byte":
+        return byte_tokenizer()
+    ds = load_text(cfg.text, min(cfg.max_text_mb or 4.0, 4.0))
+    return train_bpe((row["text"] for row in ds), cfg.bpe_vocab_size)
+
+
+def build_text_data(cfg: DataConfig, n_ctx: int, tok: Tokenizer) -> TextData:
+    """Tokenize, pack and split the configured text, reusing the on-disk cache when it matches."""
+    key_src = json.dumps({"source": _source_fingerprint(cfg.text, cfg.max_text_mb), "n_ctx": n_ctx,
+                          "val_fraction": cfg.val_fraction, "seed": cfg.seed,
+                          "tokenizer": tok.to_str()}, sort_keys=True)
+    path = cache_dir() / f"packed-{hashlib.sha256(key_src.encode()).hexdigest()[:24]}.safetensors"
+    if path.exists():
+        try:
+            arrays = load_file(str(path))
+            return TextData(arrays["train"], arrays["val"])
+        except Exception:  # a torn cache file is rebuilt, never trusted
+            path.unlink(missing_ok=True)
+    ds = load_text(cfg.text, cfg.max_text_mb)
+    ids = ds.map(lambda b: {"ids": [e.ids for e in tok.encode_batch(b["text"])]}, batched=True,
+                 remove_columns=["text"], desc="tokenizing", load_from_cache_file=False)["ids"]
+    train, val = split_rows(pack(ids, eos_id(tok), n_ctx), cfg.val_fraction, cfg.seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file({"train": np.ascontiguousarray(train), "val": np.ascontiguousarray(val)}, str(tmp))
+    os.replace(tmp, path)
+    return TextData(train, val)
+
+
+# -- synthetic tasks --------------------------------------------------------------------------------
+def repeated_segments(n_rows: int, n_ctx: int, vocab: int, len_min: int, len_max: int,
+                      gen: torch.Generator) -> torch.Tensor:
+    """Rows [n_rows, n_ctx] of random tokens in which random segments recur.
+
+    Each block is a random segment (length uniform in [len_min, len_max]) followed by 1 to 3
+    copies of itself, each copy after a gap of 0 to len_min random tokens; blocks start after a
+    random gap. Lengths and gaps vary, so the distance to an earlier copy never sits at a fixed
+    offset, and a model can only predict a copy by looking up what followed the current token.
+    """
+    rows = torch.randint(0, vocab, (n_rows, n_ctx), generator=gen)
+    draws = torch.rand(n_rows, 8 * (n_ctx // max(len_min, 1) + 2), generator=gen).tolist()
+    for r in range(n_rows):
+        u = iter(draws[r])
+        pos = int(next(u) * len_max)
+        while pos + len_min < n_ctx:
+            seg = len_min + int(next(u) * (len_max - len_min + 1))
+            src = pos
+            pos += seg
+            for _ in range(1 + int(next(u) * 3)):
+                pos += int(next(u) * (len_min + 1))
+                n = min(seg, n_ctx - pos)
+                if n <= 0:
+                    break
+                rows[r, pos : pos + n] = rows[r, src : src + n]
+                pos += n
+            pos += int(next(u) * len_max)
+    return rows
+
+
+def repeated_sequence(batch: int, seq_len: int, vocab: int, seed: int, prefix: Optional[int] = None) -> torch.Tensor:
+    """[batch, 2*seq_len (+1)] random tokens repeated once; the standard induction-head probe.
+
+    With `prefix` set, every row starts with that token (e.g. a BOS/EOS id).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    half = torch.randint(0, vocab, (batch, seq_len), generator=gen)
+    rows = torch.cat([half, half], dim=1)
+    if prefix is not None:
+        rows = torch.cat([torch.full((batch, 1), prefix), rows], dim=1)
+    return rows
+
+
+class Batches:
+    """Training and validation batches; `train(step)` depends only on (seed, step)."""
+
+    def __init__(self, cfg: DataConfig, n_ctx: int, batch_size: int, text: Optional[TextData],
+                 synthetic_vocab: int):
+        if cfg.uses_text and text is None:
+            raise InputError("DataConfig.synthetic_fraction < 1 needs text data.")
+        self.cfg, self.n_ctx, self.batch_size, self.text = cfg, n_ctx, batch_size, text
+        self.synthetic_vocab = synthetic_vocab
+        self.n_synthetic = int(round(batch_size * cfg.synthetic_fraction))
+
+    def _synthetic(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        c = self.cfg
+        return repeated_segments(n, self.n_ctx, self.synthetic_vocab, c.repeat_len_min, c.repeat_len_max, gen)
+
+    def train(self, step: int) -> torch.Tensor:
+        """Token batch [batch_size, n_ctx] for `step`."""
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
+        parts = []
+        n_text = self.batch_size - self.n_synthetic
+        if n_text:
+            assert self.text is not None
+            idx = torch.randint(0, len(self.text.train), (n_text,), generator=gen).numpy()
+            parts.append(torch.from_numpy(self.text.train[idx].astype(np.int64)))
+        if self.n_synthetic:
+            parts.append(self._synthetic(self.n_synthetic, gen))
+        return torch.cat(parts)
+
+    def validation(self, n_rows: int = 64) -> dict[str, torch.Tensor]:
+        """Fixed validation sets: {'text': [<=n_rows, n_ctx], 'synthetic': [n_rows, n_ctx]} as present."""
+        out = {}
+        if self.cfg.uses_text and self.text is not None:
+            out["text"] = torch.from_numpy(self.text.val[:n_rows].astype(np.int64))
+        if self.n_synthetic:
+            out["synthetic"] = self._synthetic(n_rows, torch.Generator().manual_seed(self.cfg.seed + 7_777_777))
+        return out
+
+
+def data_config_dict(cfg: DataConfig) -> dict:
+    """Plain-JSON form of a DataConfig."""
+    return asdict(cfg)

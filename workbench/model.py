@@ -1,0 +1,436 @@
+"""The hookable Transformer: a GPT-style decoder with TransformerLens hook names and weight layout.
+
+Shape letters, used in names and comments throughout the workbench:
+    B batch, S query position, T key position, D d_model, H heads, K d_head,
+    M d_mlp, V d_vocab, L layers.
+
+Every activation passes through a `HookPoint`, so `run_with_cache`, `run_with_hooks` and
+`hooks()` from `transformer_lens.HookedRootModule` work unchanged. Weights are stored per layer
+in TransformerLens's layout (`blocks.{l}.attn.W_Q` is [H, D, K]) and stacked on the model
+(`model.W_Q` is [L, H, D, K]), so `FactoredMatrix` and TL-style analysis code work on it.
+
+Speed: the attention pattern is only materialised when a hook on `hook_attn_scores` or
+`hook_pattern` asks for it; otherwise attention runs through `scaled_dot_product_attention`,
+and Q, K and V come from one fused matmul.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformer_lens import HookedRootModule
+from transformer_lens.hook_points import HookPoint
+
+from workbench.errors import HookNameError, InputError, check_field, unknown_name_message
+
+ReturnType = Literal["logits", "loss", "both"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a workbench Transformer. Field names follow TransformerLens's config."""
+
+    n_layers: int = 2
+    """Number of transformer blocks (1 to 8)."""
+    d_model: int = 64
+    """Width of the residual stream."""
+    n_heads: int = 4
+    """Attention heads per layer."""
+    d_head: int = 16
+    """Width of each head's query, key and value."""
+    d_mlp: Optional[int] = None
+    """Hidden width of the MLPs; None makes the model attention-only."""
+    act_fn: Literal["gelu", "relu"] = "gelu"
+    """MLP non-linearity."""
+    normalization_type: Optional[Literal["LN"]] = "LN"
+    """'LN' for LayerNorm before each sublayer and the unembedding, None for no normalisation."""
+    n_ctx: int = 128
+    """Longest sequence the model accepts (the learned positional embedding has n_ctx rows)."""
+    d_vocab: int = 257
+    """Vocabulary size."""
+    init_range: Optional[float] = None
+    """Std of the normal weight init; None means 0.8 / sqrt(d_model), TransformerLens's default."""
+    seed: int = 0
+    """Seed of the weight init (its own torch.Generator; the global RNG is left alone)."""
+
+    def __post_init__(self) -> None:
+        own = "ModelConfig"
+        check_field(isinstance(self.n_layers, int) and 1 <= self.n_layers <= 8, own, "n_layers",
+                    self.n_layers, "an integer from 1 to 8")
+        for name in ("d_model", "n_heads", "d_head", "n_ctx", "d_vocab"):
+            value = getattr(self, name)
+            check_field(isinstance(value, int) and value > 0, own, name, value, "a positive integer")
+        check_field(self.d_mlp is None or (isinstance(self.d_mlp, int) and self.d_mlp > 0), own,
+                    "d_mlp", self.d_mlp, "a positive integer, or None for an attention-only model")
+        check_field(self.act_fn in ("gelu", "relu"), own, "act_fn", self.act_fn, "'gelu' or 'relu'")
+        check_field(self.normalization_type in ("LN", None), own, "normalization_type",
+                    self.normalization_type, "'LN' or None")
+        check_field(self.init_range is None or self.init_range > 0, own, "init_range",
+                    self.init_range, "a positive float or None")
+
+    @property
+    def attn_only(self) -> bool:
+        """True when the model has no MLPs."""
+        return self.d_mlp is None
+
+    @property
+    def initializer_range(self) -> float:
+        """The init std actually used."""
+        return self.init_range if self.init_range is not None else 0.8 / math.sqrt(self.d_model)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form; `from_dict` inverts it."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        """Build from a dict, naming any key that is not a field."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InputError(f"Unknown ModelConfig field(s) {unknown}; valid fields: {sorted(known)}.")
+        return cls(**data)
+
+
+def _hooked(hook: HookPoint) -> bool:
+    """Whether any forward or backward hook is attached to `hook` (so its value must exist)."""
+    return bool(hook.fwd_hooks or hook.bwd_hooks)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with TransformerLens's hooks: hook_scale [B, S, 1] and hook_normalized [B, S, D]."""
+
+    def __init__(self, d_model: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.w = nn.Parameter(torch.ones(d_model))
+        self.b = nn.Parameter(torch.zeros(d_model))
+        self.hook_scale = HookPoint()  # [B, S, 1]
+        self.hook_normalized = HookPoint()  # [B, S, D]
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        if not _hooked(self.hook_scale):  # the fused kernel, unless someone reads or edits the scale
+            return self.hook_normalized(F.layer_norm(x_BSD, x_BSD.shape[-1:], self.w, self.b, self.eps))
+        x_BSD = x_BSD - x_BSD.mean(-1, keepdim=True)
+        scale_BS1 = self.hook_scale((x_BSD.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        return self.hook_normalized(x_BSD / scale_BS1 * self.w + self.b)
+
+
+class Attention(nn.Module):
+    """Causal multi-head attention with weights in TransformerLens's per-head layout."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        H, D, K = cfg.n_heads, cfg.d_model, cfg.d_head
+        self.cfg = cfg
+        self.W_Q = nn.Parameter(torch.empty(H, D, K))
+        self.W_K = nn.Parameter(torch.empty(H, D, K))
+        self.W_V = nn.Parameter(torch.empty(H, D, K))
+        self.W_O = nn.Parameter(torch.empty(H, K, D))
+        self.b_Q = nn.Parameter(torch.zeros(H, K))
+        self.b_K = nn.Parameter(torch.zeros(H, K))
+        self.b_V = nn.Parameter(torch.zeros(H, K))
+        self.b_O = nn.Parameter(torch.zeros(D))
+        self.hook_q = HookPoint()  # [B, S, H, K]
+        self.hook_k = HookPoint()  # [B, T, H, K]
+        self.hook_v = HookPoint()  # [B, T, H, K]
+        self.hook_attn_scores = HookPoint()  # [B, H, S, T], -inf above the diagonal
+        self.hook_pattern = HookPoint()  # [B, H, S, T]
+        self.hook_z = HookPoint()  # [B, S, H, K]
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x_BSD.shape
+        H, K = self.cfg.n_heads, self.cfg.d_head
+        # One [D, 3HK] matmul instead of three einsums; the weight re-layout is tiny next to
+        # the activations (3·D·H·K numbers against B·S·3·H·K).
+        W_D3HK = torch.stack((self.W_Q, self.W_K, self.W_V)).permute(2, 0, 1, 3).reshape(-1, 3 * H * K)
+        b_3HK = torch.stack((self.b_Q, self.b_K, self.b_V)).reshape(3 * H * K)
+        qkv_BS3HK = torch.addmm(b_3HK, x_BSD.reshape(B * S, -1), W_D3HK).view(B, S, 3, H, K)
+        q_BSHK, k_BTHK, v_BTHK = qkv_BS3HK.unbind(2)  # one stack in backward, not three zero-fills
+        q_BSHK, k_BTHK, v_BTHK = self.hook_q(q_BSHK), self.hook_k(k_BTHK), self.hook_v(v_BTHK)
+        if _hooked(self.hook_attn_scores) or _hooked(self.hook_pattern):
+            scores_BHST = torch.einsum("bshk,bthk->bhst", q_BSHK, k_BTHK) / math.sqrt(K)
+            causal_ST = torch.ones(S, S, dtype=torch.bool, device=x_BSD.device).triu(1)
+            scores_BHST = self.hook_attn_scores(scores_BHST.masked_fill(causal_ST, float("-inf")))
+            pattern_BHST = self.hook_pattern(scores_BHST.softmax(-1))
+            z_BSHK = torch.einsum("bhst,bthk->bshk", pattern_BHST, v_BTHK)
+        else:
+            z_BHSK = F.scaled_dot_product_attention(
+                q_BSHK.transpose(1, 2), k_BTHK.transpose(1, 2), v_BTHK.transpose(1, 2), is_causal=True
+            )
+            z_BSHK = z_BHSK.transpose(1, 2)
+        z_BSHK = self.hook_z(z_BSHK)
+        out_BD = torch.addmm(self.b_O, z_BSHK.reshape(B * S, H * K), self.W_O.reshape(H * K, -1))
+        return out_BD.view(B, S, -1)
+
+
+class MLP(nn.Module):
+    """Two-layer MLP: hook_pre [B, S, M] before the non-linearity, hook_post [B, S, M] after."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        assert cfg.d_mlp is not None
+        self.W_in = nn.Parameter(torch.empty(cfg.d_model, cfg.d_mlp))
+        self.b_in = nn.Parameter(torch.zeros(cfg.d_mlp))
+        self.W_out = nn.Parameter(torch.empty(cfg.d_mlp, cfg.d_model))
+        self.b_out = nn.Parameter(torch.zeros(cfg.d_model))
+        self.act = F.gelu if cfg.act_fn == "gelu" else F.relu
+        self.hook_pre = HookPoint()  # [B, S, M]
+        self.hook_post = HookPoint()  # [B, S, M]
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        pre_BSM = self.hook_pre(x_BSD @ self.W_in + self.b_in)
+        post_BSM = self.hook_post(self.act(pre_BSM))
+        return post_BSM @ self.W_out + self.b_out
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block. Attention-only blocks have no hook_resid_mid, as in TransformerLens."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln1 = LayerNorm(cfg.d_model) if cfg.normalization_type == "LN" else nn.Identity()
+        self.attn = Attention(cfg)
+        self.hook_resid_pre = HookPoint()  # [B, S, D]
+        self.hook_attn_out = HookPoint()  # [B, S, D]
+        if not cfg.attn_only:
+            self.ln2 = LayerNorm(cfg.d_model) if cfg.normalization_type == "LN" else nn.Identity()
+            self.mlp = MLP(cfg)
+            self.hook_resid_mid = HookPoint()  # [B, S, D]
+            self.hook_mlp_out = HookPoint()  # [B, S, D]
+        self.hook_resid_post = HookPoint()  # [B, S, D]
+
+    def forward(self, resid_BSD: torch.Tensor) -> torch.Tensor:
+        resid_BSD = self.hook_resid_pre(resid_BSD)
+        resid_BSD = resid_BSD + self.hook_attn_out(self.attn(self.ln1(resid_BSD)))
+        if hasattr(self, "mlp"):
+            resid_BSD = self.hook_resid_mid(resid_BSD)
+            resid_BSD = resid_BSD + self.hook_mlp_out(self.mlp(self.ln2(resid_BSD)))
+        return self.hook_resid_post(resid_BSD)
+
+
+class Embed(nn.Module):
+    """Token embedding W_E [V, D]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.W_E = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
+
+    def forward(self, tokens_BS: torch.Tensor) -> torch.Tensor:
+        return F.embedding(tokens_BS, self.W_E)
+
+
+class PosEmbed(nn.Module):
+    """Learned positional embedding W_pos [n_ctx, D], broadcast over the batch."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.W_pos = nn.Parameter(torch.empty(cfg.n_ctx, cfg.d_model))
+
+    def forward(self, tokens_BS: torch.Tensor) -> torch.Tensor:
+        B, S = tokens_BS.shape
+        return self.W_pos[:S].expand(B, S, -1)
+
+
+class Unembed(nn.Module):
+    """Unembedding W_U [D, V] and b_U [V]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.W_U = nn.Parameter(torch.empty(cfg.d_model, cfg.d_vocab))
+        self.b_U = nn.Parameter(torch.zeros(cfg.d_vocab))
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        return x_BSD @ self.W_U + self.b_U
+
+
+class Transformer(HookedRootModule):
+    """A hookable decoder-only Transformer; see the module docstring for names and shapes."""
+
+    def __init__(self, cfg: ModelConfig, tokenizer: Any = None):
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.folder: Optional[Path] = None  # the model folder it was loaded from, if any
+        self.meta: dict[str, Any] = {}  # that folder's config.json (training config, step, ...)
+        self.embed = Embed(cfg)
+        self.hook_embed = HookPoint()  # [B, S, D]
+        self.pos_embed = PosEmbed(cfg)
+        self.hook_pos_embed = HookPoint()  # [B, S, D]
+        self.blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+        self.ln_final = LayerNorm(cfg.d_model) if cfg.normalization_type == "LN" else nn.Identity()
+        self.unembed = Unembed(cfg)
+        self.init_weights()
+        self.setup()
+
+    # -- construction -------------------------------------------------------------------------
+    def init_weights(self) -> None:
+        """Normal(0, initializer_range) weights, zero biases, unit LayerNorm, from cfg.seed."""
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        std = self.cfg.initializer_range
+        with torch.no_grad():
+            for name, param in self.named_parameters():
+                leaf = name.rsplit(".", 1)[-1]
+                if leaf.startswith("W_"):
+                    param.copy_(torch.randn(param.shape, generator=gen) * std)
+                elif leaf == "w":
+                    param.fill_(1.0)
+                else:
+                    param.zero_()
+
+    # -- hooks --------------------------------------------------------------------------------
+    @contextmanager
+    def hooks(self, fwd_hooks=[], bwd_hooks=[], reset_hooks_end=True, clear_contexts=False):
+        """TransformerLens's hooks() context manager; an unknown hook name is an error up front."""
+        for name, _ in [*fwd_hooks, *bwd_hooks]:
+            self.check_hook_name(name)
+        with super().hooks(fwd_hooks, bwd_hooks, reset_hooks_end, clear_contexts) as model:
+            yield model
+
+    def add_hook(self, name, hook, dir="fwd", is_permanent=False, level=None, prepend=False):
+        """TransformerLens's add_hook, with a helpful error for an unknown hook name."""
+        self.check_hook_name(name)
+        return super().add_hook(name, hook, dir=dir, is_permanent=is_permanent, level=level,
+                                prepend=prepend)
+
+    def check_hook_name(self, name: Any) -> None:
+        """Raise HookNameError, suggesting the nearest valid names, if `name` is not a hook."""
+        if isinstance(name, str) and name not in self.hook_dict:
+            raise HookNameError(unknown_name_message("hook name", name, self.hook_dict))
+
+    def run_with_cache(self, *args: Any, names_filter: Any = None, **kwargs: Any):
+        """TransformerLens's run_with_cache; a listed hook name that does not exist is an error."""
+        names = [names_filter] if isinstance(names_filter, str) else names_filter
+        if isinstance(names, (list, tuple)):
+            for name in names:
+                self.check_hook_name(name)
+            names_filter = list(names)
+        return super().run_with_cache(*args, names_filter=names_filter, **kwargs)
+
+    # -- forward ------------------------------------------------------------------------------
+    def check_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Validate token ids [B, S] (or [S]) and return them as a [B, S] long tensor."""
+        if not isinstance(tokens, torch.Tensor):
+            raise InputError(f"tokens must be a torch.Tensor of token ids, got {type(tokens).__name__}; "
+                             "use model.to_tokens(text) for strings.")
+        if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+            raise InputError(f"tokens must be integer ids, got dtype {tokens.dtype}.")
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+        if tokens.ndim != 2:
+            raise InputError(f"tokens must have shape [batch, pos], got {tuple(tokens.shape)}.")
+        if tokens.shape[1] > self.cfg.n_ctx:
+            raise InputError(f"Sequence length {tokens.shape[1]} exceeds n_ctx={self.cfg.n_ctx}; "
+                             f"truncate to at most {self.cfg.n_ctx} tokens or split the sequence.")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.d_vocab):
+            raise InputError(f"Token ids must lie in [0, {self.cfg.d_vocab}) for d_vocab="
+                             f"{self.cfg.d_vocab}; got ids from {int(tokens.min())} to {int(tokens.max())}. "
+                             "Was the input made by another tokenizer?")
+        return tokens.long()
+
+    def forward(self, tokens: torch.Tensor, return_type: ReturnType = "logits"):
+        """tokens [B, S] -> logits [B, S, V], mean next-token loss [], or (logits, loss)."""
+        if return_type not in ("logits", "loss", "both"):
+            raise InputError(f"return_type must be 'logits', 'loss' or 'both', got {return_type!r}.")
+        tokens_BS = self.check_tokens(tokens)
+        resid_BSD = self.hook_embed(self.embed(tokens_BS)) + self.hook_pos_embed(self.pos_embed(tokens_BS))
+        for block in self.blocks:
+            resid_BSD = block(resid_BSD)
+        logits_BSV = self.unembed(self.ln_final(resid_BSD))
+        if return_type == "logits":
+            return logits_BSV
+        loss = lm_loss(logits_BSV, tokens_BS)
+        return loss if return_type == "loss" else (logits_BSV, loss)
+
+    # -- TransformerLens-style stacked weights --------------------------------------------------
+    @property
+    def W_E(self) -> torch.Tensor:
+        """[V, D]"""
+        return self.embed.W_E
+
+    @property
+    def W_pos(self) -> torch.Tensor:
+        """[n_ctx, D]"""
+        return self.pos_embed.W_pos
+
+    @property
+    def W_U(self) -> torch.Tensor:
+        """[D, V]"""
+        return self.unembed.W_U
+
+    @property
+    def b_U(self) -> torch.Tensor:
+        """[V]"""
+        return self.unembed.b_U
+
+    W_Q = property(lambda self: torch.stack([b.attn.W_Q for b in self.blocks]), doc="[L, H, D, K]")
+    W_K = property(lambda self: torch.stack([b.attn.W_K for b in self.blocks]), doc="[L, H, D, K]")
+    W_V = property(lambda self: torch.stack([b.attn.W_V for b in self.blocks]), doc="[L, H, D, K]")
+    W_O = property(lambda self: torch.stack([b.attn.W_O for b in self.blocks]), doc="[L, H, K, D]")
+    b_Q = property(lambda self: torch.stack([b.attn.b_Q for b in self.blocks]), doc="[L, H, K]")
+    b_K = property(lambda self: torch.stack([b.attn.b_K for b in self.blocks]), doc="[L, H, K]")
+    b_V = property(lambda self: torch.stack([b.attn.b_V for b in self.blocks]), doc="[L, H, K]")
+    b_O = property(lambda self: torch.stack([b.attn.b_O for b in self.blocks]), doc="[L, D]")
+
+    def _mlp_stack(self, attr: str) -> torch.Tensor:
+        if self.cfg.attn_only:
+            # not AttributeError: nn.Module.__getattr__ would swallow it and blame a missing attribute
+            raise InputError(f"{attr}: this model is attention-only and has no MLP weights.")
+        return torch.stack([getattr(b.mlp, attr) for b in self.blocks])
+
+    W_in = property(lambda self: self._mlp_stack("W_in"), doc="[L, D, M]")
+    b_in = property(lambda self: self._mlp_stack("b_in"), doc="[L, M]")
+    W_out = property(lambda self: self._mlp_stack("W_out"), doc="[L, M, D]")
+    b_out = property(lambda self: self._mlp_stack("b_out"), doc="[L, D]")
+
+    # -- tokens and text ----------------------------------------------------------------------
+    def to_tokens(self, text: str | list[str]) -> torch.Tensor:
+        """Text -> token ids [B, S] with the model's tokenizer (no padding: equal lengths only)."""
+        if self.tokenizer is None:
+            raise InputError("This model has no tokenizer; pass token ids instead of text.")
+        texts = [text] if isinstance(text, str) else text
+        ids = [self.tokenizer.encode(t) for t in texts]
+        if len({len(i) for i in ids}) != 1:
+            raise InputError("Texts tokenize to different lengths; call to_tokens on each one.")
+        return torch.tensor(ids, dtype=torch.long, device=self.W_E.device)
+
+    def to_string(self, tokens: torch.Tensor) -> str | list[str]:
+        """Token ids [S] or [B, S] -> text."""
+        if self.tokenizer is None:
+            raise InputError("This model has no tokenizer to decode with.")
+        if tokens.ndim == 1:
+            return self.tokenizer.decode(tokens.tolist())
+        return [self.tokenizer.decode(t) for t in tokens.tolist()]
+
+    def to_str_tokens(self, tokens: torch.Tensor) -> list[str]:
+        """Token ids [S] -> one string per token (TransformerLens's name for this)."""
+        if self.tokenizer is None:
+            return [str(t) for t in tokens.tolist()]
+        return [self.tokenizer.decode([t]) for t in tokens.tolist()]
+
+    def hook_shapes(self, seq_len: int = 8) -> dict[str, tuple[int, ...]]:
+        """Every hook name with the shape of its activation on a [1, seq_len] input."""
+        with torch.no_grad():
+            tokens = torch.zeros(1, min(seq_len, self.cfg.n_ctx), dtype=torch.long, device=self.W_E.device)
+            _, cache = self.run_with_cache(tokens)
+        return {name: tuple(cache[name].shape) for name in self.hook_dict}
+
+    @property
+    def n_params(self) -> int:
+        """Number of trainable parameters."""
+        return sum(p.numel() for p in self.parameters())
+
+
+def lm_loss(logits_BSV: torch.Tensor, tokens_BS: torch.Tensor, per_token: bool = False) -> torch.Tensor:
+    """Next-token cross-entropy: mean [] or per token [B, S-1]."""
+    B, S, V = logits_BSV.shape
+    loss = F.cross_entropy(logits_BSV[:, :-1].reshape(-1, V), tokens_BS[:, 1:].reshape(-1),
+                           reduction="none" if per_token else "mean")
+    return loss.view(B, S - 1) if per_token else loss

@@ -1,0 +1,68 @@
+"""Pure plot primitives: each takes arrays and returns a `plotly.graph_objects.Figure`.
+
+Nothing here shows a figure or writes a file; the report layer decides where figures go.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional
+
+import numpy as np
+import plotly.graph_objects as go
+
+LAYOUT = dict(template="plotly_white", margin=dict(l=60, r=20, t=60, b=50))
+
+
+def heatmap(z: np.ndarray, x: Sequence, y: Sequence, title: str, x_title: str = "", y_title: str = "",
+            colorscale: str = "Blues", zmid: Optional[float] = None, text_fmt: Optional[str] = ".2f") -> go.Figure:
+    """A labelled heatmap; cell values printed when `text_fmt` is set and the grid is small."""
+    z = np.asarray(z, dtype=float)
+    show_text = text_fmt is not None and z.size <= 400
+    fig = go.Figure(go.Heatmap(z=z, x=list(x), y=list(y), colorscale=colorscale, zmid=zmid,
+                               texttemplate=f"%{{z:{text_fmt}}}" if show_text else None))
+    fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y_title, **LAYOUT)
+    fig.update_yaxes(autorange="reversed")
+    return fig
+
+
+def lines(x_by_name: dict[str, Sequence[float]], y_by_name: dict[str, Sequence[float]], title: str,
+          x_title: str, y_title: str, log_x: bool = False, vlines: Sequence[tuple[float, str]] = ()) -> go.Figure:
+    """One line per name; optional labelled vertical markers."""
+    fig = go.Figure()
+    for name, y in y_by_name.items():
+        fig.add_trace(go.Scatter(x=list(x_by_name[name]), y=list(y), mode="lines+markers", name=name,
+                                 marker=dict(size=4)))
+    for x, label in vlines:
+        fig.add_vline(x=x, line_dash="dash", line_color="gray", annotation_text=label)
+    fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y_title, **LAYOUT)
+    if log_x:
+        fig.update_xaxes(type="log")
+    return fig
+
+
+def attention_picker(patterns_NST: np.ndarray, head_names: Sequence[str], tokens: Sequence[str],
+                     title: str) -> go.Figure:
+    """Attention patterns of several heads in one figure; a dropdown picks the head."""
+    labels = [f"{i}:{t}" for i, t in enumerate(tokens)]
+    fig = go.Figure()
+    for n, name in enumerate(head_names):
+        fig.add_trace(go.Heatmap(z=patterns_NST[n], x=labels, y=labels, colorscale="Blues", zmin=0, zmax=1,
+                                 visible=n == 0, name=name,
+                                 hovertemplate="query %{y}<br>key %{x}<br>weight %{z:.3f}<extra></extra>"))
+    buttons = [dict(label=name, method="update",
+                    args=[{"visible": [i == n for i in range(len(head_names))]}, {"title": f"{title}: {name}"}])
+               for n, name in enumerate(head_names)]
+    fig.update_layout(title=f"{title}: {head_names[0]}", xaxis_title="key position", yaxis_title="query position",
+                      updatemenus=[dict(buttons=buttons, direction="down", x=1.0, xanchor="right", y=1.15)],
+                      height=650, **LAYOUT)
+    fig.update_yaxes(autorange="reversed")
+    return fig
+
+
+def table(rows: Sequence[tuple[str, str]], title: str) -> go.Figure:
+    """A two-column key/value table."""
+    keys, values = zip(*rows) if rows else ((), ())
+    fig = go.Figure(go.Table(header=dict(values=["", ""]), cells=dict(values=[list(keys), list(values)], align="left")))
+    fig.update_layout(title=title, height=60 + 28 * len(rows), **LAYOUT)
+    return fig

@@ -1,0 +1,194 @@
+"""The report pipeline: model -> compute(model, config) -> frozen Result -> figures(result) -> report.
+
+An analysis registers itself with `register(Analysis(...))` in its module under `analyses/`.
+`run_analysis` runs one; `write_report` writes a folder that opens offline in a browser:
+
+    index.html       every figure and the key numbers, plotly.js embedded once
+    metrics.json     the numbers, by section
+    figures/*.html   one file per figure (sharing figures/plotly.min.js)
+"""
+
+from __future__ import annotations
+
+import html
+import importlib
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Optional, Protocol, Union
+
+import plotly.graph_objects as go
+from plotly.offline import get_plotlyjs
+from tqdm.auto import tqdm
+
+from workbench.errors import InputError, unknown_name_message
+
+
+class Result(Protocol):
+    """What every analysis's frozen result offers the report layer."""
+
+    def metrics(self) -> dict[str, Any]:
+        """Key numbers, JSON-serialisable."""
+
+    def headlines(self) -> list[str]:
+        """A few one-line findings for people."""
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """A registered analysis."""
+
+    name: str
+    """Command-line name, e.g. 'model-card'."""
+    description: str
+    """One line for `workbench run --help`."""
+    config_cls: type
+    """Frozen dataclass of its settings; every field has a default."""
+    compute: Callable[[Any, Any], Result]
+    """(model, config) -> Result."""
+    figures: Callable[[Any], dict[str, go.Figure]]
+    """Result -> named figures (pure)."""
+    default_models: tuple[str, ...] = ()
+    """Shipped models `workbench report` runs it on."""
+
+
+_REGISTRY: dict[str, Analysis] = {}
+
+
+def register(analysis: Analysis) -> Analysis:
+    """Add an analysis to the registry (called at import of its module)."""
+    _REGISTRY[analysis.name] = analysis
+    return analysis
+
+
+def registry() -> dict[str, Analysis]:
+    """All analyses, importing the `analyses` package so that each registers itself."""
+    importlib.import_module("analyses")
+    return dict(_REGISTRY)
+
+
+def get_analysis(name: str) -> Analysis:
+    """The analysis called `name`, or an error listing the known ones."""
+    known = registry()
+    if name not in known:
+        raise InputError(unknown_name_message("analysis", name, known))
+    return known[name]
+
+
+def make_config(analysis: Analysis, overrides: Optional[dict[str, Any]] = None) -> Any:
+    """The analysis's config with `overrides` applied (unknown keys are an error)."""
+    base = analysis.config_cls()
+    valid = {f.name for f in fields(base)}
+    unknown = sorted(set(overrides or {}) - valid)
+    if unknown:
+        raise InputError(f"{analysis.name} has no setting(s) {unknown}; settings: {sorted(valid)}.")
+    return replace(base, **(overrides or {}))
+
+
+@dataclass(frozen=True)
+class Section:
+    """One analysis run on one model, ready to write."""
+
+    analysis: str
+    model: str
+    figures: dict[str, go.Figure]
+    metrics: dict[str, Any]
+    headlines: list[str]
+    seconds: float
+
+    @property
+    def slug(self) -> str:
+        """File-name-safe id."""
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{self.analysis}--{self.model}")
+
+
+def run_analysis(name: str, model: Union[str, Any], config: Any = None, device: str = "auto",
+                 model_label: Optional[str] = None) -> Section:
+    """Load `model` (a name/path, or a model object) and run analysis `name` on it."""
+    from workbench.loading import load
+
+    analysis = get_analysis(name)
+    cfg = config if config is not None else analysis.config_cls()
+    label = model_label or (str(model) if isinstance(model, (str, Path)) else type(model).__name__)
+    start = time.perf_counter()
+    loaded = load(model, device=device) if isinstance(model, (str, Path)) else model
+    result = analysis.compute(loaded, cfg)
+    return Section(name, label, analysis.figures(result), result.metrics(), result.headlines(),
+                   time.perf_counter() - start)
+
+
+def default_report_dir() -> Path:
+    """./reports/<timestamp> in the current folder."""
+    return Path.cwd() / "reports" / time.strftime("%Y%m%d-%H%M%S")
+
+
+def _page(title: str, sections: list[Section]) -> str:
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             f"<script type='text/javascript'>{get_plotlyjs()}</script>",
+             "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ddd;padding:2px 8px;text-align:left}"
+             "nav a{margin-right:1em}</style></head><body>", f"<h1>{html.escape(title)}</h1><nav>"]
+    parts += [f"<a href='#{s.slug}'>{html.escape(s.analysis)} · {html.escape(s.model)}</a>" for s in sections]
+    parts.append("</nav>")
+    for s in sections:
+        parts.append(f"<h2 id='{s.slug}'>{html.escape(s.analysis)} · {html.escape(s.model)}</h2>")
+        parts.append("<ul>" + "".join(f"<li>{html.escape(h)}</li>" for h in s.headlines) + "</ul>")
+        rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(_fmt(v))}</td></tr>"
+                       for k, v in s.metrics.items() if not isinstance(v, (dict, list)))
+        parts.append(f"<details><summary>key numbers ({s.seconds:.1f} s)</summary><table>{rows}</table></details>")
+        for fig_name, fig in s.figures.items():
+            parts.append(f"<h3>{html.escape(fig_name)}</h3>")
+            parts.append(fig.to_html(full_html=False, include_plotlyjs=False))
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def write_report(out: Union[str, Path], sections: list[Section], title: str = "workbench report") -> Path:
+    """Write index.html, metrics.json and figures/ into `out` (built aside, then moved into place)."""
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "figures").mkdir(parents=True)
+    for s in sections:
+        for fig_name, fig in s.figures.items():
+            fig.write_html(tmp / "figures" / f"{s.slug}--{re.sub(r'[^A-Za-z0-9_.-]+', '_', fig_name)}.html",
+                           include_plotlyjs="directory")
+    metrics = {s.slug: {"analysis": s.analysis, "model": s.model, "metrics": s.metrics,
+                        "headlines": s.headlines} for s in sections}
+    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (tmp / "index.html").write_text(_page(title, sections))
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out)
+    return out
+
+
+def report_all(out: Optional[Union[str, Path]] = None, device: str = "auto", progress: bool = True) -> Path:
+    """Run every registered analysis on its default shipped models and write one report."""
+    from workbench.loading import load, shipped_models
+
+    available = set(shipped_models())
+    jobs = [(a, m) for a in registry().values() for m in a.default_models if m in available]
+    if not jobs:
+        raise InputError("No shipped models found to report on; train them with `workbench train <preset>`.")
+    sections, models = [], {}
+    for analysis, model_name in tqdm(jobs, desc="report", disable=not progress, unit="analysis"):
+        if model_name not in models:
+            models[model_name] = load(model_name, device=device)
+        sections.append(run_analysis(analysis.name, models[model_name], device=device, model_label=model_name))
+    path = write_report(out or default_report_dir(), sections, title="workbench report: shipped models")
+    print(f"Wrote report to {path}/index.html ({len(sections)} sections, metrics.json, figures/)")
+    for s in sections:
+        for line in s.headlines[:3]:
+            print(f"  [{s.analysis} · {s.model}] {line}")
+    return path
