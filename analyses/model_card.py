@@ -114,9 +114,13 @@ def compute(model: Any, cfg: ModelCardConfig) -> ModelCardResult:
     prev = torch.stack([previous_token_score(p) for p in pats]).cpu().numpy()
     rep_NSS = torch.cat([p[0] for p in pats]).cpu().numpy()
 
-    text = model.to_tokens(cfg.text)[:, : model.cfg.n_ctx].to(device)
-    _, tcache = model.run_with_cache(text, names_filter=is_pattern)
-    text_NSS = torch.cat([tcache[f"blocks.{l}.attn.hook_pattern"][0].float() for l in range(L)]).cpu().numpy()
+    if model.tokenizer is not None:  # a model saved without a tokenizer gets no text sample
+        text = model.to_tokens(cfg.text)[:, : model.cfg.n_ctx].to(device)
+        _, tcache = model.run_with_cache(text, names_filter=is_pattern)
+        text_NSS = torch.cat([tcache[f"blocks.{l}.attn.hook_pattern"][0].float() for l in range(L)]).cpu().numpy()
+        text_tokens = tuple(model.to_str_tokens(text[0].cpu()))
+    else:
+        text_NSS, text_tokens = np.zeros((L * H, 0, 0)), ()
 
     folder = getattr(model, "folder", None)
     return ModelCardResult(
@@ -124,7 +128,7 @@ def compute(model: Any, cfg: ModelCardConfig) -> ModelCardResult:
         config=_config_dict(model), n_params=sum(p.numel() for p in model.parameters()),
         train_log=_train_log(model), head_names=tuple(f"L{l}H{h}" for l in range(L) for h in range(H)),
         repeat_tokens=tuple(model.to_str_tokens(rep[0].cpu())), repeat_patterns_NSS=rep_NSS,
-        text_tokens=tuple(model.to_str_tokens(text[0].cpu())), text_patterns_NSS=text_NSS,
+        text_tokens=text_tokens, text_patterns_NSS=text_NSS,
         induction_LH=induction, prev_token_LH=prev, repeat_len=cfg.repeat_len)
 
 
@@ -151,8 +155,9 @@ def figures(r: ModelCardResult) -> dict[str, go.Figure]:
                                             "Previous-token score", "head", "layer")
     figs["attention on a repeated sequence"] = attention_picker(r.repeat_patterns_NSS, r.head_names,
                                                                 r.repeat_tokens, "Attention, repeated random tokens")
-    figs["attention on text"] = attention_picker(r.text_patterns_NSS, r.head_names, r.text_tokens,
-                                                 "Attention, text sample")
+    if r.text_tokens:
+        figs["attention on text"] = attention_picker(r.text_patterns_NSS, r.head_names, r.text_tokens,
+                                                     "Attention, text sample")
     return figs
 
 

@@ -17,7 +17,7 @@ import json
 import os
 import socket
 import sysconfig
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -301,7 +301,3 @@ class Batches:
             out["synthetic"] = self._synthetic(n_rows, torch.Generator().manual_seed(self.cfg.seed + 7_777_777))
         return out
 
-
-def data_config_dict(cfg: DataConfig) -> dict:
-    """Plain-JSON form of a DataConfig."""
-    return asdict(cfg)

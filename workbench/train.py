@@ -32,7 +32,7 @@ from workbench.data import Batches, DataConfig, build_text_data, build_tokenizer
 from workbench.errors import CheckpointError, ConfigError, InputError, check_field
 from workbench.loading import models_dir, resolve_device, save_model
 from workbench.model import ModelConfig, Transformer
-from workbench.tokenizer import TextCodec, Tokenizer, load_tokenizer
+from workbench.tokenizer import TextCodec, load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -160,7 +160,6 @@ class _Run:
 
     model: Transformer
     optimizer: torch.optim.Optimizer
-    tokenizer: Tokenizer
     step: int = 0
 
 
@@ -216,7 +215,11 @@ def _save_checkpoint(run_dir: Path, run: _Run, cfg: TrainConfig, name: str, with
     return folder
 
 
-def _latest_resumable(run_dir: Path) -> tuple[int, Path]:
+def _latest_resumable(run_dir: Path, cfg: TrainConfig) -> tuple[int, Path]:
+    steps = [s for s, _ in list_checkpoints(run_dir)]
+    if steps and steps[-1] >= cfg.n_steps:
+        raise InputError(f"--resume: the run in {run_dir} is already complete ({cfg.n_steps} steps). "
+                         "Train a longer config into a new folder to go further.")
     for step, folder in reversed(list_checkpoints(run_dir)):
         if (folder / STATE_FILE).exists():
             return step, folder
@@ -250,11 +253,11 @@ def train(cfg: TrainConfig, out: Union[str, Path], *, name: str = "run", resume:
 
     resume_from: Optional[Path] = None
     if resume:
-        start, resume_from = _latest_resumable(run_dir)
-        saved = read_config(resume_from)
-        if saved.get("train") != cfg.to_dict():
+        newest = list_checkpoints(run_dir)
+        if newest and read_config(newest[-1][1]).get("train") != cfg.to_dict():
             raise ConfigError(f"--resume: the config differs from the one {run_dir} was trained with. "
                               "Resume with the same preset/config, or start a new run elsewhere.")
+        start, resume_from = _latest_resumable(run_dir, cfg)
         tokenizer = load_tokenizer(resume_from / TOKENIZER_FILE)
     else:
         tokenizer = build_tokenizer(cfg.data)
@@ -266,7 +269,7 @@ def train(cfg: TrainConfig, out: Union[str, Path], *, name: str = "run", resume:
     val = batches.validation()
 
     model = Transformer(cfg.model, tokenizer=TextCodec(tokenizer)).to(dev)
-    run = _Run(model, _make_optimizer(model, cfg), tokenizer)
+    run = _Run(model, _make_optimizer(model, cfg))
     if resume_from is not None:
         model.load_state_dict(read_weights(resume_from, read_config(resume_from)))
         state = torch.load(resume_from / STATE_FILE, map_location=dev, weights_only=True)
@@ -281,7 +284,8 @@ def train(cfg: TrainConfig, out: Union[str, Path], *, name: str = "run", resume:
     bar = tqdm(total=cfg.n_steps, initial=run.step, desc=f"train {name}", disable=not progress,
                unit="step", dynamic_ncols=True)
     model.train()
-    t_last, tok_since = time.perf_counter(), 0
+    t_start = t_last = time.perf_counter()
+    tok_since = 0
     try:
         while True:
             if run.step in ckpt_steps or run.step == cfg.n_steps:
@@ -317,9 +321,14 @@ def train(cfg: TrainConfig, out: Union[str, Path], *, name: str = "run", resume:
         folder = _save_checkpoint(run_dir, run, cfg, name, with_state=True, extra={"interrupted": True})
         raise TrainingInterrupted(run.step, folder) from None
     bar.close()
+    if cfg.keep_optimizer_state == "last":  # a finished run has nothing to resume; keep the folder small
+        for _, folder in list_checkpoints(run_dir):
+            (folder / STATE_FILE).unlink(missing_ok=True)
 
     final_meta = {"name": name, "train": cfg.to_dict(), "step": run.step,
-                  "tokens_seen": run.step * cfg.tokens_per_step, **evaluate(model, val, cfg.precision)}
+                  "tokens_seen": run.step * cfg.tokens_per_step,
+                  "train_seconds": round(time.perf_counter() - t_start, 1),  # this process's share, if resumed
+                  **evaluate(model, val, cfg.precision)}
     save_model(model, run_dir, final_meta)
     print(f"Wrote {run_dir}: model.safetensors, config.json, tokenizer.json, {LOG_FILE} and "
           f"{len(list_checkpoints(run_dir))} checkpoints under {run_dir / 'checkpoints'}")

@@ -203,7 +203,7 @@ def test_bf16_autocast_forward_and_backward(mlp_model, tokens):
         loss = mlp_model(tokens, return_type="loss")
     loss.backward()
     assert torch.isfinite(loss) and mlp_model.W_E.grad is not None
-    assert abs(float(loss) - float(mlp_model(tokens, return_type="loss"))) < 0.1
+    assert abs(loss.item() - mlp_model(tokens, return_type="loss").item()) < 0.1
 
 
 def test_hook_shapes_and_str_tokens(attn_model):

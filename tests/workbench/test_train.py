@@ -34,13 +34,15 @@ def test_training_lowers_the_loss_and_writes_a_run_folder(tmp_path):
     assert model.meta["step"] == 60 and model.cfg == cfg.model
 
 
-def test_checkpoints_are_log_spaced_and_keep_optimizer_state_only_in_the_last(tmp_path):
+def test_checkpoints_are_log_spaced_and_a_finished_run_keeps_no_optimizer_state(tmp_path):
     cfg = tiny_train_config(n_steps=40, n_checkpoints=6)
     out = train(cfg, tmp_path / "run", progress=False)
     gaps = [b - a for a, b in zip(cfg.checkpoint_steps[1:], cfg.checkpoint_steps[2:])]
     assert gaps == sorted(gaps)  # spacing grows: log-spaced
     ckpts = list_checkpoints(out)
-    assert [(p / STATE_FILE).exists() for _, p in ckpts] == [False] * (len(ckpts) - 1) + [True]
+    assert not any((p / STATE_FILE).exists() for _, p in ckpts)  # complete: nothing left to resume
+    with pytest.raises(InputError, match="already complete"):
+        train(cfg, out, resume=True, progress=False)
     assert not list((out / "checkpoints").glob(".*"))  # no temporary folders left behind
     early = workbench.load(out, checkpoint=ckpts[1][0], device="cpu")
     assert early.meta["step"] == ckpts[1][0]
@@ -61,6 +63,8 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_is_bit_identical(tmp_path, monkeyp
     with pytest.raises(TrainingInterrupted) as stop:
         train(cfg, tmp_path / "resumed", progress=False)
     assert stop.value.step == 13 and (stop.value.folder / STATE_FILE).exists()
+    states = [(p / STATE_FILE).exists() for _, p in list_checkpoints(tmp_path / "resumed")]
+    assert states == [False] * (len(states) - 1) + [True]  # only the newest keeps optimizer state
     monkeypatch.setattr(Batches, "train", real_train)
 
     resumed = train(cfg, tmp_path / "resumed", resume=True, progress=False)

@@ -1,0 +1,55 @@
+"""The report pipeline: registry, offline HTML, metrics, and one file per figure."""
+
+from __future__ import annotations
+
+import json
+
+import plotly.graph_objects as go
+from plotly.offline import get_plotlyjs
+import pytest
+
+from workbench.errors import InputError
+from workbench.report import Section, get_analysis, make_config, registry, run_analysis, write_report
+
+
+def _section(name="demo", model="m"):
+    fig = go.Figure(go.Scatter(x=[0, 1], y=[1, 0]))
+    return Section(name, model, {"a line": fig, "b/line": fig}, {"score": 0.5, "grid": [[1, 2]]}, ["found it"], 0.1)
+
+
+def test_report_folder_works_offline(tmp_path):
+    out = write_report(tmp_path / "r", [_section(), _section(model="n")])
+    page = (out / "index.html").read_text()
+    assert page.count(get_plotlyjs()[:300]) == 1  # plotly.js inlined exactly once
+    assert "<script src=" not in page  # nothing fetched from a network
+    assert page.count('class="plotly-graph-div"') == 4 and "found it" in page
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["demo--m"]["metrics"]["score"] == 0.5
+    figures = sorted(p.name for p in (out / "figures").iterdir())
+    assert "plotly.min.js" in figures and len([f for f in figures if f.endswith(".html")]) == 4
+    assert 'src="plotly.min.js"' in (out / "figures" / "demo--m--a_line.html").read_text()
+
+
+def test_rewriting_a_report_replaces_it_whole(tmp_path):
+    write_report(tmp_path / "r", [_section(model="old")])
+    out = write_report(tmp_path / "r", [_section(model="new")])
+    assert list(json.loads((out / "metrics.json").read_text())) == ["demo--new"]
+    assert not list(tmp_path.glob(".r.tmp*"))
+
+
+def test_registry_and_unknown_analysis():
+    assert "model-card" in registry()
+    with pytest.raises(InputError, match="Did you mean: model-card"):
+        get_analysis("model-crad")
+    with pytest.raises(InputError, match="no setting"):
+        make_config(get_analysis("model-card"), {"bogus": 1})
+
+
+def test_model_card_on_a_tiny_model(attn_model):
+    section = run_analysis("model-card", attn_model, make_config(get_analysis("model-card"), {"repeat_len": 8}))
+    assert {"config", "induction scores", "previous-token scores", "attention on a repeated sequence",
+            "attention on text"} <= set(section.figures)
+    m = section.metrics
+    assert m["n_params"] == attn_model.n_params and 0 <= m["max_induction_score"] <= 1
+    assert len(m["induction_LH"]) == 2 and len(m["induction_LH"][0]) == 4
+    assert any("parameters" in h for h in section.headlines)
