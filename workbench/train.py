@@ -257,7 +257,7 @@ def train(cfg: TrainConfig, out: Union[str, Path], *, name: str = "run", resume:
         if newest and read_config(newest[-1][1]).get("train") != cfg.to_dict():
             raise ConfigError(f"--resume: the config differs from the one {run_dir} was trained with. "
                               "Resume with the same preset/config, or start a new run elsewhere.")
-        start, resume_from = _latest_resumable(run_dir, cfg)
+        _, resume_from = _latest_resumable(run_dir, cfg)
         tokenizer = load_tokenizer(resume_from / TOKENIZER_FILE)
     else:
         tokenizer = build_tokenizer(cfg.data)
@@ -280,7 +280,7 @@ def train(cfg: TrainConfig, out: Union[str, Path], *, name: str = "run", resume:
     else:
         (run_dir / LOG_FILE).unlink(missing_ok=True)
 
-    ckpt_steps = set(cfg.checkpoint_steps)
+    ckpt_steps = set(cfg.checkpoint_steps) - ({run.step} if resume_from is not None else set())  # saved already
     bar = tqdm(total=cfg.n_steps, initial=run.step, desc=f"train {name}", disable=not progress,
                unit="step", dynamic_ncols=True)
     model.train()

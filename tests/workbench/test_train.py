@@ -48,21 +48,23 @@ def test_checkpoints_are_log_spaced_and_a_finished_run_keeps_no_optimizer_state(
     assert early.meta["step"] == ckpts[1][0]
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resume_is_bit_identical(tmp_path, monkeypatch):
+@pytest.mark.parametrize("stop_at", [13, 8])  # 8 is also a log-spaced checkpoint step
+def test_ctrl_c_saves_a_checkpoint_and_resume_is_bit_identical(tmp_path, monkeypatch, stop_at):
     cfg = tiny_train_config(n_steps=24, eval_every=4)
+    assert 8 in cfg.checkpoint_steps and 13 not in cfg.checkpoint_steps
     straight = train(cfg, tmp_path / "straight", progress=False)
 
     real_train = Batches.train
 
-    def interrupt_at_13(self, step):
-        if step == 13:
+    def interrupt(self, step):
+        if step == stop_at:
             raise KeyboardInterrupt
         return real_train(self, step)
 
-    monkeypatch.setattr(Batches, "train", interrupt_at_13)
+    monkeypatch.setattr(Batches, "train", interrupt)
     with pytest.raises(TrainingInterrupted) as stop:
         train(cfg, tmp_path / "resumed", progress=False)
-    assert stop.value.step == 13 and (stop.value.folder / STATE_FILE).exists()
+    assert stop.value.step == stop_at and (stop.value.folder / STATE_FILE).exists()
     states = [(p / STATE_FILE).exists() for _, p in list_checkpoints(tmp_path / "resumed")]
     assert states == [False] * (len(states) - 1) + [True]  # only the newest keeps optimizer state
     monkeypatch.setattr(Batches, "train", real_train)
