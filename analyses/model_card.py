@@ -75,7 +75,8 @@ class ModelCardResult:
 
     def headlines(self) -> list[str]:
         m = self.metrics()
-        lines_ = [f"{self.n_params:,} parameters, {m['n_layers']} layers × {m['n_heads']} heads"]
+        layers = f"{m['n_layers']} layer{'s' if m['n_layers'] != 1 else ''}"
+        lines_ = [f"{self.n_params:,} parameters, {layers} × {m['n_heads']} heads"]
         if "val_loss_text" in m:
             lines_.append(f"validation loss {m['val_loss_text']:.3f} on text after {m['tokens_trained']:,} tokens")
         lines_.append(f"strongest induction head {m['max_induction_head']} (score {m['max_induction_score']:.2f}); "
