@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -28,7 +28,6 @@ from workbench.model import ModelConfig, Transformer
 from workbench.tokenizer import TextCodec, load_tokenizer
 
 TRANSFORMER_KIND = "workbench.Transformer"
-Device = Literal["auto", "cpu", "cuda"]
 
 
 def resolve_device(device: Union[str, torch.device] = "auto") -> torch.device:
