@@ -8,7 +8,7 @@ scores. Runs on workbench models and on TransformerBridge models.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -55,7 +55,7 @@ class ModelCardResult:
     text_patterns_NSS: np.ndarray
     induction_LH: np.ndarray
     prev_token_LH: np.ndarray
-    repeat_len: int = field(default=0)
+    repeat_len: int
 
     def metrics(self) -> dict[str, Any]:
         L, H = self.induction_LH.shape

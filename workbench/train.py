@@ -261,9 +261,6 @@ def train(cfg: TrainConfig, out: Union[str, Path], *, name: str = "run", resume:
         tokenizer = load_tokenizer(resume_from / TOKENIZER_FILE)
     else:
         tokenizer = build_tokenizer(cfg.data)
-    if tokenizer.get_vocab_size() > cfg.model.d_vocab:
-        raise ConfigError(f"TrainConfig.model.d_vocab={cfg.model.d_vocab} is smaller than the tokenizer's "
-                          f"{tokenizer.get_vocab_size()} tokens.")
     text = build_text_data(cfg.data, cfg.model.n_ctx, tokenizer) if cfg.data.uses_text else None
     batches = Batches(cfg.data, cfg.model.n_ctx, cfg.batch_size, text, synthetic_vocab=min(256, cfg.model.d_vocab))
     val = batches.validation()
@@ -288,7 +285,7 @@ def train(cfg: TrainConfig, out: Union[str, Path], *, name: str = "run", resume:
     tok_since = 0
     try:
         while True:
-            if run.step in ckpt_steps or run.step == cfg.n_steps:
+            if run.step in ckpt_steps:  # checkpoint_steps always ends with n_steps
                 evals = evaluate(model, val, cfg.precision)
                 _append_log(run_dir, {"step": run.step, "tokens": run.step * cfg.tokens_per_step, **evals})
                 _save_checkpoint(run_dir, run, cfg, name, with_state=True, extra=evals)
