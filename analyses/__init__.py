@@ -3,4 +3,4 @@
 Each module is runnable: `python -m analyses.<name>`, or `workbench run <name>`.
 """
 
-from analyses import model_card  # noqa: F401  (registers "model-card")
+from analyses import induction_heads, model_card  # noqa: F401  (each registers itself)

@@ -46,3 +46,24 @@ def tiny_train_config(**overrides) -> TrainConfig:
     base = dict(model=tiny_config(n_ctx=32), data=DataConfig(synthetic_fraction=1.0), batch_size=8,
                 n_steps=20, warmup_steps=2, eval_every=5, log_every=2, n_checkpoints=5)
     return TrainConfig(**{**base, **overrides})
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory):
+    """A randomly initialised 2-layer GPT-2 and a small byte-level BPE tokenizer, saved with
+    `save_pretrained` to a temp folder: the Hugging Face path, with no download."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=300, n_positions=64,
+                                  bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(folder)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator(["def main(): return the value of x"] * 4, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
+                                         eos_token="<|endoftext|>").save_pretrained(folder)
+    return folder

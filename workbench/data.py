@@ -251,14 +251,14 @@ def repeated_segments(n_rows: int, n_ctx: int, vocab: int, len_min: int, len_max
     return rows
 
 
-def repeated_sequence(batch: int, seq_len: int, vocab: int, seed: int, prefix: Optional[int] = None) -> torch.Tensor:
-    """[batch, 2*seq_len (+1)] random tokens repeated once; the standard induction-head probe.
+def repeated_sequence(batch: int, seq_len: int, vocab: int, seed: int, prefix: Optional[int] = None,
+                      n_copies: int = 2) -> torch.Tensor:
+    """[batch, n_copies*seq_len (+1)] random tokens in [0, vocab) repeated; the induction-head probe.
 
     With `prefix` set, every row starts with that token (e.g. a BOS/EOS id).
     """
     gen = torch.Generator().manual_seed(seed)
-    half = torch.randint(0, vocab, (batch, seq_len), generator=gen)
-    rows = torch.cat([half, half], dim=1)
+    rows = torch.randint(0, vocab, (batch, seq_len), generator=gen).repeat(1, n_copies)
     if prefix is not None:
         rows = torch.cat([torch.full((batch, 1), prefix), rows], dim=1)
     return rows

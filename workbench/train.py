@@ -67,6 +67,9 @@ class TrainConfig:
     """Training loss in log.jsonl every this many steps."""
     n_checkpoints: int = 12
     """Log-spaced checkpoints, from step 0 to the last step."""
+    checkpoint_every: int = 0
+    """Also checkpoint every this many steps (0: log-spaced only). Dense checkpoints resolve late
+    events such as the induction-head phase change, which log spacing skips over."""
     keep_optimizer_state: Literal["last", "all"] = "last"
     """Keep optimizer state in every checkpoint, or only the newest (all that --resume needs)."""
     precision: Literal["fp32", "bf16"] = "fp32"
@@ -87,6 +90,8 @@ class TrainConfig:
         check_field(self.grad_clip > 0, own, "grad_clip", self.grad_clip, "positive")
         check_field(isinstance(self.n_checkpoints, int) and self.n_checkpoints >= 2, own,
                     "n_checkpoints", self.n_checkpoints, "an integer ≥ 2 (the first and last step)")
+        check_field(isinstance(self.checkpoint_every, int) and self.checkpoint_every >= 0, own,
+                    "checkpoint_every", self.checkpoint_every, "an integer ≥ 0 (0 turns it off)")
         check_field(self.keep_optimizer_state in ("last", "all"), own, "keep_optimizer_state",
                     self.keep_optimizer_state, "'last' or 'all'")
         check_field(self.precision in ("fp32", "bf16"), own, "precision", self.precision, "'fp32' or 'bf16'")
@@ -100,9 +105,11 @@ class TrainConfig:
 
     @property
     def checkpoint_steps(self) -> list[int]:
-        """Log-spaced steps 0, 1, ..., n_steps at which a checkpoint is written."""
+        """Steps at which a checkpoint is written: log-spaced 0, 1, ..., n_steps, plus every
+        `checkpoint_every` steps when that is set."""
         spaced = np.geomspace(1, self.n_steps, self.n_checkpoints - 1)
-        return sorted({0, *(int(round(s)) for s in spaced), self.n_steps})
+        regular = range(self.checkpoint_every, self.n_steps, self.checkpoint_every) if self.checkpoint_every else ()
+        return sorted({0, *(int(round(s)) for s in spaced), *regular, self.n_steps})
 
     def lr_at(self, step: int) -> float:
         """Learning rate at `step`: linear warmup, then cosine decay to lr * min_lr_ratio."""

@@ -78,10 +78,11 @@ def test_split_is_deterministic_and_disjoint():
 
 def test_text_data_is_cached(corpus):
     cfg = DataConfig(text=str(corpus), val_fraction=0.1)
+    before = set(cache_dir().glob("packed-*.safetensors"))  # the cache is shared by the whole session
     first = build_text_data(cfg, 16, byte_tokenizer())
-    cached = list(cache_dir().glob("packed-*.safetensors"))
-    assert len(cached) == 1
+    assert len(set(cache_dir().glob("packed-*.safetensors")) - before) == 1
     again = build_text_data(cfg, 16, byte_tokenizer())
+    assert len(set(cache_dir().glob("packed-*.safetensors")) - before) == 1
     assert np.array_equal(first.train, again.train) and np.array_equal(first.val, again.val)
     assert first.train.shape[1] == 16 and len(first.val) >= 1
 

@@ -95,17 +95,6 @@ def test_device_resolution():
             resolve_device("cuda")
 
 
-@pytest.fixture(scope="module")
-def tiny_gpt2(tmp_path_factory):
-    transformers = pytest.importorskip("transformers")
-    folder = tmp_path_factory.mktemp("tiny-gpt2")
-    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=300, n_positions=64,
-                                  bos_token_id=0, eos_token_id=0)
-    torch.manual_seed(0)
-    transformers.GPT2LMHeadModel(cfg).save_pretrained(folder)
-    return folder
-
-
 def test_hf_path_gives_a_transformer_bridge(tiny_gpt2):
     from transformer_lens import TransformerBridge
 

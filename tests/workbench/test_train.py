@@ -48,6 +48,15 @@ def test_checkpoints_are_log_spaced_and_a_finished_run_keeps_no_optimizer_state(
     assert early.meta["step"] == ckpts[1][0]
 
 
+def test_checkpoint_every_adds_regular_steps_to_the_log_spaced_ones():
+    log_only = tiny_train_config(n_steps=40, n_checkpoints=4)
+    both = tiny_train_config(n_steps=40, n_checkpoints=4, checkpoint_every=10)
+    assert set(log_only.checkpoint_steps) < set(both.checkpoint_steps)
+    assert {10, 20, 30, 40} <= set(both.checkpoint_steps)
+    with pytest.raises(ConfigError, match="checkpoint_every"):
+        tiny_train_config(checkpoint_every=-5)
+
+
 @pytest.mark.parametrize("stop_at", [13, 8])  # 8 is also a log-spaced checkpoint step
 def test_ctrl_c_saves_a_checkpoint_and_resume_is_bit_identical(tmp_path, monkeypatch, stop_at):
     cfg = tiny_train_config(n_steps=24, eval_every=4)

@@ -1,0 +1,519 @@
+"""Induction heads: every head's attention scores, prefix matching, copying, ablation effect, a
+verdict backed by behaviour, and the in-context-learning phase change over training checkpoints.
+
+    python -m analyses.induction_heads --model attn-only-2l
+    workbench run induction-heads --model hf:/path/to/a/saved/model --seq-len 20
+
+One cached forward pass on a random sequence repeated once gives the induction, previous-token,
+duplicate-token and first-token scores (defined once, in workbench.attention_scores). A sequence
+repeated `prefix_copies` times gives Olsson et al.'s prefix-matching score; the head's full OV
+circuit gives its copying score. Ablating each head (zero and mean) measures how much the model's
+loss on the repeated half relies on it. A head is labelled "induction" only when its attention
+(induction and prefix-matching scores) and its behaviour (ablation effect specific to the repeated
+half) both say so. For a model folder with checkpoints, the same probe runs at every checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import plotly.graph_objects as go
+import torch
+from tqdm.auto import tqdm
+
+from workbench.artifacts import list_checkpoints, load_folder
+from workbench.attention_scores import (
+    duplicate_token_score,
+    first_token_score,
+    induction_score,
+    prefix_matching_score,
+    previous_token_score,
+)
+from workbench.circuits import copying_score, ov_circuit
+from workbench.data import Batches, DataConfig, build_text_data, repeated_sequence
+from workbench.errors import InputError, check_field
+from workbench.model import lm_loss
+from workbench.plotting import attention_picker, heatmap, lines, table
+from workbench.report import Analysis, register
+
+SCORES = ("induction", "prefix matching", "previous token", "duplicate token", "first token", "copying")
+LABELS = ("induction", "previous-token", "duplicate-token", "copying")
+
+
+@dataclass(frozen=True)
+class InductionConfig:
+    """Settings of the induction-head analysis. Thresholds are justified in the README."""
+
+    seq_len: int = 40
+    """Length L of the random sequence that is repeated once (the model sees 2L tokens, plus a BOS)."""
+    n_sequences: int = 32
+    """Random sequences (batch) everything is averaged over."""
+    prefix_seq_len: int = 25
+    """Prefix-matching probe: a random sequence of this length..."""
+    prefix_copies: int = 4
+    """...repeated this many times (Olsson et al. use 25 tokens x 4)."""
+    prepend_bos: bool = True
+    """Start every sequence with the model's BOS (for workbench models, the end-of-text id)."""
+    induction_threshold: float = 0.3
+    """Label 'induction' needs induction and prefix-matching scores at least this..."""
+    ablation_threshold: float = 0.1
+    """...and mean-ablating the head must raise the repeated-half loss by at least this many nats
+    per token more than it raises the first-half loss."""
+    prev_token_threshold: float = 0.4
+    """Label 'previous-token': previous-token score at least this."""
+    duplicate_threshold: float = 0.3
+    """Label 'duplicate-token': duplicate-token score at least this."""
+    copying_threshold: float = 0.5
+    """Label 'copying': copying score (sum λ / sum |λ| of the full OV circuit) at least this."""
+    icl_early: int = 10
+    """In-context-learning score: loss at token `icl_late` minus loss at token `icl_early`..."""
+    icl_late: int = 100
+    """...on the model's own validation text (Olsson et al. use tokens 500 and 50 of 8192)."""
+    icl_rows: int = 256
+    """Validation rows the in-context-learning score averages over."""
+    phase_change: bool = True
+    """Run the probe at every checkpoint of the model's folder (when it has checkpoints)."""
+    top_heads: int = 6
+    """Heads shown in the attention-pattern picker."""
+    seed: int = 0
+    """Seed of the random sequences."""
+
+    def __post_init__(self) -> None:
+        own = "InductionConfig"
+        for name in ("seq_len", "prefix_seq_len", "prefix_copies"):
+            value = getattr(self, name)
+            check_field(isinstance(value, int) and value >= 2, own, name, value, "an integer ≥ 2")
+        for name in ("n_sequences", "icl_rows", "top_heads"):
+            value = getattr(self, name)
+            check_field(isinstance(value, int) and value >= 1, own, name, value, "a positive integer")
+        for name in ("induction_threshold", "prev_token_threshold", "duplicate_threshold"):
+            value = getattr(self, name)
+            check_field(0 < value <= 1, own, name, value, "in (0, 1] (an attention weight)")
+        check_field(-1 < self.copying_threshold <= 1, own, "copying_threshold", self.copying_threshold, "in (-1, 1]")
+        check_field(self.ablation_threshold >= 0, own, "ablation_threshold", self.ablation_threshold, "≥ 0 nats")
+        check_field(0 < self.icl_early < self.icl_late, own, "icl_early/icl_late", (self.icl_early, self.icl_late),
+                    "0 < icl_early < icl_late")
+
+
+# -- the probe: one model, one batch ----------------------------------------------------------------
+def _positions(model: Any) -> int:
+    return int(model.cfg.n_ctx)
+
+
+def _special_ids(model: Any) -> tuple[Optional[int], set[int]]:
+    """(BOS id or None, ids never sampled as random tokens)."""
+    tok = model.tokenizer
+    if tok is None:
+        return None, set()
+    if hasattr(tok, "all_special_ids"):  # a Hugging Face tokenizer (TransformerBridge)
+        return tok.bos_token_id, set(tok.all_special_ids)
+    from workbench.tokenizer import eos_id
+
+    eos = eos_id(tok.tok)
+    return eos, {eos}
+
+
+def probe_tokens(model: Any, seq_len: int, n_copies: int, batch: int, seed: int, prepend_bos: bool) -> tuple[torch.Tensor, int]:
+    """([batch, prefix + n_copies * seq_len] random tokens repeated, prefix length), avoiding special ids."""
+    bos, special = _special_ids(model)
+    allowed = torch.tensor([i for i in range(model.cfg.d_vocab) if i not in special])
+    prefix = 1 if prepend_bos and bos is not None else 0
+    needed = prefix + n_copies * seq_len
+    if needed > _positions(model):
+        fit = (_positions(model) - prefix) // n_copies
+        raise InputError(f"A length-{seq_len} sequence repeated {n_copies}× needs {needed} positions but the model "
+                         f"has n_ctx={_positions(model)}; use a sequence length of at most {fit}"
+                         + (" (--seq-len / --prefix-seq-len)." if fit >= 2 else
+                            ": this model has too little context for an induction probe."))
+    rows = allowed[repeated_sequence(batch, seq_len, len(allowed), seed, n_copies=n_copies)]
+    if prefix:
+        rows = torch.cat([torch.full((batch, 1), bos), rows], dim=1)
+    return rows.to(next(model.parameters()).device), prefix
+
+
+def _check_attention(model: Any) -> None:
+    if int(getattr(model.cfg, "n_heads", 0) or 0) < 1 or not any(
+            name.endswith("attn.hook_pattern") for name in model.hook_dict):
+        raise InputError(f"{type(model).__name__} has no attention layers (no blocks.<l>.attn.hook_pattern hook), "
+                         "so it has no heads to score; run this analysis on a model with attention.")
+
+
+def _forward(model: Any, tokens: torch.Tensor, hooks: list = (), keep: tuple[str, ...] = ()) -> tuple[torch.Tensor, dict]:
+    """Per-token loss [B, S-1] and the activations of blocks.<l>.<name> for each name in `keep`
+    (stored under the name asked for: a TransformerBridge may report an alias)."""
+    store: dict[str, torch.Tensor] = {}
+
+    def saver(name: str):
+        def save(act, hook):
+            store[name] = act.detach()
+        return save
+
+    names = [f"blocks.{l}.{k}" for l in range(model.cfg.n_layers) for k in keep]
+    logits = model.run_with_hooks(tokens, fwd_hooks=[*((n, saver(n)) for n in names), *hooks])
+    return lm_loss(logits.float(), tokens, per_token=True), store
+
+
+def _half_losses(loss_BP: torch.Tensor, prefix: int, seq_len: int) -> tuple[float, float]:
+    """(mean loss predicting tokens 1..L-1 of the first copy, the same tokens of the second copy)."""
+    first = loss_BP[:, prefix: prefix + seq_len - 1]  # index p-1 predicts position p
+    second = loss_BP[:, prefix + seq_len: prefix + 2 * seq_len - 1]
+    return float(first.mean()), float(second.mean())
+
+
+def _ablate(layer: int, heads: list[int], mean_z: Optional[torch.Tensor]):
+    """A hook_z hook replacing heads' outputs with zero (mean_z None) or their batch mean."""
+    def hook(z, hook):
+        z = z.clone()
+        z[:, :, heads] = 0 if mean_z is None else mean_z[:, :, heads].to(z.dtype)
+        return z
+
+    return (f"blocks.{layer}.attn.hook_z", hook)
+
+
+def _ablation_hooks(heads: list[tuple[int, int]], mode: str, z_mean: dict[int, torch.Tensor]) -> list:
+    by_layer: dict[int, list[int]] = {}
+    for l, h in heads:
+        by_layer.setdefault(l, []).append(h)
+    return [_ablate(l, hs, None if mode == "zero" else z_mean[l]) for l, hs in by_layer.items()]
+
+
+@dataclass(frozen=True)
+class CheckpointCurves:
+    """The probe at each checkpoint of a training run."""
+
+    steps: tuple[int, ...]
+    tokens: tuple[int, ...]
+    induction_NLH: np.ndarray
+    first_half_loss: tuple[float, ...]
+    repeated_half_loss: tuple[float, ...]
+    icl_score: tuple[float, ...]
+    icl_data: str
+    phase_change: Optional[tuple[int, int]]
+    """(start, end step) of the interval where the max induction score rises fastest."""
+    loss_drop: Optional[tuple[int, int]]
+    """(start, end step) of the interval where the repeated-half loss falls fastest."""
+
+
+@dataclass(frozen=True, eq=False)
+class InductionResult:
+    """Everything the induction-head analysis found. Arrays are [L, H] unless named otherwise."""
+
+    name: str
+    config: InductionConfig
+    scores: dict[str, np.ndarray]
+    """One [L, H] array per entry of SCORES."""
+    ablation: dict[str, np.ndarray]
+    """'<zero|mean> <first|repeated>': increase of the half's mean loss when the head is ablated."""
+    clean_first_loss: float
+    clean_repeated_loss: float
+    labels: dict[str, tuple[str, ...]]
+    """Head name -> its labels."""
+    evidence: dict[str, str]
+    """Head name -> the numbers that earned (or missed) its labels."""
+    joint_heads: tuple[str, ...]
+    """Heads ablated together for the per-token loss plot (the induction heads, else the top head)."""
+    joint_ablation: dict[str, float]
+    """'<zero|mean> <first|repeated>' for those heads ablated together."""
+    loss_by_position: dict[str, np.ndarray]
+    """'clean' and 'ablated': mean per-token loss [S-1] on the repeated sequences."""
+    tokens: tuple[str, ...]
+    patterns_NSS: np.ndarray
+    pattern_heads: tuple[str, ...]
+    prefix: int
+    curves: Optional[CheckpointCurves]
+    phase_note: str
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.scores["induction"].shape
+
+    def heads_labelled(self, label: str) -> list[str]:
+        return [h for h, ls in self.labels.items() if label in ls]
+
+    def metrics(self) -> dict[str, Any]:
+        out: dict[str, Any] = {f"{label}_heads": self.heads_labelled(label) for label in LABELS}
+        L, H = self.shape
+        for score, arr in self.scores.items():
+            key = score.replace(" ", "_")
+            i = int(np.nanargmax(arr))
+            out[f"max_{key}"], out[f"max_{key}_head"] = float(np.nanmax(arr)), f"L{i // H}H{i % H}"
+            out[f"{key}_LH"] = np.round(arr, 4).tolist()
+        for k, arr in self.ablation.items():
+            out[f"ablation_{k.replace(' ', '_')}_LH"] = np.round(arr, 4).tolist()
+        out["clean_loss_first_half"], out["clean_loss_repeated_half"] = self.clean_first_loss, self.clean_repeated_loss
+        out["joint_ablation_heads"] = list(self.joint_heads)
+        out.update({f"joint_ablation_{k.replace(' ', '_')}": v for k, v in self.joint_ablation.items()})
+        if self.curves is not None:
+            c = self.curves
+            out["checkpoint_steps"] = list(c.steps)
+            out["phase_change_interval"] = list(c.phase_change) if c.phase_change else None
+            out["repeated_loss_drop_interval"] = list(c.loss_drop) if c.loss_drop else None
+            out["icl_score_final"] = c.icl_score[-1]
+        out["phase_change_note"] = self.phase_note
+        return out
+
+    def headlines(self) -> list[str]:
+        out = []
+        ind = self.heads_labelled("induction")
+        if ind:
+            L, H = self.shape
+            at = {h: divmod(i, H) for i, h in enumerate(f"L{l}H{h}" for l in range(L) for h in range(H))}
+            out.append("induction heads: " + "; ".join(
+                f"{h} (score {self.scores['induction'][at[h]]:.2f}, prefix matching "
+                f"{self.scores['prefix matching'][at[h]]:.2f}, copying {self.scores['copying'][at[h]]:.2f}, "
+                f"mean ablation {self.ablation['mean repeated'][at[h]]:+.2f} nats on the repeated half)" for h in ind))
+        else:
+            L, H = self.shape
+            i = int(np.argmax(self.scores["induction"]))
+            out.append(f"no induction head; the highest induction score is {self.scores['induction'].max():.2f} "
+                       f"(L{i // H}H{i % H}), threshold {self.config.induction_threshold}")
+        for label in ("previous-token", "duplicate-token", "copying"):
+            heads = self.heads_labelled(label)
+            if heads:
+                out.append(f"{label} heads: {', '.join(heads)}")
+        j = self.joint_ablation
+        which = (f"ablating the induction heads together ({', '.join(self.joint_heads)})" if ind else
+                 f"for comparison, ablating the top-scoring head {self.joint_heads[0]}")
+        out.append(f"{which}, mean ablation: repeated-half loss {self.clean_repeated_loss:.2f} → "
+                   f"{self.clean_repeated_loss + j['mean repeated']:.2f} nats/token ({j['mean repeated']:+.2f}); "
+                   f"first half {j['mean first']:+.2f}")
+        c = self.curves
+        if c is not None and c.phase_change is not None:
+            drop = f"; the repeated-half loss falls fastest over steps {c.loss_drop[0]}–{c.loss_drop[1]}" if c.loss_drop else ""
+            out.append(f"phase change: the induction score rises fastest over steps "
+                       f"{c.phase_change[0]}–{c.phase_change[1]}{drop}")
+        else:
+            out.append(self.phase_note)
+        return out
+
+
+def steepest_change(steps: list[int], values: list[float], min_change: float, rising: bool = True,
+                    min_fraction: float = 0.1) -> Optional[tuple[int, int]]:
+    """The (start, end) step interval where `values` rise (or fall) fastest per step.
+
+    None unless the values rise (fall) from their first value by at least `min_change` overall.
+    Only intervals that carry at least `min_fraction` of that whole change compete, so the short
+    gaps between the first, closely spaced checkpoints cannot win on noise.
+    """
+    v = np.asarray(values, dtype=float) * (1 if rising else -1)
+    total = v.max() - v[0] if len(v) >= 2 else 0.0
+    if not total >= min_change or total <= 0:  # also catches NaN
+        return None
+    deltas, widths = np.diff(v), np.diff(np.asarray(steps, dtype=float))
+    rate = np.where(deltas >= min_fraction * total, deltas / widths, -np.inf)
+    i = int(np.argmax(rate))
+    return int(steps[i]), int(steps[i + 1])
+
+
+def _icl_rows(model: Any, cfg: InductionConfig) -> tuple[Optional[torch.Tensor], str]:
+    """The model's own validation rows (text, else synthetic) for the in-context-learning score."""
+    train = getattr(model, "meta", {}).get("train")
+    if not train or "data" not in train:
+        return None, "no training data recorded in the model folder"
+    data_cfg = DataConfig(**train["data"])
+    n_ctx = model.cfg.n_ctx
+    if cfg.icl_late >= n_ctx:
+        raise InputError(f"icl_late={cfg.icl_late} must be below the model's n_ctx={n_ctx}; pass --icl-late "
+                         f"{n_ctx - 1} or less (and --icl-early below it).")
+    text = build_text_data(data_cfg, n_ctx, model.tokenizer.tok) if data_cfg.uses_text else None
+    val = Batches(data_cfg, n_ctx, 1, text, min(model.cfg.d_vocab, 256)).validation(cfg.icl_rows)
+    kind = "text" if "text" in val else "synthetic"
+    return val[kind], f"{kind} validation rows"
+
+
+@torch.no_grad()
+def _probe_checkpoint(model: Any, rep: torch.Tensor, prefix: int, cfg: InductionConfig,
+                      icl: Optional[torch.Tensor]) -> tuple[np.ndarray, float, float, float]:
+    loss, store = _forward(model, rep, keep=("attn.hook_pattern",))
+    L = model.cfg.n_layers
+    ind = torch.stack([induction_score(store[f"blocks.{l}.attn.hook_pattern"].float(), cfg.seq_len, prefix)
+                       for l in range(L)])
+    first, second = _half_losses(loss, prefix, cfg.seq_len)
+    icl_score = float("nan")
+    if icl is not None:
+        icl_loss = lm_loss(model(icl.to(rep.device)).float(), icl.to(rep.device), per_token=True)
+        icl_score = float(icl_loss[:, cfg.icl_late - 1].mean() - icl_loss[:, cfg.icl_early - 1].mean())
+    return ind.cpu().numpy(), first, second, icl_score
+
+
+def checkpoint_curves(model: Any, cfg: InductionConfig, rep: torch.Tensor, prefix: int) -> tuple[Optional[CheckpointCurves], str]:
+    """Run the probe at every checkpoint of the model's folder, or say why there is nothing to run."""
+    folder = getattr(model, "folder", None)
+    if not cfg.phase_change:
+        return None, "phase change not computed (phase_change=False)"
+    if folder is None:
+        return None, ("no phase-change section: this model was not loaded from a workbench model folder, "
+                      "so there are no training checkpoints to compare")
+    ckpts = list_checkpoints(folder)
+    if len(ckpts) < 2:
+        return None, (f"no phase-change section: {folder} has {len(ckpts)} training checkpoint(s) under "
+                      "checkpoints/; train with `workbench train` (which writes them) to see the curves")
+    icl, icl_data = _icl_rows(model, cfg)
+    device = rep.device
+    results, tokens = [], []
+    for step, path in tqdm(ckpts, desc="checkpoints", unit="ckpt", disable=None, leave=False):
+        ckpt = load_folder(path, device)
+        results.append(_probe_checkpoint(ckpt, rep, prefix, cfg, icl))
+        tokens.append(int(ckpt.meta.get("tokens_seen", step)))
+    steps = [s for s, _ in ckpts]
+    induction = np.stack([r[0] for r in results])
+    rep_loss = [r[2] for r in results]
+    curves = CheckpointCurves(
+        steps=tuple(steps), tokens=tuple(tokens), induction_NLH=induction,
+        first_half_loss=tuple(r[1] for r in results), repeated_half_loss=tuple(rep_loss),
+        icl_score=tuple(r[3] for r in results), icl_data=icl_data,
+        phase_change=steepest_change(steps, induction.max(axis=(1, 2)).tolist(), cfg.induction_threshold),
+        loss_drop=steepest_change(steps, rep_loss, cfg.ablation_threshold, rising=False))
+    if curves.phase_change is None:
+        return curves, (f"no phase change across {len(steps)} checkpoints: the highest induction score never rises "
+                        f"by the induction threshold ({cfg.induction_threshold}) above its value at step {steps[0]}")
+    return curves, f"{len(steps)} checkpoints from {folder}"
+
+
+# -- the analysis -------------------------------------------------------------------------------------
+def _verdict(scores: dict[str, np.ndarray], ablation: dict[str, np.ndarray], cfg: InductionConfig
+             ) -> tuple[dict[str, tuple[str, ...]], dict[str, str]]:
+    L, H = scores["induction"].shape
+    labels, evidence = {}, {}
+    for l in range(L):
+        for h in range(H):
+            s = {k: float(v[l, h]) for k, v in scores.items()}
+            specific = float(ablation["mean repeated"][l, h] - ablation["mean first"][l, h])
+            got = []
+            if (s["induction"] >= cfg.induction_threshold and s["prefix matching"] >= cfg.induction_threshold
+                    and specific >= cfg.ablation_threshold):
+                got.append("induction")
+            if s["previous token"] >= cfg.prev_token_threshold:
+                got.append("previous-token")
+            if s["duplicate token"] >= cfg.duplicate_threshold:
+                got.append("duplicate-token")
+            if s["copying"] >= cfg.copying_threshold:
+                got.append("copying")
+            name = f"L{l}H{h}"
+            labels[name] = tuple(got)
+            evidence[name] = (f"induction {s['induction']:.2f}, prefix matching {s['prefix matching']:.2f}, "
+                              f"previous token {s['previous token']:.2f}, duplicate {s['duplicate token']:.2f}, "
+                              f"copying {s['copying']:.2f}; mean ablation {ablation['mean repeated'][l, h]:+.2f} "
+                              f"nats on the repeated half vs {ablation['mean first'][l, h]:+.2f} on the first")
+    return labels, evidence
+
+
+@torch.no_grad()
+def compute(model: Any, cfg: InductionConfig) -> InductionResult:
+    """Score, ablate and label every head; follow the induction score over the model's checkpoints."""
+    _check_attention(model)
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    rep, prefix = probe_tokens(model, cfg.seq_len, 2, cfg.n_sequences, cfg.seed, cfg.prepend_bos)
+    pm_rep, pm_prefix = probe_tokens(model, cfg.prefix_seq_len, cfg.prefix_copies, cfg.n_sequences,
+                                     cfg.seed + 1, cfg.prepend_bos)
+
+    loss, store = _forward(model, rep, keep=("attn.hook_pattern", "attn.hook_z"))
+    pats = [store[f"blocks.{l}.attn.hook_pattern"].float() for l in range(L)]  # each [B, H, S, S]
+    _, pm_store = _forward(model, pm_rep, keep=("attn.hook_pattern",))
+    per_layer = {
+        "induction": [induction_score(p, cfg.seq_len, prefix) for p in pats],
+        "prefix matching": [prefix_matching_score(pm_store[f"blocks.{l}.attn.hook_pattern"].float(), pm_rep,
+                                                  pm_prefix + cfg.prefix_seq_len) for l in range(L)],
+        "previous token": [previous_token_score(p) for p in pats],
+        "duplicate token": [duplicate_token_score(p, cfg.seq_len, prefix) for p in pats],
+        "first token": [first_token_score(p, start=1) for p in pats],
+        "copying": [copying_score(ov_circuit(model, l)) for l in range(L)],
+    }
+    scores = {k: torch.stack(v).cpu().numpy() for k, v in per_layer.items()}
+
+    clean_first, clean_second = _half_losses(loss, prefix, cfg.seq_len)
+    z_mean = {l: store[f"blocks.{l}.attn.hook_z"].float().mean(0, keepdim=True) for l in range(L)}
+
+    def ablation_effect(heads: list[tuple[int, int]], mode: str) -> tuple[float, float, torch.Tensor]:
+        ablated, _ = _forward(model, rep, hooks=_ablation_hooks(heads, mode, z_mean))
+        first, second = _half_losses(ablated, prefix, cfg.seq_len)
+        return first - clean_first, second - clean_second, ablated
+
+    ablation = {f"{m} {half}": np.zeros((L, H)) for m in ("zero", "mean") for half in ("first", "repeated")}
+    jobs = [(l, h, m) for l in range(L) for h in range(H) for m in ("zero", "mean")]
+    for l, h, mode in tqdm(jobs, desc="ablations", unit="run", disable=None, leave=False):
+        d_first, d_second, _ = ablation_effect([(l, h)], mode)
+        ablation[f"{mode} first"][l, h], ablation[f"{mode} repeated"][l, h] = d_first, d_second
+
+    labels, evidence = _verdict(scores, ablation, cfg)
+    induction_heads = [(l, h) for l in range(L) for h in range(H) if "induction" in labels[f"L{l}H{h}"]]
+    joint = induction_heads or [divmod(int(np.argmax(scores["induction"])), H)]
+    joint_ablation, ablated_loss = {}, None
+    for mode in ("zero", "mean"):
+        d_first, d_second, per_token = ablation_effect(joint, mode)
+        joint_ablation[f"{mode} first"], joint_ablation[f"{mode} repeated"] = d_first, d_second
+        ablated_loss = per_token if mode == "mean" else ablated_loss
+
+    order = np.argsort(-scores["induction"].ravel())[: cfg.top_heads].tolist()
+    for extra in ("previous token", "duplicate token"):  # the best head of each other kind, too
+        best = int(np.argmax(scores[extra]))
+        if best not in order:
+            order.append(best)
+    curves, note = checkpoint_curves(model, cfg, rep, prefix)
+    folder = getattr(model, "folder", None)
+    return InductionResult(
+        name=folder.name if folder is not None else type(model).__name__, config=cfg, scores=scores,
+        ablation=ablation, clean_first_loss=clean_first, clean_repeated_loss=clean_second,
+        labels=labels, evidence=evidence, joint_heads=tuple(f"L{l}H{h}" for l, h in joint),
+        joint_ablation=joint_ablation,
+        loss_by_position={"clean": loss.mean(0).cpu().numpy(), "ablated": ablated_loss.mean(0).cpu().numpy()},
+        tokens=tuple(model.to_str_tokens(rep[0].cpu())) if model.tokenizer is not None else tuple(map(str, rep[0].tolist())),
+        patterns_NSS=np.stack([pats[i // H][0, i % H].cpu().numpy() for i in order]),
+        pattern_heads=tuple(f"L{i // H}H{i % H}" for i in order), prefix=prefix, curves=curves, phase_note=note)
+
+
+def figures(r: InductionResult) -> dict[str, go.Figure]:
+    """Verdict table, score and ablation heatmaps, attention picker, loss by position, phase change."""
+    L, H = r.shape
+    heads = [f"L{l}H{h}" for l in range(L) for h in range(H)]
+    L_ = r.config.seq_len
+    figs = {"verdict": table([(h, f"{', '.join(r.labels[h]) or '—'}  ·  {r.evidence[h]}") for h in heads],
+                             f"{r.name}: head labels and the numbers behind them")}
+    figs["head scores"] = heatmap(np.stack([r.scores[s].ravel() for s in SCORES], axis=1), list(SCORES), heads,
+                                  f"Head scores (random length-{L_} sequence repeated once; copying from the OV circuit)",
+                                  "score", "head", colorscale="RdBu", zmid=0)
+    abl_keys = list(r.ablation)
+    figs["ablation effects"] = heatmap(np.stack([r.ablation[k].ravel() for k in abl_keys], axis=1),
+                                       [f"{k} half" for k in abl_keys], heads,
+                                       "Loss increase when the head is ablated (nats/token)", "ablation", "head",
+                                       colorscale="RdBu", zmid=0)
+    figs["attention of the top heads"] = attention_picker(r.patterns_NSS, r.pattern_heads, r.tokens,
+                                                          "Attention on a repeated random sequence")
+    positions = list(range(1, len(r.loss_by_position["clean"]) + 1))  # loss at index i predicts token i + 1
+    figs["loss by position"] = lines(
+        {"clean": positions, f"{', '.join(r.joint_heads)} mean-ablated": positions},
+        {"clean": r.loss_by_position["clean"], f"{', '.join(r.joint_heads)} mean-ablated": r.loss_by_position["ablated"]},
+        "Per-token loss on the repeated sequences", "position of the predicted token", "loss (nats)",
+        vlines=[(r.prefix + L_, "second copy starts")])
+    c = r.curves
+    if c is not None:
+        marks = [(c.tokens[c.steps.index(c.phase_change[1])], "fastest rise")] if c.phase_change else []
+        xs = {h: c.tokens for h in heads}
+        figs["phase change: induction score"] = lines(
+            xs, {h: c.induction_NLH[:, i // H, i % H] for i, h in enumerate(heads)},
+            "Induction score per head over training", "training tokens", "induction score", vlines=marks)
+        figs["phase change: in-context learning"] = lines(
+            {"ICL score": c.tokens}, {"ICL score": c.icl_score},
+            f"In-context-learning score (loss at token {r.config.icl_late} − token {r.config.icl_early}, {c.icl_data})",
+            "training tokens", "nats", vlines=marks)
+        figs["phase change: loss on repeated sequences"] = lines(
+            {"first half": c.tokens, "repeated half": c.tokens},
+            {"first half": c.first_half_loss, "repeated half": c.repeated_half_loss},
+            "Loss on repeated random sequences over training", "training tokens", "loss (nats/token)", vlines=marks)
+    return figs
+
+
+ANALYSIS = register(Analysis(
+    name="induction-heads",
+    description="Induction, prefix-matching, previous/duplicate/first-token and copying scores, ablations, "
+                "verdicts and the phase change over checkpoints.",
+    config_cls=InductionConfig, compute=compute, figures=figures,
+    default_models=("attn-only-1l", "attn-only-2l"),
+))
+
+if __name__ == "__main__":
+    from analyses._cli import main
+
+    main(ANALYSIS.name)

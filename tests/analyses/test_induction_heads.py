@@ -1,0 +1,221 @@
+"""The induction-head analysis: scores agree with independent computations and TransformerLens,
+verdicts on the shipped models, the phase change, the TransformerBridge path and bad input."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from transformer_lens.head_detector import (
+    compute_head_attention_similarity_score,
+    detect_head,
+    get_induction_head_detection_pattern,
+)
+from transformer_lens import HookedRootModule
+from transformer_lens.hook_points import HookPoint
+
+import workbench
+from analyses.induction_heads import InductionConfig, compute, figures, steepest_change
+from tests.conftest import tiny_config
+from workbench.attention_scores import (
+    duplicate_token_score,
+    induction_score,
+    prefix_matching_score,
+    previous_token_score,
+)
+from workbench.circuits import copying_score, ov_circuit
+from workbench.errors import ConfigError, InputError
+from workbench.report import run_analysis, write_report
+
+SMALL = InductionConfig(seq_len=8, prefix_seq_len=5, n_sequences=4, icl_early=2, icl_late=20)
+
+
+def _patterns(model, tokens):
+    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_pattern"))
+    return [cache[f"blocks.{l}.attn.hook_pattern"] for l in range(model.cfg.n_layers)]
+
+
+def _permutation_repeat(batch: int, seq_len: int, bos: int, seed: int = 0) -> torch.Tensor:
+    """BOS + a random permutation (no token twice) repeated once: no accidental repeats."""
+    gen = torch.Generator().manual_seed(seed)
+    half = torch.stack([torch.randperm(256, generator=gen)[:seq_len] for _ in range(batch)])
+    return torch.cat([torch.full((batch, 1), bos), half, half], dim=1)
+
+
+# -- the scores are what they say ---------------------------------------------------------------------
+def test_induction_score_equals_a_direct_loop_and_transformer_lens(attn_model):
+    L = 9
+    tokens = _permutation_repeat(3, L, bos=256)
+    for pattern in _patterns(attn_model, tokens):
+        B, H, S, _ = pattern.shape
+        direct = torch.zeros(H)
+        for h in range(H):
+            values = [pattern[b, h, s, s - L + 1] for b in range(B) for s in range(1 + L, S)]
+            direct[h] = torch.stack(values).mean()
+        ours = induction_score(pattern, L, prefix=1)
+        assert torch.allclose(ours, direct, atol=1e-6)
+        # TransformerLens's "mul" score divides by all S query rows; ours averages the L rows that can induct
+        tl = torch.tensor([[compute_head_attention_similarity_score(
+            pattern[b, h], get_induction_head_detection_pattern(tokens[b:b + 1]), exclude_bos=False,
+            exclude_current_token=False, error_measure="mul") for h in range(H)] for b in range(B)]).mean(0)
+        assert torch.allclose(ours * L / S, tl, atol=1e-5)
+        # with one earlier copy and no accidental repeats, prefix matching is the induction score
+        assert torch.allclose(prefix_matching_score(pattern, tokens, 1 + L), ours, atol=1e-6)
+
+
+def test_head_detector_agrees_on_a_transformer_bridge(tiny_gpt2):
+    bridge = workbench.load(f"hf:{tiny_gpt2}", device="cpu")
+    text = "ABCDEFGHIJKLMNOPQRST"  # none of these letters was merged by the tokenizer: one token each
+    L = len(text)
+    tokens = bridge.to_tokens(text + text)
+    assert tokens.shape == (1, 2 * L + 1) and tokens[0, 0] == bridge.tokenizer.bos_token_id
+    patterns = torch.stack(_patterns(bridge, tokens))  # [L, 1, H, S, S]
+    S = tokens.shape[1]
+    checks = {"induction_head": [induction_score(p, L, prefix=1) * L / S for p in patterns],
+              "previous_token_head": [previous_token_score(p) * (S - 1) / S for p in patterns],
+              "duplicate_token_head": [duplicate_token_score(p, L, prefix=1) * L / S for p in patterns]}
+    for name, ours in checks.items():
+        tl = detect_head(bridge, text + text, name)
+        assert torch.allclose(torch.stack(ours).float(), tl.float(), atol=1e-5), name
+
+
+def test_copying_score_is_plus_one_for_a_copying_head_and_minus_one_for_a_suppressing_one():
+    model = workbench.Transformer(tiny_config(n_layers=1, d_model=16, n_heads=2, d_head=8, d_vocab=16,
+                                              normalization_type=None)).eval()
+    with torch.no_grad():
+        model.embed.W_E.copy_(torch.eye(16))  # tokens are the basis
+        model.unembed.W_U.copy_(torch.eye(16))
+        attn = model.blocks[0].attn
+        basis = torch.eye(16)[:, :8]  # OV = projector onto the first 8 directions (x +1 or x -1)
+        attn.W_V.copy_(torch.stack([basis, basis]))
+        attn.W_O.copy_(torch.stack([basis.T, -basis.T]))
+    assert torch.allclose(copying_score(ov_circuit(model, 0)), torch.tensor([1.0, -1.0]), atol=1e-5)
+
+
+def test_steepest_change_finds_the_jump_and_ignores_noise():
+    steps = [0, 1, 3, 10, 100, 200, 300, 400, 500]
+    rising = [0.02, 0.03, 0.01, 0.02, 0.02, 0.05, 0.5, 0.7, 0.72]
+    assert steepest_change(steps, rising, min_change=0.3) == (200, 300)
+    assert steepest_change(steps, [0.02, 0.021, 0.019] + [0.02] * 6, min_change=0.3) is None
+    falling = [5.0, 5.0, 4.9, 4.8, 4.8, 4.7, 2.0, 1.7, 1.6]
+    assert steepest_change(steps, falling, min_change=0.1, rising=False) == (200, 300)
+
+
+# -- the shipped models -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def result_2l():
+    return compute(workbench.load("attn-only-2l", device="cpu"), InductionConfig())
+
+
+def test_attn_only_2l_has_layer_1_induction_heads_backed_by_ablation(result_2l):
+    r = result_2l
+    induction = r.heads_labelled("induction")
+    assert any(h.startswith("L1") for h in induction)
+    assert r.joint_heads == tuple(induction)
+    assert r.joint_ablation["mean repeated"] >= 1.0  # nats per token, all induction heads together
+    assert r.joint_ablation["zero repeated"] >= 1.0
+    for key, arr in r.ablation.items():  # each head's own effect is reported, in both modes
+        assert arr.shape == (2, 4) and np.isfinite(arr).all(), key
+    for head in induction:
+        l, h = int(head[1]), int(head[3])
+        assert r.scores["induction"][l, h] >= r.config.induction_threshold
+        assert r.ablation["mean repeated"][l, h] - r.ablation["mean first"][l, h] >= r.config.ablation_threshold
+    assert r.heads_labelled("previous-token") and all(h.startswith("L0") for h in r.heads_labelled("previous-token"))
+
+
+def test_attn_only_2l_phase_change_is_where_the_repeated_loss_drops(result_2l):
+    c = result_2l.curves
+    assert c is not None and c.steps[0] == 0 and len(c.steps) >= 10
+    assert c.phase_change is not None and c.loss_drop is not None
+    start = c.steps.index(c.phase_change[0])
+    interval = c.phase_change[1] - c.phase_change[0]
+    assert abs(c.loss_drop[0] - c.phase_change[0]) <= interval, (c.phase_change, c.loss_drop)
+    assert c.induction_NLH[:start].max() < 0.3 < c.induction_NLH[-1].max()  # before the rise: none; after: some
+    assert c.repeated_half_loss[-1] < c.repeated_half_loss[0] - 1.0
+    assert np.isfinite(c.icl_score).all() and c.icl_data == "text validation rows"
+
+
+def test_attn_only_1l_has_no_induction_head_and_no_phase_change():
+    r = compute(workbench.load("attn-only-1l", device="cpu"), InductionConfig())
+    assert r.heads_labelled("induction") == []
+    assert r.curves is not None and r.curves.phase_change is None
+    assert "no phase change" in r.phase_note and "no induction head" in r.headlines()[0]
+
+
+def test_report_has_every_plot(result_2l, tmp_path):
+    figs = figures(result_2l)
+    for name in ("verdict", "head scores", "ablation effects", "attention of the top heads", "loss by position",
+                 "phase change: induction score", "phase change: in-context learning",
+                 "phase change: loss on repeated sequences"):
+        assert name in figs, name
+    metrics = result_2l.metrics()
+    assert metrics["induction_heads"] and metrics["phase_change_interval"]
+    picker = figs["attention of the top heads"]
+    assert len(picker.data) == len(result_2l.pattern_heads) >= 4
+
+
+# -- other models and bad input -----------------------------------------------------------------------
+def test_runs_on_a_transformer_bridge_without_a_phase_change_section(tiny_gpt2):
+    bridge = workbench.load(f"hf:{tiny_gpt2}", device="cpu")
+    r = compute(bridge, replace(SMALL, seq_len=20, prefix_seq_len=12))
+    assert r.scores["induction"].shape == (2, 2) and r.curves is None
+    assert "not loaded from a workbench model folder" in r.phase_note
+    assert r.tokens[0] == "<|endoftext|>"
+    assert "phase change: induction score" not in figures(r)
+
+
+def test_folder_without_checkpoints_gets_everything_else_and_a_note(attn_model, tmp_path):
+    workbench.save_model(attn_model, tmp_path / "m")
+    section = run_analysis("induction-heads", tmp_path / "m", SMALL, device="cpu")
+    assert "has 0 training checkpoint(s)" in section.metrics["phase_change_note"]
+    assert "head scores" in section.figures and "loss by position" in section.figures
+    assert not any(name.startswith("phase change") for name in section.figures)
+    assert any("checkpoint" in line for line in section.headlines)
+    page = (write_report(tmp_path / "r", [section]) / "index.html").read_text()
+    assert "training checkpoint" in page
+
+
+def test_is_deterministic(attn_model):
+    a, b = compute(attn_model, SMALL), compute(attn_model, SMALL)
+    for key in a.scores:
+        np.testing.assert_array_equal(a.scores[key], b.scores[key])
+    np.testing.assert_array_equal(a.ablation["mean repeated"], b.ablation["mean repeated"])
+
+
+def test_too_little_context_is_a_clear_error(attn_model):  # n_ctx 24
+    with pytest.raises(InputError, match="at most 11"):
+        compute(attn_model, replace(SMALL, seq_len=40))
+    short = workbench.Transformer(tiny_config(n_ctx=4)).eval()
+    with pytest.raises(InputError, match="too little context"):
+        compute(short, replace(SMALL, seq_len=2))
+
+
+class _NoAttention(HookedRootModule):
+    """An embedding and an unembedding: a model with no attention layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.cfg = SimpleNamespace(n_layers=1, n_heads=0, n_ctx=64, d_vocab=10)
+        self.tokenizer = None
+        self.embed = torch.nn.Embedding(10, 8)
+        self.hook_embed = HookPoint()
+        self.unembed = torch.nn.Linear(8, 10)
+        self.setup()
+
+    def forward(self, tokens):
+        return self.unembed(self.hook_embed(self.embed(tokens)))
+
+
+def test_a_model_without_attention_is_a_clear_error():
+    with pytest.raises(InputError, match="no attention layers"):
+        compute(_NoAttention(), SMALL)
+
+
+@pytest.mark.parametrize("bad", [dict(seq_len=1), dict(n_sequences=0), dict(induction_threshold=0.0),
+                                 dict(ablation_threshold=-1.0), dict(icl_early=50, icl_late=20)])
+def test_nonsense_config_is_rejected(bad):
+    with pytest.raises(ConfigError, match=next(iter(bad)).split("_")[0]):
+        InductionConfig(**bad)
