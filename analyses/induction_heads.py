@@ -51,16 +51,17 @@ class InductionConfig:
     n_sequences: int = 32
     """Random sequences (batch) everything is averaged over."""
     prefix_seq_len: int = 25
-    """Prefix-matching probe: a random sequence of this length..."""
+    """Length of the random sequence of the prefix-matching probe (Olsson et al.: 25)."""
     prefix_copies: int = 4
-    """...repeated this many times (Olsson et al. use 25 tokens x 4)."""
+    """Copies of that sequence in the prefix-matching probe (Olsson et al.: 4)."""
     prepend_bos: bool = True
     """Start every sequence with the model's BOS (for workbench models, the end-of-text id)."""
     induction_threshold: float = 0.3
-    """Label 'induction' needs induction and prefix-matching scores at least this..."""
+    """Label 'induction' needs induction and prefix-matching scores of at least this, and the
+    ablation effect below."""
     ablation_threshold: float = 0.1
-    """...and mean-ablating the head must raise the repeated-half loss by at least this many nats
-    per token more than it raises the first-half loss."""
+    """Label 'induction' needs mean-ablating the head to raise the repeated-half loss by at least
+    this many nats per token more than it raises the first-half loss."""
     prev_token_threshold: float = 0.4
     """Label 'previous-token': previous-token score at least this."""
     duplicate_threshold: float = 0.3
@@ -68,9 +69,10 @@ class InductionConfig:
     copying_threshold: float = 0.5
     """Label 'copying': copying score (sum λ / sum |λ| of the full OV circuit) at least this."""
     icl_early: int = 10
-    """In-context-learning score: loss at token `icl_late` minus loss at token `icl_early`..."""
+    """Early token of the in-context-learning score: loss at token icl_late minus loss at this one,
+    on the model's own validation text (Olsson et al.: 50 of 8192)."""
     icl_late: int = 100
-    """...on the model's own validation text (Olsson et al. use tokens 500 and 50 of 8192)."""
+    """Late token of the in-context-learning score (Olsson et al.: 500 of 8192)."""
     icl_rows: int = 256
     """Validation rows the in-context-learning score averages over."""
     phase_change: bool = True
@@ -98,8 +100,9 @@ class InductionConfig:
 
 
 # -- the probe: one model, one batch ----------------------------------------------------------------
-def _positions(model: Any) -> int:
-    return int(model.cfg.n_ctx)
+def head_names(n_layers: int, n_heads: int) -> list[str]:
+    """'L<layer>H<head>' for every head, layer-major (the order of a flattened [L, H] array)."""
+    return [f"L{l}H{h}" for l in range(n_layers) for h in range(n_heads)]
 
 
 def _special_ids(model: Any) -> tuple[Optional[int], set[int]]:
@@ -120,13 +123,14 @@ def probe_tokens(model: Any, seq_len: int, n_copies: int, batch: int, seed: int,
     bos, special = _special_ids(model)
     allowed = torch.tensor([i for i in range(model.cfg.d_vocab) if i not in special])
     prefix = 1 if prepend_bos and bos is not None else 0
-    needed = prefix + n_copies * seq_len
-    if needed > _positions(model):
-        fit = (_positions(model) - prefix) // n_copies
+    needed, n_ctx = prefix + n_copies * seq_len, int(model.cfg.n_ctx)
+    if needed > n_ctx:
+        fit = (n_ctx - prefix) // n_copies
         raise InputError(f"A length-{seq_len} sequence repeated {n_copies}× needs {needed} positions but the model "
-                         f"has n_ctx={_positions(model)}; use a sequence length of at most {fit}"
-                         + (" (--seq-len / --prefix-seq-len)." if fit >= 2 else
-                            ": this model has too little context for an induction probe."))
+                         f"has n_ctx={n_ctx}; " + (f"use a sequence length of at most {fit} (--seq-len, "
+                                                   "--prefix-seq-len)." if fit >= 2 else
+                                                   "it has too little context for an induction probe, which needs "
+                                                   f"at least {prefix + 2 * n_copies} positions."))
     rows = allowed[repeated_sequence(batch, seq_len, len(allowed), seed, n_copies=n_copies)]
     if prefix:
         rows = torch.cat([torch.full((batch, 1), bos), rows], dim=1)
@@ -229,16 +233,23 @@ class InductionResult:
     def shape(self) -> tuple[int, int]:
         return self.scores["induction"].shape
 
+    @property
+    def heads(self) -> list[str]:
+        """Head names, layer-major."""
+        return head_names(*self.shape)
+
+    def at(self, head: str) -> tuple[int, int]:
+        """(layer, head) index of a head name."""
+        return divmod(self.heads.index(head), self.shape[1])
+
     def heads_labelled(self, label: str) -> list[str]:
         return [h for h, ls in self.labels.items() if label in ls]
 
     def metrics(self) -> dict[str, Any]:
         out: dict[str, Any] = {f"{label}_heads": self.heads_labelled(label) for label in LABELS}
-        L, H = self.shape
         for score, arr in self.scores.items():
             key = score.replace(" ", "_")
-            i = int(np.nanargmax(arr))
-            out[f"max_{key}"], out[f"max_{key}_head"] = float(np.nanmax(arr)), f"L{i // H}H{i % H}"
+            out[f"max_{key}"], out[f"max_{key}_head"] = float(arr.max()), self.heads[int(arr.argmax())]
             out[f"{key}_LH"] = np.round(arr, 4).tolist()
         for k, arr in self.ablation.items():
             out[f"ablation_{k.replace(' ', '_')}_LH"] = np.round(arr, 4).tolist()
@@ -257,22 +268,15 @@ class InductionResult:
     def headlines(self) -> list[str]:
         out = []
         ind = self.heads_labelled("induction")
+        s, abl = self.scores, self.ablation["mean repeated"]
         if ind:
-            L, H = self.shape
-            at = {h: divmod(i, H) for i, h in enumerate(f"L{l}H{h}" for l in range(L) for h in range(H))}
             out.append("induction heads: " + "; ".join(
-                f"{h} (score {self.scores['induction'][at[h]]:.2f}, prefix matching "
-                f"{self.scores['prefix matching'][at[h]]:.2f}, copying {self.scores['copying'][at[h]]:.2f}, "
-                f"mean ablation {self.ablation['mean repeated'][at[h]]:+.2f} nats on the repeated half)" for h in ind))
+                f"{h} (score {s['induction'][self.at(h)]:.2f}, prefix matching {s['prefix matching'][self.at(h)]:.2f}, "
+                f"copying {s['copying'][self.at(h)]:.2f}, mean ablation {abl[self.at(h)]:+.2f} nats on the "
+                "repeated half)" for h in ind))
         else:
-            L, H = self.shape
-            i = int(np.argmax(self.scores["induction"]))
-            out.append(f"no induction head; the highest induction score is {self.scores['induction'].max():.2f} "
-                       f"(L{i // H}H{i % H}), threshold {self.config.induction_threshold}")
-        for label in ("previous-token", "duplicate-token", "copying"):
-            heads = self.heads_labelled(label)
-            if heads:
-                out.append(f"{label} heads: {', '.join(heads)}")
+            out.append(f"no induction head; the highest induction score is {s['induction'].max():.2f} "
+                       f"({self.heads[int(s['induction'].argmax())]}), threshold {self.config.induction_threshold}")
         j = self.joint_ablation
         which = (f"ablating the induction heads together ({', '.join(self.joint_heads)})" if ind else
                  f"for comparison, ablating the top-scoring head {self.joint_heads[0]}")
@@ -286,6 +290,10 @@ class InductionResult:
                        f"{c.phase_change[0]}–{c.phase_change[1]}{drop}")
         else:
             out.append(self.phase_note)
+        for label in ("previous-token", "duplicate-token", "copying"):
+            heads = self.heads_labelled(label)
+            if heads:
+                out.append(f"{label} heads: {', '.join(heads)}")
         return out
 
 
@@ -375,28 +383,25 @@ def checkpoint_curves(model: Any, cfg: InductionConfig, rep: torch.Tensor, prefi
 # -- the analysis -------------------------------------------------------------------------------------
 def _verdict(scores: dict[str, np.ndarray], ablation: dict[str, np.ndarray], cfg: InductionConfig
              ) -> tuple[dict[str, tuple[str, ...]], dict[str, str]]:
-    L, H = scores["induction"].shape
     labels, evidence = {}, {}
-    for l in range(L):
-        for h in range(H):
-            s = {k: float(v[l, h]) for k, v in scores.items()}
-            specific = float(ablation["mean repeated"][l, h] - ablation["mean first"][l, h])
-            got = []
-            if (s["induction"] >= cfg.induction_threshold and s["prefix matching"] >= cfg.induction_threshold
-                    and specific >= cfg.ablation_threshold):
-                got.append("induction")
-            if s["previous token"] >= cfg.prev_token_threshold:
-                got.append("previous-token")
-            if s["duplicate token"] >= cfg.duplicate_threshold:
-                got.append("duplicate-token")
-            if s["copying"] >= cfg.copying_threshold:
-                got.append("copying")
-            name = f"L{l}H{h}"
-            labels[name] = tuple(got)
-            evidence[name] = (f"induction {s['induction']:.2f}, prefix matching {s['prefix matching']:.2f}, "
-                              f"previous token {s['previous token']:.2f}, duplicate {s['duplicate token']:.2f}, "
-                              f"copying {s['copying']:.2f}; mean ablation {ablation['mean repeated'][l, h]:+.2f} "
-                              f"nats on the repeated half vs {ablation['mean first'][l, h]:+.2f} on the first")
+    for i, name in enumerate(head_names(*scores["induction"].shape)):
+        s = {k: float(v.flat[i]) for k, v in scores.items()}
+        first, repeated = float(ablation["mean first"].flat[i]), float(ablation["mean repeated"].flat[i])
+        got = []
+        if (s["induction"] >= cfg.induction_threshold and s["prefix matching"] >= cfg.induction_threshold
+                and repeated - first >= cfg.ablation_threshold):
+            got.append("induction")
+        if s["previous token"] >= cfg.prev_token_threshold:
+            got.append("previous-token")
+        if s["duplicate token"] >= cfg.duplicate_threshold:
+            got.append("duplicate-token")
+        if s["copying"] >= cfg.copying_threshold:
+            got.append("copying")
+        labels[name] = tuple(got)
+        evidence[name] = (f"induction {s['induction']:.2f}, prefix matching {s['prefix matching']:.2f}, "
+                          f"previous token {s['previous token']:.2f}, duplicate {s['duplicate token']:.2f}, "
+                          f"copying {s['copying']:.2f}; mean ablation {repeated:+.2f} nats on the repeated half "
+                          f"vs {first:+.2f} on the first")
     return labels, evidence
 
 
@@ -438,7 +443,8 @@ def compute(model: Any, cfg: InductionConfig) -> InductionResult:
         ablation[f"{mode} first"][l, h], ablation[f"{mode} repeated"][l, h] = d_first, d_second
 
     labels, evidence = _verdict(scores, ablation, cfg)
-    induction_heads = [(l, h) for l in range(L) for h in range(H) if "induction" in labels[f"L{l}H{h}"]]
+    names = head_names(L, H)
+    induction_heads = [divmod(i, H) for i, name in enumerate(names) if "induction" in labels[name]]
     joint = induction_heads or [divmod(int(np.argmax(scores["induction"])), H)]
     joint_ablation, ablated_loss = {}, None
     for mode in ("zero", "mean"):
@@ -456,23 +462,22 @@ def compute(model: Any, cfg: InductionConfig) -> InductionResult:
     return InductionResult(
         name=folder.name if folder is not None else type(model).__name__, config=cfg, scores=scores,
         ablation=ablation, clean_first_loss=clean_first, clean_repeated_loss=clean_second,
-        labels=labels, evidence=evidence, joint_heads=tuple(f"L{l}H{h}" for l, h in joint),
+        labels=labels, evidence=evidence, joint_heads=tuple(names[l * H + h] for l, h in joint),
         joint_ablation=joint_ablation,
         loss_by_position={"clean": loss.mean(0).cpu().numpy(), "ablated": ablated_loss.mean(0).cpu().numpy()},
         tokens=tuple(model.to_str_tokens(rep[0].cpu())) if model.tokenizer is not None else tuple(map(str, rep[0].tolist())),
         patterns_NSS=np.stack([pats[i // H][0, i % H].cpu().numpy() for i in order]),
-        pattern_heads=tuple(f"L{i // H}H{i % H}" for i in order), prefix=prefix, curves=curves, phase_note=note)
+        pattern_heads=tuple(names[i] for i in order), prefix=prefix, curves=curves, phase_note=note)
 
 
 def figures(r: InductionResult) -> dict[str, go.Figure]:
     """Verdict table, score and ablation heatmaps, attention picker, loss by position, phase change."""
-    L, H = r.shape
-    heads = [f"L{l}H{h}" for l in range(L) for h in range(H)]
-    L_ = r.config.seq_len
+    heads, H = r.heads, r.shape[1]
+    n = r.config.seq_len
     figs = {"verdict": table([(h, f"{', '.join(r.labels[h]) or '—'}  ·  {r.evidence[h]}") for h in heads],
                              f"{r.name}: head labels and the numbers behind them")}
     figs["head scores"] = heatmap(np.stack([r.scores[s].ravel() for s in SCORES], axis=1), list(SCORES), heads,
-                                  f"Head scores (random length-{L_} sequence repeated once; copying from the OV circuit)",
+                                  f"Head scores (random length-{n} sequence repeated once; copying from the OV circuit)",
                                   "score", "head", colorscale="RdBu", zmid=0)
     abl_keys = list(r.ablation)
     figs["ablation effects"] = heatmap(np.stack([r.ablation[k].ravel() for k in abl_keys], axis=1),
@@ -486,10 +491,11 @@ def figures(r: InductionResult) -> dict[str, go.Figure]:
         {"clean": positions, f"{', '.join(r.joint_heads)} mean-ablated": positions},
         {"clean": r.loss_by_position["clean"], f"{', '.join(r.joint_heads)} mean-ablated": r.loss_by_position["ablated"]},
         "Per-token loss on the repeated sequences", "position of the predicted token", "loss (nats)",
-        vlines=[(r.prefix + L_, "second copy starts")])
+        vlines=[(r.prefix + n, "second copy starts")])
     c = r.curves
     if c is not None:
-        marks = [(c.tokens[c.steps.index(c.phase_change[1])], "fastest rise")] if c.phase_change else []
+        marks = ([(c.tokens[c.steps.index(c.phase_change[0])], "fastest rise"),
+                  (c.tokens[c.steps.index(c.phase_change[1])], "")] if c.phase_change else [])
         xs = {h: c.tokens for h in heads}
         figs["phase change: induction score"] = lines(
             xs, {h: c.induction_NLH[:, i // H, i % H] for i, h in enumerate(heads)},
@@ -510,7 +516,7 @@ ANALYSIS = register(Analysis(
     description="Induction, prefix-matching, previous/duplicate/first-token and copying scores, ablations, "
                 "verdicts and the phase change over checkpoints.",
     config_cls=InductionConfig, compute=compute, figures=figures,
-    default_models=("attn-only-1l", "attn-only-2l"),
+    default_models=("attn-only-2l", "attn-only-1l"),
 ))
 
 if __name__ == "__main__":

@@ -60,9 +60,19 @@ def test_train_command_trains_a_config_file(tmp_path):
     assert main(["train", str(tmp_path / "c.json"), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
 
 
-def test_analysis_modules_run_as_scripts(model_dir, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "analyses.model_card", "--model", str(model_dir), "--out",
-                           str(tmp_path / "r"), "--repeat-len", "6"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+@pytest.mark.parametrize("module,args", [
+    ("model_card", ["--repeat-len", "6"]),
+    ("induction_heads", ["--seq-len", "8", "--prefix-seq-len", "5", "--n-sequences", "4"]),
+])
+def test_analysis_modules_run_as_scripts(model_dir, tmp_path, module, args):
+    proc = subprocess.run([sys.executable, "-m", f"analyses.{module}", "--model", str(model_dir), "--out",
+                           str(tmp_path / "r"), *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert (tmp_path / "r" / "index.html").exists()
+    assert (tmp_path / "r" / "index.html").exists() and str(tmp_path / "r") in proc.stdout
+
+
+def test_settings_help_comes_from_the_config_docstrings(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "induction-heads", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--ablation-threshold" in out and "nats per token more than it raises the first-half loss" in out

@@ -9,12 +9,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from transformer_lens import HookedRootModule
 from transformer_lens.head_detector import (
     compute_head_attention_similarity_score,
     detect_head,
     get_induction_head_detection_pattern,
 )
-from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 import workbench
