@@ -32,10 +32,18 @@ from workbench.attention_scores import (
     previous_token_score,
 )
 from workbench.circuits import copying_score, ov_circuit
-from workbench.data import Batches, DataConfig, build_text_data, repeated_sequence
+from workbench.data import Batches, DataConfig, build_text_data
 from workbench.errors import InputError, check_field
-from workbench.model import lm_loss
 from workbench.plotting import attention_picker, heatmap, lines, table
+from workbench.probes import (
+    half_losses,
+    head_names,
+    layer_hooks,
+    per_token_loss,
+    probe_tokens,
+    require_attention,
+    run_collect,
+)
 from workbench.report import Analysis, register
 
 SCORES = ("induction", "prefix matching", "previous token", "duplicate token", "first token", "copying")
@@ -99,71 +107,11 @@ class InductionConfig:
                     "0 < icl_early < icl_late")
 
 
-# -- the probe: one model, one batch ----------------------------------------------------------------
-def head_names(n_layers: int, n_heads: int) -> list[str]:
-    """'L<layer>H<head>' for every head, layer-major (the order of a flattened [L, H] array)."""
-    return [f"L{l}H{h}" for l in range(n_layers) for h in range(n_heads)]
-
-
-def _special_ids(model: Any) -> tuple[Optional[int], set[int]]:
-    """(BOS id or None, ids never sampled as random tokens)."""
-    tok = model.tokenizer
-    if tok is None:
-        return None, set()
-    if hasattr(tok, "all_special_ids"):  # a Hugging Face tokenizer (TransformerBridge)
-        return tok.bos_token_id, set(tok.all_special_ids)
-    from workbench.tokenizer import eos_id
-
-    eos = eos_id(tok.tok)
-    return eos, {eos}
-
-
-def probe_tokens(model: Any, seq_len: int, n_copies: int, batch: int, seed: int, prepend_bos: bool) -> tuple[torch.Tensor, int]:
-    """([batch, prefix + n_copies * seq_len] random tokens repeated, prefix length), avoiding special ids."""
-    bos, special = _special_ids(model)
-    allowed = torch.tensor([i for i in range(model.cfg.d_vocab) if i not in special])
-    prefix = 1 if prepend_bos and bos is not None else 0
-    needed, n_ctx = prefix + n_copies * seq_len, int(model.cfg.n_ctx)
-    if needed > n_ctx:
-        fit = (n_ctx - prefix) // n_copies
-        raise InputError(f"A length-{seq_len} sequence repeated {n_copies}× needs {needed} positions but the model "
-                         f"has n_ctx={n_ctx}; " + (f"use a sequence length of at most {fit} (--seq-len, "
-                                                   "--prefix-seq-len)." if fit >= 2 else
-                                                   "it has too little context for an induction probe, which needs "
-                                                   f"at least {prefix + 2 * n_copies} positions."))
-    rows = allowed[repeated_sequence(batch, seq_len, len(allowed), seed, n_copies=n_copies)]
-    if prefix:
-        rows = torch.cat([torch.full((batch, 1), bos), rows], dim=1)
-    return rows.to(next(model.parameters()).device), prefix
-
-
-def _check_attention(model: Any) -> None:
-    if int(getattr(model.cfg, "n_heads", 0) or 0) < 1 or not any(
-            name.endswith("attn.hook_pattern") for name in model.hook_dict):
-        raise InputError(f"{type(model).__name__} has no attention layers (no blocks.<l>.attn.hook_pattern hook), "
-                         "so it has no heads to score; run this analysis on a model with attention.")
-
-
-def _forward(model: Any, tokens: torch.Tensor, hooks: list = (), keep: tuple[str, ...] = ()) -> tuple[torch.Tensor, dict]:
-    """Per-token loss [B, S-1] and the activations of blocks.<l>.<name> for each name in `keep`
-    (stored under the name asked for: a TransformerBridge may report an alias)."""
-    store: dict[str, torch.Tensor] = {}
-
-    def saver(name: str):
-        def save(act, hook):
-            store[name] = act.detach()
-        return save
-
-    names = [f"blocks.{l}.{k}" for l in range(model.cfg.n_layers) for k in keep]
-    logits = model.run_with_hooks(tokens, fwd_hooks=[*((n, saver(n)) for n in names), *hooks])
-    return lm_loss(logits.float(), tokens, per_token=True), store
-
-
-def _half_losses(loss_BP: torch.Tensor, prefix: int, seq_len: int) -> tuple[float, float]:
-    """(mean loss predicting tokens 1..L-1 of the first copy, the same tokens of the second copy)."""
-    first = loss_BP[:, prefix: prefix + seq_len - 1]  # index p-1 predicts position p
-    second = loss_BP[:, prefix + seq_len: prefix + 2 * seq_len - 1]
-    return float(first.mean()), float(second.mean())
+def _forward(model: Any, tokens: torch.Tensor, keep: tuple[str, ...] = (), hooks: list = ()
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-token loss [B, S-1] and the activations blocks.<l>.<suffix> for each suffix in `keep`."""
+    logits, store = run_collect(model, tokens, layer_hooks(model, *keep), hooks)
+    return per_token_loss(logits, tokens), store
 
 
 def _ablate(layer: int, heads: list[int], mean_z: Optional[torch.Tensor]):
@@ -285,7 +233,8 @@ class InductionResult:
                    f"first half {j['mean first']:+.2f}")
         c = self.curves
         if c is not None and c.phase_change is not None:
-            drop = f"; the repeated-half loss falls fastest over steps {c.loss_drop[0]}–{c.loss_drop[1]}" if c.loss_drop else ""
+            drop = (f"; the repeated-half loss falls fastest over steps {c.loss_drop[0]}–{c.loss_drop[1]}"
+                    if c.loss_drop else "")
             out.append(f"phase change: the induction score rises fastest over steps "
                        f"{c.phase_change[0]}–{c.phase_change[1]}{drop}")
         else:
@@ -338,15 +287,17 @@ def _probe_checkpoint(model: Any, rep: torch.Tensor, prefix: int, cfg: Induction
     L = model.cfg.n_layers
     ind = torch.stack([induction_score(store[f"blocks.{l}.attn.hook_pattern"].float(), cfg.seq_len, prefix)
                        for l in range(L)])
-    first, second = _half_losses(loss, prefix, cfg.seq_len)
+    first, second = half_losses(loss, prefix, cfg.seq_len)
     icl_score = float("nan")
     if icl is not None:
-        icl_loss = lm_loss(model(icl.to(rep.device)).float(), icl.to(rep.device), per_token=True)
+        icl = icl.to(rep.device)
+        icl_loss = per_token_loss(model(icl), icl)
         icl_score = float(icl_loss[:, cfg.icl_late - 1].mean() - icl_loss[:, cfg.icl_early - 1].mean())
     return ind.cpu().numpy(), first, second, icl_score
 
 
-def checkpoint_curves(model: Any, cfg: InductionConfig, rep: torch.Tensor, prefix: int) -> tuple[Optional[CheckpointCurves], str]:
+def checkpoint_curves(model: Any, cfg: InductionConfig, rep: torch.Tensor, prefix: int
+                      ) -> tuple[Optional[CheckpointCurves], str]:
     """Run the probe at every checkpoint of the model's folder, or say why there is nothing to run."""
     folder = getattr(model, "folder", None)
     if not cfg.phase_change:
@@ -408,7 +359,7 @@ def _verdict(scores: dict[str, np.ndarray], ablation: dict[str, np.ndarray], cfg
 @torch.no_grad()
 def compute(model: Any, cfg: InductionConfig) -> InductionResult:
     """Score, ablate and label every head; follow the induction score over the model's checkpoints."""
-    _check_attention(model)
+    require_attention(model)
     L, H = model.cfg.n_layers, model.cfg.n_heads
     rep, prefix = probe_tokens(model, cfg.seq_len, 2, cfg.n_sequences, cfg.seed, cfg.prepend_bos)
     pm_rep, pm_prefix = probe_tokens(model, cfg.prefix_seq_len, cfg.prefix_copies, cfg.n_sequences,
@@ -428,12 +379,12 @@ def compute(model: Any, cfg: InductionConfig) -> InductionResult:
     }
     scores = {k: torch.stack(v).cpu().numpy() for k, v in per_layer.items()}
 
-    clean_first, clean_second = _half_losses(loss, prefix, cfg.seq_len)
+    clean_first, clean_second = half_losses(loss, prefix, cfg.seq_len)
     z_mean = {l: store[f"blocks.{l}.attn.hook_z"].float().mean(0, keepdim=True) for l in range(L)}
 
     def ablation_effect(heads: list[tuple[int, int]], mode: str) -> tuple[float, float, torch.Tensor]:
         ablated, _ = _forward(model, rep, hooks=_ablation_hooks(heads, mode, z_mean))
-        first, second = _half_losses(ablated, prefix, cfg.seq_len)
+        first, second = half_losses(ablated, prefix, cfg.seq_len)
         return first - clean_first, second - clean_second, ablated
 
     ablation = {f"{m} {half}": np.zeros((L, H)) for m in ("zero", "mean") for half in ("first", "repeated")}
@@ -465,7 +416,7 @@ def compute(model: Any, cfg: InductionConfig) -> InductionResult:
         labels=labels, evidence=evidence, joint_heads=tuple(names[l * H + h] for l, h in joint),
         joint_ablation=joint_ablation,
         loss_by_position={"clean": loss.mean(0).cpu().numpy(), "ablated": ablated_loss.mean(0).cpu().numpy()},
-        tokens=tuple(model.to_str_tokens(rep[0].cpu())) if model.tokenizer is not None else tuple(map(str, rep[0].tolist())),
+        tokens=tuple(model.to_str_tokens(rep[0].cpu()) if model.tokenizer is not None else map(str, rep[0].tolist())),
         patterns_NSS=np.stack([pats[i // H][0, i % H].cpu().numpy() for i in order]),
         pattern_heads=tuple(names[i] for i in order), prefix=prefix, curves=curves, phase_note=note)
 
@@ -476,9 +427,10 @@ def figures(r: InductionResult) -> dict[str, go.Figure]:
     n = r.config.seq_len
     figs = {"verdict": table([(h, f"{', '.join(r.labels[h]) or '—'}  ·  {r.evidence[h]}") for h in heads],
                              f"{r.name}: head labels and the numbers behind them")}
-    figs["head scores"] = heatmap(np.stack([r.scores[s].ravel() for s in SCORES], axis=1), list(SCORES), heads,
-                                  f"Head scores (random length-{n} sequence repeated once; copying from the OV circuit)",
-                                  "score", "head", colorscale="RdBu", zmid=0)
+    figs["head scores"] = heatmap(
+        np.stack([r.scores[s].ravel() for s in SCORES], axis=1), list(SCORES), heads,
+        f"Head scores (random length-{n} sequence repeated once; copying from the OV circuit)", "score", "head",
+        colorscale="RdBu", zmid=0)
     abl_keys = list(r.ablation)
     figs["ablation effects"] = heatmap(np.stack([r.ablation[k].ravel() for k in abl_keys], axis=1),
                                        [f"{k} half" for k in abl_keys], heads,
@@ -487,9 +439,10 @@ def figures(r: InductionResult) -> dict[str, go.Figure]:
     figs["attention of the top heads"] = attention_picker(r.patterns_NSS, r.pattern_heads, r.tokens,
                                                           "Attention on a repeated random sequence")
     positions = list(range(1, len(r.loss_by_position["clean"]) + 1))  # loss at index i predicts token i + 1
+    ablated = f"{', '.join(r.joint_heads)} mean-ablated"
     figs["loss by position"] = lines(
-        {"clean": positions, f"{', '.join(r.joint_heads)} mean-ablated": positions},
-        {"clean": r.loss_by_position["clean"], f"{', '.join(r.joint_heads)} mean-ablated": r.loss_by_position["ablated"]},
+        {"clean": positions, ablated: positions},
+        {"clean": r.loss_by_position["clean"], ablated: r.loss_by_position["ablated"]},
         "Per-token loss on the repeated sequences", "position of the predicted token", "loss (nats)",
         vlines=[(r.prefix + n, "second copy starts")])
     c = r.curves

@@ -59,7 +59,8 @@ class ModelCardResult:
 
     def metrics(self) -> dict[str, Any]:
         L, H = self.induction_LH.shape
-        ind, prev = np.unravel_index(self.induction_LH.argmax(), (L, H)), np.unravel_index(self.prev_token_LH.argmax(), (L, H))
+        ind = np.unravel_index(self.induction_LH.argmax(), (L, H))
+        prev = np.unravel_index(self.prev_token_LH.argmax(), (L, H))
         out: dict[str, Any] = {"n_params": self.n_params, "n_layers": L, "n_heads": H,
                                "max_induction_score": float(self.induction_LH.max()),
                                "max_induction_head": f"L{ind[0]}H{ind[1]}",

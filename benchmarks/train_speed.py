@@ -26,9 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import transformer_lens.model_bridge.sources  # noqa: E402,F401  (attaches boot_native)
 from transformer_lens import TransformerBridge, TransformerBridgeConfig  # noqa: E402
 
-import transformer_lens.model_bridge.sources  # noqa: E402,F401  (attaches boot_native)
 from workbench.loading import resolve_device  # noqa: E402
 from workbench.model import ModelConfig, Transformer  # noqa: E402
 

@@ -287,7 +287,7 @@ class Transformer(HookedRootModule):
 
     # -- hooks --------------------------------------------------------------------------------
     @contextmanager
-    def hooks(self, fwd_hooks=[], bwd_hooks=[], reset_hooks_end=True, clear_contexts=False):
+    def hooks(self, fwd_hooks=[], bwd_hooks=[], reset_hooks_end=True, clear_contexts=False):  # noqa: B006 (TL signature)
         """TransformerLens's hooks() context manager; an unknown hook name is an error up front."""
         for name, _ in [*fwd_hooks, *bwd_hooks]:
             self.check_hook_name(name)

@@ -171,8 +171,11 @@ class _Run:
 
 
 def _make_optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.AdamW:
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and not n.startswith(("embed", "pos_embed"))]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and not n.startswith(("embed", "pos_embed")))]
+    def decays(name: str, p: torch.Tensor) -> bool:
+        return p.ndim >= 2 and not name.startswith(("embed", "pos_embed"))
+
+    decay = [p for n, p in model.named_parameters() if decays(n, p)]
+    no_decay = [p for n, p in model.named_parameters() if not decays(n, p)]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
 
@@ -189,7 +192,8 @@ def evaluate(model: Transformer, val: dict[str, torch.Tensor], precision: str = 
         losses = []
         for i in range(0, len(rows), chunk):
             with _autocast(precision, device):
-                losses.append(float(model(rows[i : i + chunk].to(device), return_type="loss")) * len(rows[i : i + chunk]))
+                part = rows[i : i + chunk]
+                losses.append(float(model(part.to(device), return_type="loss")) * len(part))
         out[f"val_loss_{name}"] = sum(losses) / len(rows)
     model.train(was_training)
     return out

@@ -41,7 +41,7 @@ def test_attention_only_model_has_no_mlp_hooks(attn_model, tokens):
     assert _names(ISSUE_HOOKS, 2) <= set(cache)
     assert not any("mlp" in name or "resid_mid" in name for name in cache)
     with pytest.raises(InputError, match="attention-only"):
-        attn_model.W_in
+        attn_model.W_in  # noqa: B018
 
 
 def test_weights_have_transformer_lens_names_and_shapes(mlp_model):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import plotly.graph_objects as go
-from plotly.offline import get_plotlyjs
 import pytest
+from plotly.offline import get_plotlyjs
 
 from workbench.errors import InputError
 from workbench.report import Section, get_analysis, make_config, registry, run_analysis, write_report

@@ -1,0 +1,108 @@
+"""What every head-level analysis needs: head names, the repeated-random-token probe, and one
+forward pass that returns the per-token loss and the activations asked for.
+
+Model-agnostic: works on workbench models and on TransformerBridge models (which may report a
+hook under an alias, so activations are stored under the name that was asked for).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Optional, Sequence
+
+import torch
+
+from workbench.data import repeated_sequence
+from workbench.errors import InputError
+from workbench.model import lm_loss
+
+
+def head_names(n_layers: int, n_heads: int) -> list[str]:
+    """'L<layer>H<head>' for every head, layer-major (the order of a flattened [L, H] array)."""
+    return [f"L{l}H{h}" for l in range(n_layers) for h in range(n_heads)]
+
+
+def parse_head(model: Any, head: str) -> tuple[int, int]:
+    """(layer, head) of a name like 'L1H3', checked against the model's shape."""
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    match = re.fullmatch(r"\s*L(\d+)\s*H(\d+)\s*", str(head), flags=re.IGNORECASE)
+    if match is None:
+        raise InputError(f"Head {head!r} is not of the form 'L<layer>H<head>', e.g. 'L1H3'.")
+    layer, index = int(match[1]), int(match[2])
+    if layer >= L or index >= H:
+        raise InputError(f"Head {head!r} is out of range: the model has layers 0–{L - 1} and heads 0–{H - 1} "
+                         f"in each (L0H0 … L{L - 1}H{H - 1}).")
+    return layer, index
+
+
+def require_attention(model: Any) -> None:
+    """A clear error for a model with no attention heads to analyse."""
+    if int(getattr(model.cfg, "n_heads", 0) or 0) < 1 or not any(
+            name.endswith("attn.hook_pattern") for name in model.hook_dict):
+        raise InputError(f"{type(model).__name__} has no attention layers (no blocks.<l>.attn.hook_pattern hook), "
+                         "so it has no heads to analyse; use a model with attention.")
+
+
+def special_ids(model: Any) -> tuple[Optional[int], set[int]]:
+    """(BOS id or None, ids never sampled as random tokens)."""
+    tok = model.tokenizer
+    if tok is None:
+        return None, set()
+    if hasattr(tok, "all_special_ids"):  # a Hugging Face tokenizer (TransformerBridge)
+        return tok.bos_token_id, set(tok.all_special_ids)
+    from workbench.tokenizer import eos_id
+
+    eos = eos_id(tok.tok)
+    return eos, {eos}
+
+
+def probe_tokens(model: Any, seq_len: int, n_copies: int, batch: int, seed: int, prepend_bos: bool
+                 ) -> tuple[torch.Tensor, int]:
+    """([batch, prefix + n_copies * seq_len] random tokens repeated, prefix length), on the
+    model's device, never using special ids; the prefix is the model's BOS when asked for."""
+    bos, special = special_ids(model)
+    allowed = torch.tensor([i for i in range(model.cfg.d_vocab) if i not in special])
+    prefix = 1 if prepend_bos and bos is not None else 0
+    needed, n_ctx = prefix + n_copies * seq_len, int(model.cfg.n_ctx)
+    if needed > n_ctx:
+        fit = (n_ctx - prefix) // n_copies
+        raise InputError(f"A length-{seq_len} sequence repeated {n_copies}× needs {needed} positions but the model "
+                         f"has n_ctx={n_ctx}; " + (f"use a sequence length of at most {fit} (--seq-len, "
+                                                   "--prefix-seq-len)." if fit >= 2 else
+                                                   "it has too little context for an induction probe, which needs "
+                                                   f"at least {prefix + 2 * n_copies} positions."))
+    rows = allowed[repeated_sequence(batch, seq_len, len(allowed), seed, n_copies=n_copies)]
+    if prefix:
+        rows = torch.cat([torch.full((batch, 1), bos), rows], dim=1)
+    return rows.to(next(model.parameters()).device), prefix
+
+
+def run_collect(model: Any, tokens: torch.Tensor, keep: Sequence[str] = (), hooks: Sequence = ()
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(logits, {hook name: activation}) for the hook names in `keep`, with `hooks` applied."""
+    store: dict[str, torch.Tensor] = {}
+
+    def saver(name: str):
+        def save(act, hook):
+            store[name] = act.detach()
+        return save
+
+    logits = model.run_with_hooks(tokens, fwd_hooks=[*((n, saver(n)) for n in keep), *hooks])
+    return logits, store
+
+
+def layer_hooks(model: Any, *suffixes: str) -> list[str]:
+    """blocks.<l>.<suffix> for every layer and suffix, e.g. layer_hooks(model, 'attn.hook_z')."""
+    return [f"blocks.{l}.{s}" for l in range(model.cfg.n_layers) for s in suffixes]
+
+
+def per_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """[B, S-1] next-token loss in fp32 (index p - 1 predicts position p)."""
+    return lm_loss(logits.float(), tokens, per_token=True)
+
+
+def half_losses(loss_BP: torch.Tensor, prefix: int, seq_len: int) -> tuple[float, float]:
+    """(mean loss predicting tokens 2..L of the first copy, the same tokens of the second copy)."""
+    first = loss_BP[:, prefix: prefix + seq_len - 1]
+    second = loss_BP[:, prefix + seq_len: prefix + 2 * seq_len - 1]
+    return float(first.mean()), float(second.mean())
