@@ -31,7 +31,7 @@ from workbench.attention_scores import (
     prefix_matching_score,
     previous_token_score,
 )
-from workbench.circuits import copying_score, ov_circuit
+from workbench.circuits import copying_score, folded_weights, ov_circuit
 from workbench.data import Batches, DataConfig, build_text_data
 from workbench.errors import InputError, check_field
 from workbench.plotting import attention_picker, heatmap, lines, table
@@ -368,6 +368,7 @@ def compute(model: Any, cfg: InductionConfig) -> InductionResult:
     loss, store = _forward(model, rep, keep=("attn.hook_pattern", "attn.hook_z"))
     pats = [store[f"blocks.{l}.attn.hook_pattern"].float() for l in range(L)]  # each [B, H, S, S]
     _, pm_store = _forward(model, pm_rep, keep=("attn.hook_pattern",))
+    weights = folded_weights(model)
     per_layer = {
         "induction": [induction_score(p, cfg.seq_len, prefix) for p in pats],
         "prefix matching": [prefix_matching_score(pm_store[f"blocks.{l}.attn.hook_pattern"].float(), pm_rep,
@@ -375,7 +376,7 @@ def compute(model: Any, cfg: InductionConfig) -> InductionResult:
         "previous token": [previous_token_score(p) for p in pats],
         "duplicate token": [duplicate_token_score(p, cfg.seq_len, prefix) for p in pats],
         "first token": [first_token_score(p, start=1) for p in pats],
-        "copying": [copying_score(ov_circuit(model, l)) for l in range(L)],
+        "copying": [copying_score(ov_circuit(weights, l)) for l in range(L)],
     }
     scores = {k: torch.stack(v).cpu().numpy() for k, v in per_layer.items()}
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
+from transformer_lens import HookedRootModule
+from transformer_lens.hook_points import HookPoint
 
 from workbench.data import DataConfig
 from workbench.model import ModelConfig, Transformer
@@ -67,3 +70,19 @@ def tiny_gpt2(tmp_path_factory):
     transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
                                          eos_token="<|endoftext|>").save_pretrained(folder)
     return folder
+
+
+class NoAttention(HookedRootModule):
+    """An embedding and an unembedding: a model with no attention layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.cfg = SimpleNamespace(n_layers=1, n_heads=0, n_ctx=64, d_vocab=10)
+        self.tokenizer = None
+        self.embed = torch.nn.Embedding(10, 8)
+        self.hook_embed = HookPoint()
+        self.unembed = torch.nn.Linear(8, 10)
+        self.setup()
+
+    def forward(self, tokens):
+        return self.unembed(self.hook_embed(self.embed(tokens)))

@@ -41,22 +41,37 @@ def lines(x_by_name: dict[str, Sequence[float]], y_by_name: dict[str, Sequence[f
     return fig
 
 
+def heatmap_picker(mats_NXY: np.ndarray, names: Sequence[str], x: Sequence, y: Sequence, title: str,
+                   x_title: str = "", y_title: str = "", colorscale: str = "Blues", zmid: Optional[float] = None,
+                   zmin: Optional[float] = None, zmax: Optional[float] = None, hover: str = "%{y} → %{x}: %{z:.3f}",
+                   height: int = 650) -> go.Figure:
+    """Several same-shaped heatmaps in one figure; a dropdown picks which one is shown."""
+    fig = go.Figure()
+    for n, name in enumerate(names):
+        fig.add_trace(go.Heatmap(z=mats_NXY[n], x=list(x), y=list(y), colorscale=colorscale, zmid=zmid, zmin=zmin,
+                                 zmax=zmax, visible=n == 0, name=name, hovertemplate=hover + "<extra></extra>"))
+    buttons = [dict(label=name, method="update",
+                    args=[{"visible": [i == n for i in range(len(names))]}, {"title": f"{title}: {name}"}])
+               for n, name in enumerate(names)]
+    fig.update_layout(title=f"{title}: {names[0]}", xaxis_title=x_title, yaxis_title=y_title,
+                      updatemenus=[dict(buttons=buttons, direction="down", x=1.0, xanchor="right", y=1.15)],
+                      height=height, **LAYOUT)
+    fig.update_yaxes(autorange="reversed")
+    return fig
+
+
 def attention_picker(patterns_NST: np.ndarray, head_names: Sequence[str], tokens: Sequence[str],
                      title: str) -> go.Figure:
     """Attention patterns of several heads in one figure; a dropdown picks the head."""
     labels = [f"{i}:{t}" for i, t in enumerate(tokens)]
-    fig = go.Figure()
-    for n, name in enumerate(head_names):
-        fig.add_trace(go.Heatmap(z=patterns_NST[n], x=labels, y=labels, colorscale="Blues", zmin=0, zmax=1,
-                                 visible=n == 0, name=name,
-                                 hovertemplate="query %{y}<br>key %{x}<br>weight %{z:.3f}<extra></extra>"))
-    buttons = [dict(label=name, method="update",
-                    args=[{"visible": [i == n for i in range(len(head_names))]}, {"title": f"{title}: {name}"}])
-               for n, name in enumerate(head_names)]
-    fig.update_layout(title=f"{title}: {head_names[0]}", xaxis_title="key position", yaxis_title="query position",
-                      updatemenus=[dict(buttons=buttons, direction="down", x=1.0, xanchor="right", y=1.15)],
-                      height=650, **LAYOUT)
-    fig.update_yaxes(autorange="reversed")
+    return heatmap_picker(patterns_NST, head_names, labels, labels, title, "key position", "query position",
+                          zmin=0, zmax=1, hover="query %{y}<br>key %{x}<br>weight %{z:.3f}")
+
+
+def bars(values: dict[str, dict[str, float]], title: str, y_title: str) -> go.Figure:
+    """Grouped bars: one series per outer key, one bar per inner key (same inner keys in each)."""
+    fig = go.Figure([go.Bar(name=series, x=list(v), y=list(v.values())) for series, v in values.items()])
+    fig.update_layout(title=title, yaxis_title=y_title, barmode="group", **LAYOUT)
     return fig
 
 

@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from workbench.data import repeated_sequence
+from workbench.data import repeated_sequence, stdlib_files
 from workbench.errors import InputError
 from workbench.model import lm_loss
 
@@ -103,6 +103,21 @@ def per_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 def half_losses(loss_BP: torch.Tensor, prefix: int, seq_len: int) -> tuple[float, float]:
     """(mean loss predicting tokens 2..L of the first copy, the same tokens of the second copy)."""
+    loss_BP = loss_BP.detach()
     first = loss_BP[:, prefix: prefix + seq_len - 1]
     second = loss_BP[:, prefix + seq_len: prefix + 2 * seq_len - 1]
     return float(first.mean()), float(second.mean())
+
+
+def text_batch(model: Any, n_rows: int, seq_len: int) -> torch.Tensor:
+    """[<= n_rows, seq_len] tokens of the Python standard library's source (text every machine has),
+    encoded with the model's own tokenizer and cut into rows; an error if it has no tokenizer."""
+    if model.tokenizer is None:
+        raise InputError("This model has no tokenizer, so it cannot read text; use token ids.")
+    ids: list[int] = []
+    for path in stdlib_files():
+        ids += model.tokenizer.encode(path.read_text(encoding="utf-8", errors="replace"))
+        if len(ids) >= n_rows * seq_len:
+            break
+    n = min(n_rows, len(ids) // seq_len)
+    return torch.tensor(ids[: n * seq_len], device=next(model.parameters()).device).view(n, seq_len)

@@ -4,29 +4,26 @@ verdicts on the shipped models, the phase change, the TransformerBridge path and
 from __future__ import annotations
 
 from dataclasses import replace
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from transformer_lens import HookedRootModule
 from transformer_lens.head_detector import (
     compute_head_attention_similarity_score,
     detect_head,
     get_induction_head_detection_pattern,
 )
-from transformer_lens.hook_points import HookPoint
 
 import workbench
 from analyses.induction_heads import InductionConfig, compute, figures, steepest_change
-from tests.conftest import tiny_config
+from tests.conftest import NoAttention, tiny_config
 from workbench.attention_scores import (
     duplicate_token_score,
     induction_score,
     prefix_matching_score,
     previous_token_score,
 )
-from workbench.circuits import copying_score, ov_circuit
+from workbench.circuits import copying_score, folded_weights, ov_circuit
 from workbench.errors import ConfigError, InputError
 from workbench.report import run_analysis, write_report
 
@@ -92,7 +89,7 @@ def test_copying_score_is_plus_one_for_a_copying_head_and_minus_one_for_a_suppre
         basis = torch.eye(16)[:, :8]  # OV = projector onto the first 8 directions (x +1 or x -1)
         attn.W_V.copy_(torch.stack([basis, basis]))
         attn.W_O.copy_(torch.stack([basis.T, -basis.T]))
-    assert torch.allclose(copying_score(ov_circuit(model, 0)), torch.tensor([1.0, -1.0]), atol=1e-5)
+    assert torch.allclose(copying_score(ov_circuit(folded_weights(model), 0)), torch.tensor([1.0, -1.0]), atol=1e-5)
 
 
 def test_steepest_change_finds_the_jump_and_ignores_noise():
@@ -193,25 +190,9 @@ def test_too_little_context_is_a_clear_error(attn_model):  # n_ctx 24
         compute(short, replace(SMALL, seq_len=2))
 
 
-class _NoAttention(HookedRootModule):
-    """An embedding and an unembedding: a model with no attention layers."""
-
-    def __init__(self):
-        super().__init__()
-        self.cfg = SimpleNamespace(n_layers=1, n_heads=0, n_ctx=64, d_vocab=10)
-        self.tokenizer = None
-        self.embed = torch.nn.Embedding(10, 8)
-        self.hook_embed = HookPoint()
-        self.unembed = torch.nn.Linear(8, 10)
-        self.setup()
-
-    def forward(self, tokens):
-        return self.unembed(self.hook_embed(self.embed(tokens)))
-
-
 def test_a_model_without_attention_is_a_clear_error():
     with pytest.raises(InputError, match="no attention layers"):
-        compute(_NoAttention(), SMALL)
+        compute(NoAttention(), SMALL)
 
 
 @pytest.mark.parametrize("bad", [dict(seq_len=1), dict(n_sequences=0), dict(induction_threshold=0.0),

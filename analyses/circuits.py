@@ -1,0 +1,390 @@
+"""QK/OV circuits: every head's full QK, positional QK and full OV circuit as FactoredMatrix objects
+with their statistics, Q/K/V-composition scores against a random baseline, direct logit
+attribution, and path patching of the induction circuit.
+
+    python -m analyses.circuits --model attn-only-2l
+    workbench run circuits --model hf:/path/to/a/saved/model --seq-len 20
+
+It explains what the induction-heads analysis finds: the induction head's keys read the
+previous-token head's output (K-composition), its OV circuit copies, and patching the
+previous-token head's output into the induction head's keys alone breaks induction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import plotly.graph_objects as go
+import torch
+from tqdm.auto import tqdm
+
+from workbench.attention_scores import induction_score, previous_token_score
+from workbench.attribution import direct_logit_attribution, path_patch
+from workbench.circuits import (
+    FoldedWeights,
+    composition_scores,
+    copying_score,
+    diagonal_fraction,
+    direct_path,
+    effective_rank,
+    folded_weights,
+    ov_circuit,
+    pos_qk_circuit,
+    qk_circuit,
+    random_composition_baseline,
+    sample_rows,
+)
+from workbench.errors import InputError, check_field
+from workbench.plotting import bars, heatmap, heatmap_picker, table
+from workbench.probes import (
+    half_losses,
+    head_names,
+    layer_hooks,
+    parse_head,
+    per_token_loss,
+    probe_tokens,
+    require_attention,
+    run_collect,
+    text_batch,
+)
+from workbench.report import Analysis, register
+
+MODES = ("K", "Q", "V")
+COMPONENTS = ("q", "k", "v")
+
+
+@dataclass(frozen=True)
+class CircuitsConfig:
+    """Settings of the circuits analysis."""
+
+    induction_head: str = "auto"
+    """The head whose circuit is patched, e.g. 'L1H1'; 'auto': the head with the highest induction score."""
+    prev_token_head: str = "auto"
+    """The sender for path patching, e.g. 'L0H1'; 'auto': the highest previous-token score in an
+    earlier layer than the induction head."""
+    seq_len: int = 40
+    """Length of the random sequence, repeated once, for head finding, attribution and patching."""
+    n_sequences: int = 16
+    """Random sequences (batch) averaged over."""
+    max_rows: int = 4096
+    """Circuits with more rows than this (a large vocabulary) are measured on a random sample of
+    this many rows, a chunk at a time, never materialised whole."""
+    plot_tokens: int = 100
+    """Tokens (and positions) shown in the circuit heatmaps."""
+    n_random: int = 64
+    """Random head pairs averaged for each composition baseline."""
+    text_rows: int = 16
+    """Rows of the standard library's source for direct logit attribution on text."""
+    text_len: int = 64
+    """Tokens per text row (capped at the model's n_ctx)."""
+    seed: int = 0
+    """Seed of the random sequences and of any row sample."""
+
+    def __post_init__(self) -> None:
+        own = "CircuitsConfig"
+        for name in ("seq_len", "plot_tokens", "text_len"):
+            value = getattr(self, name)
+            check_field(isinstance(value, int) and value >= 2, own, name, value, "an integer ≥ 2")
+        for name in ("n_sequences", "max_rows", "n_random", "text_rows"):
+            value = getattr(self, name)
+            check_field(isinstance(value, int) and value >= 1, own, name, value, "a positive integer")
+        for name in ("induction_head", "prev_token_head"):
+            value = getattr(self, name)
+            check_field(isinstance(value, str) and value.strip() != "", own, name, value,
+                        "'auto' or a head like 'L1H1'")
+
+
+@dataclass(frozen=True, eq=False)
+class CircuitsResult:
+    """What the circuits analysis found. [L, H] arrays unless named otherwise."""
+
+    name: str
+    config: CircuitsConfig
+    d_model: int
+    stats: dict[str, dict[str, np.ndarray]]
+    """Circuit ('OV', 'QK', 'QK positional') -> statistic -> [L, H]."""
+    direct_path_stats: dict[str, float]
+    composition: dict[str, np.ndarray]
+    """'K', 'Q', 'V' -> [L, H, L, H] (NaN unless the second head is in a later layer)."""
+    baselines: dict[str, float]
+    induction_head: str
+    induction_score: float
+    """The induction head's induction score on the repeated sequences."""
+    prev_token_head: Optional[str]
+    path_patching: dict[str, np.ndarray]
+    """'q', 'k', 'v' -> [heads in earlier layers]: repeated-half loss with that head's output from
+    other tokens patched into that input of the induction head."""
+    sender_heads: tuple[str, ...]
+    clean_loss: float
+    dla: dict[str, dict[str, float]]
+    """'text' / 'repeated half' -> component -> mean contribution to the correct logit."""
+    ov_NTT: np.ndarray
+    qk_NTT: np.ndarray
+    pos_pattern_NPP: Optional[np.ndarray]
+    plot_tokens: tuple[str, ...]
+    plot_note: str
+    notes: tuple[str, ...]
+
+    @property
+    def heads(self) -> list[str]:
+        return head_names(*self.stats["OV"]["copying"].shape)
+
+    def at(self, head: str) -> tuple[int, int]:
+        return divmod(self.heads.index(head), self.stats["OV"]["copying"].shape[1])
+
+    def composition_of(self, sender: str, receiver: str, mode: str) -> float:
+        return float(self.composition[mode][(*self.at(sender), *self.at(receiver))])
+
+    def top_sender(self, receiver: str, mode: str) -> Optional[str]:
+        """The earlier head with the largest `mode` composition into `receiver`."""
+        col = self.composition[mode][(slice(None), slice(None), *self.at(receiver))].ravel()
+        return None if np.isnan(col).all() else self.heads[int(np.nanargmax(col))]
+
+    def metrics(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"induction_head": self.induction_head, "induction_score": self.induction_score,
+                               "prev_token_head": self.prev_token_head,
+                               "baselines": self.baselines, "direct_path": self.direct_path_stats,
+                               "notes": list(self.notes)}
+        for circuit, stats in self.stats.items():
+            for stat, arr in stats.items():
+                out[f"{circuit}_{stat}_LH".replace(" ", "_")] = np.round(arr, 4).tolist()
+        ind = self.induction_head
+        out["induction_head_ov_copying"] = float(self.stats["OV"]["copying"][self.at(ind)])
+        if self.prev_token_head is not None:
+            for mode in MODES:
+                score = self.composition_of(self.prev_token_head, ind, mode)
+                out[f"{mode}_composition_prev_to_induction"] = score
+                out[f"{mode}_composition_ratio_to_baseline"] = score / self.baselines[mode]
+            out["top_K_composition_sender"] = self.top_sender(ind, "K")
+            out["clean_repeated_loss"] = self.clean_loss
+            i = self.sender_heads.index(self.prev_token_head)
+            out.update({f"path_patch_{c}_repeated_loss": float(self.path_patching[c][i]) for c in COMPONENTS})
+        for mode in MODES:
+            out[f"{mode}_composition"] = np.round(self.composition[mode], 4).tolist()
+        out["dla"] = {k: {c: round(v, 4) for c, v in d.items()} for k, d in self.dla.items()}
+        return out
+
+    def headlines(self) -> list[str]:
+        ind, prev = self.induction_head, self.prev_token_head
+        auto = self.config.induction_head.strip().lower() == "auto"
+        out = [f"{'the head with the highest induction score' if auto else 'chosen induction head'}: {ind} "
+               f"({self.induction_score:.2f})"]
+        if prev is not None:
+            k, b = self.composition_of(prev, ind, "K"), self.baselines["K"]
+            top = self.top_sender(ind, "K")
+            lead = "its largest K-composition" if top == prev else f"not its largest K-composition (that is {top})"
+            q, v = self.composition_of(prev, ind, "Q"), self.composition_of(prev, ind, "V")
+            out.append(f"{prev} → {ind} K-composition {k:.3f} = {k / b:.2f}× the random baseline {b:.3f}, "
+                       f"{lead}; Q {q:.3f}, V {v:.3f}")
+            i = self.sender_heads.index(prev)
+            out.append(f"path patching {prev}'s output (from other tokens) into {ind}: repeated-half loss "
+                       f"{self.clean_loss:.2f} → keys {self.path_patching['k'][i]:.2f}, queries "
+                       f"{self.path_patching['q'][i]:.2f}, values {self.path_patching['v'][i]:.2f} nats/token")
+        out.append(f"{ind}'s OV circuit: copying score {self.stats['OV']['copying'][self.at(ind)]:.2f}, "
+                   f"diagonal argmax in {self.stats['OV']['diagonal'][self.at(ind)]:.0%} of rows")
+        rep = self.dla.get("repeated half", {})
+        if rep:
+            top = sorted(rep.items(), key=lambda kv: -kv[1])[:3]
+            out.append("largest direct logit attribution on the repeated half: "
+                       + ", ".join(f"{c} {v:+.2f}" for c, v in top))
+        out += list(self.notes)
+        return out
+
+
+def pick_heads(model: Any, cfg: CircuitsConfig, rep: torch.Tensor, prefix: int
+               ) -> tuple[tuple[int, int], float, Optional[tuple[int, int]], list[str]]:
+    """(induction head, its induction score, previous-token head or None, notes) from the config,
+    or found by score."""
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    notes = []
+    _, acts = run_collect(model, rep, layer_hooks(model, "attn.hook_pattern"))
+    pats = [acts[f"blocks.{l}.attn.hook_pattern"].float() for l in range(L)]
+    ind_LH = torch.stack([induction_score(p, cfg.seq_len, prefix) for p in pats])
+    if cfg.induction_head.strip().lower() == "auto":
+        induction = divmod(int(ind_LH.argmax()), H)
+    else:
+        induction = parse_head(model, cfg.induction_head)
+    score = float(ind_LH[induction])
+    if cfg.prev_token_head.strip().lower() == "auto":
+        if induction[0] == 0:
+            notes.append(f"no previous-token head to patch: L{induction[0]}H{induction[1]} is in layer 0, "
+                         "so nothing earlier can compose with it")
+            return induction, score, None, notes
+        prev_LH = torch.stack([previous_token_score(p) for p in pats[: induction[0]]])
+        return induction, score, divmod(int(prev_LH.argmax()), H), notes
+    prev = parse_head(model, cfg.prev_token_head)
+    if prev[0] >= induction[0]:
+        raise InputError(f"prev_token_head {cfg.prev_token_head} must be in an earlier layer than the induction "
+                         f"head L{induction[0]}H{induction[1]}.")
+    return induction, score, prev, notes
+
+
+def _plot_token_ids(model: Any, n: int) -> tuple[torch.Tensor, tuple[str, ...], str]:
+    """Up to n printable tokens evenly spaced by id, their labels, and how they were chosen."""
+    V = model.cfg.d_vocab
+    ids = torch.arange(V)
+    labels = model.to_str_tokens(ids) if model.tokenizer is not None else [str(i) for i in range(V)]
+    printable = [i for i in range(V) if labels[i].strip() and labels[i].isprintable()] or list(range(V))
+    chosen = [printable[int(j)] for j in np.linspace(0, len(printable) - 1, min(n, len(printable)))]
+    chosen = sorted(set(chosen))
+    note = (f"{len(chosen)} of {V} tokens: {'all ' if len(chosen) == len(printable) else ''}printable tokens"
+            f"{'' if len(chosen) == len(printable) else ', evenly spaced by id'}")
+    return torch.tensor(chosen), tuple(repr(labels[i])[1:-1] for i in chosen), note
+
+
+def circuit_stats(w: FoldedWeights, cfg: CircuitsConfig) -> tuple[dict[str, dict[str, np.ndarray]], list[str]]:
+    """Copying score, diagonal fraction and effective rank of every head's circuits."""
+    L, _ = w.shape
+    V, notes = w.W_E.shape[0], []
+    rows, note = sample_rows(V, cfg.max_rows, cfg.seed)
+    if note:
+        notes.append(f"vocabulary of {V:,} is too large to scan whole: diagonal fractions {note}")
+    stats: dict[str, dict[str, list]] = {"OV": {}, "QK": {}}
+    for name, make in (("OV", ov_circuit), ("QK", qk_circuit)):
+        per = [make(w, l) for l in range(L)]
+        stats[name]["copying"] = [copying_score(c) for c in per]
+        stats[name]["diagonal"] = [diagonal_fraction(c, rows) for c in per]
+        stats[name]["effective rank"] = [effective_rank(c) for c in per]
+    if w.W_pos is not None:
+        P = w.W_pos.shape[0]
+        pos_rows, pos_note = sample_rows(P, cfg.max_rows, cfg.seed)
+        if pos_note:
+            notes.append(f"positional QK: {pos_note}")
+        per = [pos_qk_circuit(w, l) for l in range(L)]
+        stats["QK positional"] = {
+            "copying": [copying_score(c) for c in per],
+            "diagonal": [diagonal_fraction(c, pos_rows, causal=True) for c in per],
+            "previous position": [diagonal_fraction(c, pos_rows[pos_rows > 0], causal=True, offset=1) for c in per],
+            "effective rank": [effective_rank(c) for c in per]}
+    else:
+        notes.append("no learned positional embedding (W_pos), so no positional QK circuit")
+    return {c: {s: torch.stack(v).cpu().numpy() for s, v in d.items()} for c, d in stats.items()}, notes
+
+
+@torch.no_grad()
+def compute(model: Any, cfg: CircuitsConfig) -> CircuitsResult:
+    """Circuits, statistics, composition, attribution and path patching for every head."""
+    require_attention(model)
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    names = head_names(L, H)
+    rep, prefix = probe_tokens(model, cfg.seq_len, 2, cfg.n_sequences, cfg.seed, prepend_bos=True)
+    induction, ind_score, prev, notes = pick_heads(model, cfg, rep, prefix)
+    w = folded_weights(model)
+    stats, stat_notes = circuit_stats(w, cfg)
+    notes += stat_notes
+    d = w.W_E.shape[1]
+    dp = direct_path(w)
+    rows, _ = sample_rows(w.W_E.shape[0], cfg.max_rows, cfg.seed)
+    direct = {"copying": float(copying_score(dp)), "diagonal": float(diagonal_fraction(dp, rows)),
+              "effective rank": float(effective_rank(dp))}
+    composition = {m: composition_scores(w, m).cpu().numpy() for m in MODES}
+    baselines = {m: random_composition_baseline(d, w.W_Q.shape[-1], m, cfg.n_random, cfg.seed) for m in MODES}
+
+    # path patching: every earlier head's output, from other random tokens, into each input of the induction head
+    other, _ = probe_tokens(model, cfg.seq_len, 2, cfg.n_sequences, cfg.seed + 1, prepend_bos=True)
+
+    def repeated_loss(logits: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(half_losses(per_token_loss(logits, rep), prefix, cfg.seq_len)[1])
+
+    clean_loss = float(repeated_loss(model(rep)))
+    senders = [(l, h) for l in range(induction[0]) for h in range(H)]
+    patching = {c: np.zeros(len(senders)) for c in COMPONENTS}
+    jobs = [(i, s, c) for i, s in enumerate(senders) for c in COMPONENTS]
+    for i, sender, comp in tqdm(jobs, desc="path patching", unit="run", disable=None, leave=False):
+        patching[comp][i] = path_patch(model, rep, other, sender, induction, comp, repeated_loss)
+
+    attribution = direct_logit_attribution(model, rep)
+    second_half = torch.zeros_like(attribution.bias_BP, dtype=torch.bool)
+    second_half[:, prefix + cfg.seq_len: prefix + 2 * cfg.seq_len - 1] = True
+    dla = {"repeated half": attribution.mean(second_half)}
+    if model.tokenizer is not None:
+        text = text_batch(model, cfg.text_rows, min(cfg.text_len, int(model.cfg.n_ctx)))
+        dla = {"text": direct_logit_attribution(model, text).mean(), **dla}
+    else:
+        notes.append("no tokenizer, so no direct logit attribution on text")
+
+    ids, labels, plot_note = _plot_token_ids(model, cfg.plot_tokens)
+    ids = ids.to(w.W_E.device)
+
+    def sub(circuit_fn) -> np.ndarray:
+        return torch.cat([(lambda c: c.A[:, ids] @ c.B[..., ids])(circuit_fn(w, l)) for l in range(L)]).cpu().numpy()
+
+    pos_pattern = None
+    if w.W_pos is not None:
+        P = min(cfg.plot_tokens, w.W_pos.shape[0])
+        scores = torch.cat([pos_qk_circuit(w, l).AB[:, :P, :P] for l in range(L)]) / w.W_Q.shape[-1] ** 0.5
+        mask = torch.ones(P, P, dtype=torch.bool, device=scores.device).triu(1)
+        pos_pattern = scores.masked_fill(mask, float("-inf")).softmax(-1).cpu().numpy()
+    folder = getattr(model, "folder", None)
+    return CircuitsResult(
+        name=folder.name if folder is not None else type(model).__name__, config=cfg, d_model=d, stats=stats,
+        direct_path_stats=direct, composition=composition, baselines=baselines,
+        induction_head=names[induction[0] * H + induction[1]], induction_score=ind_score,
+        prev_token_head=names[prev[0] * H + prev[1]] if prev is not None else None,
+        path_patching=patching, sender_heads=tuple(names[l * H + h] for l, h in senders), clean_loss=clean_loss,
+        dla=dla, ov_NTT=sub(ov_circuit), qk_NTT=sub(qk_circuit), pos_pattern_NPP=pos_pattern, plot_tokens=labels,
+        plot_note=plot_note, notes=tuple(notes))
+
+
+def figures(r: CircuitsResult) -> dict[str, go.Figure]:
+    """Circuit heatmaps (head picker), positional pattern, statistics, composition, attribution, patching."""
+    heads = r.heads
+    L, H = r.stats["OV"]["copying"].shape
+    figs: dict[str, go.Figure] = {}
+    rows = [(f"{c}: {s}", s, arr) for c, d in r.stats.items() for s, arr in d.items()]
+    ranks = [row for row in rows if row[1] == "effective rank"]
+    fractions = [row for row in rows if row[1] != "effective rank"]
+    figs["circuit statistics"] = heatmap(np.stack([a.ravel() for _, _, a in fractions], axis=1),
+                                         [n for n, _, _ in fractions], heads,
+                                         "Copying score (eigenvalues) and diagonal fraction (row argmax) per circuit",
+                                         "statistic", "head", colorscale="RdBu", zmid=0)
+    figs["effective rank"] = heatmap(np.stack([a.ravel() for _, _, a in ranks], axis=1), [n for n, _, _ in ranks],
+                                     heads, "Effective rank (exp entropy of singular values)", "circuit", "head")
+    figs["OV circuits"] = heatmap_picker(r.ov_NTT, heads, r.plot_tokens, r.plot_tokens,
+                                         f"Full OV circuit W_E W_V W_O W_U ({r.plot_note})", "logit of token",
+                                         "attended token", colorscale="RdBu", zmid=0)
+    figs["QK circuits"] = heatmap_picker(r.qk_NTT, heads, r.plot_tokens, r.plot_tokens,
+                                         f"Full QK circuit W_E W_Q W_K^T W_E^T ({r.plot_note})", "key token",
+                                         "query token", colorscale="RdBu", zmid=0)
+    if r.pos_pattern_NPP is not None:
+        P = r.pos_pattern_NPP.shape[-1]
+        figs["positional QK pattern"] = heatmap_picker(
+            r.pos_pattern_NPP, heads, list(range(P)), list(range(P)),
+            f"Attention from position alone: softmax of W_pos W_Q W_K^T W_pos^T / √d_head (first {P} positions)",
+            "key position", "query position", zmin=0, zmax=1)
+    if L > 1:
+        early, late = heads[: (L - 1) * H], heads[H:]
+        for mode in MODES:
+            grid = r.composition[mode][: L - 1, :, 1:, :].reshape((L - 1) * H, (L - 1) * H)
+            figs[f"{mode}-composition"] = heatmap(
+                grid, late, early, f"{mode}-composition (white = random baseline {r.baselines[mode]:.3f} ≈ "
+                f"1/√d_model = {1 / np.sqrt(r.d_model):.3f}; red above it)", "later head (reads)",
+                "earlier head (writes)", colorscale="RdBu_r", zmid=r.baselines[mode], text_fmt=".3f")
+    figs["direct logit attribution"] = bars(r.dla, "Direct contribution to the correct next-token logit (mean)",
+                                            "logit")
+    if r.sender_heads:
+        grid = np.stack([r.path_patching[c] for c in COMPONENTS], axis=1) - r.clean_loss
+        figs["path patching"] = heatmap(grid, [f"into {r.induction_head}'s {c}" for c in COMPONENTS],
+                                        list(r.sender_heads),
+                                        f"Path patching: repeated-half loss increase (clean {r.clean_loss:.2f} nats) "
+                                        "when one head's output comes from other tokens", "receiver input",
+                                        "sender head", colorscale="Reds")
+    if r.notes:
+        figs["notes"] = table([(str(i + 1), n) for i, n in enumerate(r.notes)], "Notes")
+    return figs
+
+
+ANALYSIS = register(Analysis(
+    name="circuits",
+    description="Full QK/OV and positional circuits, composition scores against a random baseline, direct "
+                "logit attribution and path patching of the induction circuit.",
+    config_cls=CircuitsConfig, compute=compute, figures=figures,
+    default_models=("attn-only-2l", "attn-only-1l", "gelu-2l"),
+))
+
+if __name__ == "__main__":
+    from analyses._cli import main
+
+    main(ANALYSIS.name)
