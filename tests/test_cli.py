@@ -63,6 +63,7 @@ def test_train_command_trains_a_config_file(tmp_path):
 @pytest.mark.parametrize("module,args", [
     ("model_card", ["--repeat-len", "6"]),
     ("induction_heads", ["--seq-len", "8", "--prefix-seq-len", "5", "--n-sequences", "4"]),
+    ("circuits", ["--seq-len", "8", "--n-sequences", "4", "--text-len", "16", "--induction-head", "L1H2"]),
 ])
 def test_analysis_modules_run_as_scripts(model_dir, tmp_path, module, args):
     proc = subprocess.run([sys.executable, "-m", f"analyses.{module}", "--model", str(model_dir), "--out",
