@@ -85,14 +85,15 @@ def cmd_run(argv: list[str]) -> int:
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     analysis = get_analysis(argv[0])
     parser = argparse.ArgumentParser(prog=f"workbench run {analysis.name}", description=analysis.description)
-    parser.add_argument("--model", default=analysis.default_models[0] if analysis.default_models else None,
-                        help="preset name, model folder, or hf:<name or path>")
+    if analysis.uses_model:
+        parser.add_argument("--model", default=analysis.default_models[0] if analysis.default_models else None,
+                            help="preset name, model folder, or hf:<name or path>")
     parser.add_argument("--out", type=Path, default=None, help="report folder (default ./reports/<analysis>-<time>)")
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     _add_config_args(parser, analysis.config_cls)
     args = parser.parse_args(argv[1:])
     cfg = make_config(analysis, _overrides(args, analysis.config_cls))
-    section = run_analysis(analysis.name, args.model, cfg, device=args.device)
+    section = run_analysis(analysis.name, getattr(args, "model", None), cfg, device=args.device)
     out = args.out or default_report_dir().with_name(f"{analysis.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     path = write_report(out, [section], title=f"{analysis.name} · {section.model}")
     print(f"Wrote {path}/index.html, metrics.json and {len(section.figures)} figures in {path}/figures")

@@ -50,11 +50,14 @@ class Analysis:
     config_cls: type
     """Frozen dataclass of its settings; every field has a default."""
     compute: Callable[[Any, Any], Result]
-    """(model, config) -> Result."""
+    """(model, config) -> Result; (device, config) -> Result when `uses_model` is False."""
     figures: Callable[[Any], dict[str, go.Figure]]
     """Result -> named figures (pure)."""
     default_models: tuple[str, ...] = ()
     """Shipped models `workbench report` runs it on."""
+    uses_model: bool = True
+    """False for studies that train their own toy models (they get a torch.device, not a model,
+    and `workbench report` runs them once)."""
 
 
 _REGISTRY: dict[str, Analysis] = {}
@@ -110,13 +113,16 @@ class Section:
 def run_analysis(name: str, model: Union[str, Any], config: Any = None, device: str = "auto",
                  model_label: Optional[str] = None) -> Section:
     """Load `model` (a name/path, or a model object) and run analysis `name` on it."""
-    from workbench.loading import load
+    from workbench.loading import load, resolve_device
 
     analysis = get_analysis(name)
     cfg = config if config is not None else analysis.config_cls()
-    label = model_label or (str(model) if isinstance(model, (str, Path)) else type(model).__name__)
     start = time.perf_counter()
-    loaded = load(model, device=device) if isinstance(model, (str, Path)) else model
+    if not analysis.uses_model:
+        label, loaded = model_label or "toy models", resolve_device(device)
+    else:
+        label = model_label or (str(model) if isinstance(model, (str, Path)) else type(model).__name__)
+        loaded = load(model, device=device) if isinstance(model, (str, Path)) else model
     result = analysis.compute(loaded, cfg)
     return Section(name, label, analysis.figures(result), result.metrics(), result.headlines(),
                    time.perf_counter() - start)
@@ -181,11 +187,12 @@ def report_all(out: Optional[Union[str, Path]] = None, device: str = "auto", pro
     jobs = [(a, m) for a in registry().values() for m in a.default_models if m in available]
     if not jobs:
         raise InputError("No shipped models found to report on; train them with `workbench train <preset>`.")
+    jobs += [(a, None) for a in registry().values() if not a.uses_model]
     sections, models = [], {}
     for analysis, model_name in tqdm(jobs, desc="report", disable=not progress, unit="analysis"):
-        if model_name not in models:
+        if model_name is not None and model_name not in models:
             models[model_name] = load(model_name, device=device)
-        sections.append(run_analysis(analysis.name, models[model_name], device=device, model_label=model_name))
+        sections.append(run_analysis(analysis.name, models.get(model_name), device=device, model_label=model_name))
     path = write_report(out or default_report_dir(), sections, title="workbench report: shipped models")
     print(f"Wrote report to {path}/index.html ({len(sections)} sections, metrics.json, figures/)")
     for s in sections:
