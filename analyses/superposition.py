@@ -138,7 +138,7 @@ class Sweep:
     final_loss: float
 
     @classmethod
-    def from_model(cls, model: ToyModel, final_loss: float) -> "Sweep":
+    def from_model(cls, model: ToyModel, final_loss: float = float("nan")) -> "Sweep":
         W = model.W.detach().float().cpu()
         return cls(model.n_features, model.n_hidden, (1 - model.sparsity).cpu().numpy(), W.numpy(),
                    model.b.detach().cpu().numpy(), feature_norms(W).numpy(), superposition(W).numpy(),
