@@ -2,6 +2,7 @@
 
     induction-heads   attn-only-2l with all its checkpoints        budget 60 s on 2 cores
     circuits          every shipped model (attn-only-1l/2l, gelu-2l) budget 30 s on 2 cores
+    superposition     the default sweeps, phase diagram, |x| task    budget 60 s on 2 cores
 
 Each is timed twice: load the models, compute, draw every figure, write the report folder.
 
@@ -33,12 +34,13 @@ from workbench.loading import resolve_model_path  # noqa: E402
 from workbench.report import run_analysis, write_report  # noqa: E402
 
 BUDGETS = {"induction-heads": (("attn-only-2l",), 60.0),
-           "circuits": (("attn-only-2l", "attn-only-1l", "gelu-2l"), 30.0)}
+           "circuits": (("attn-only-2l", "attn-only-1l", "gelu-2l"), 30.0),
+           "superposition": ((None,), 60.0)}  # trains its own toy models
 
 
 def timed_run(analysis: str, models: tuple[str, ...], device: str, out: Path) -> float:
     start = time.perf_counter()
-    sections = [run_analysis(analysis, m, device=device, model_label=m) for m in models]
+    sections = [run_analysis(analysis, m, device=device) for m in models]
     write_report(out, sections)
     return time.perf_counter() - start
 
@@ -53,16 +55,17 @@ def main() -> None:
     for analysis, (models, budget) in BUDGETS.items():
         if args.only and analysis != args.only:
             continue
-        ckpts = {m: len(list_checkpoints(resolve_model_path(m))) for m in models}
+        ckpts = {m: len(list_checkpoints(resolve_model_path(m))) for m in models if m is not None}
         with tempfile.TemporaryDirectory() as tmp:
             os.environ["WORKBENCH_CACHE"] = str(Path(tmp) / "cache")  # cold: nothing tokenized yet
             cold = timed_run(analysis, models, args.device, Path(tmp) / "cold")
             warm = timed_run(analysis, models, args.device, Path(tmp) / "warm")
-        print(f"{analysis} on {', '.join(models)} (checkpoints: {ckpts}):")
+        print(f"{analysis} on {', '.join(m or 'its own toy models' for m in models)} (checkpoints: {ckpts}):")
         print(f"  cold {cold:.1f} s = {cold / budget:.2f} of the {budget:.0f} s budget; "
               f"warm {warm:.1f} s = {warm / budget:.2f}")
-        record[analysis] = {"models": list(models), "cold_seconds": round(cold, 2), "warm_seconds": round(warm, 2),
-                            "budget_seconds": budget, "cold_ratio_of_budget": round(cold / budget, 3),
+        record[analysis] = {"models": [m or "toy models" for m in models], "cold_seconds": round(cold, 2),
+                            "warm_seconds": round(warm, 2), "budget_seconds": budget,
+                            "cold_ratio_of_budget": round(cold / budget, 3),
                             "warm_ratio_of_budget": round(warm / budget, 3)}
     print(json.dumps(record))
 
