@@ -1,0 +1,12 @@
+"""Sparse autoencoders: architectures, training, metrics, activation stores, dashboards and
+interventions. SAELens-compatible files (cfg.json + sae_weights.safetensors)."""
+
+from workbench.sae.activations import ActivationStore, TensorSource, model_activations, stream_activations
+from workbench.sae.metrics import ReconstructionStats, mmcs
+from workbench.sae.modules import ARCHITECTURES, SAE, SAEConfig, load_sae, make_sae, save_sae
+from workbench.sae.synthetic import SyntheticFeatures, load_ground_truth
+from workbench.sae.training import SAETrainConfig, TrainingDiverged, train_sae, train_saes
+
+__all__ = ["ARCHITECTURES", "SAE", "ActivationStore", "ReconstructionStats", "SAEConfig", "SAETrainConfig",
+           "SyntheticFeatures", "TensorSource", "TrainingDiverged", "load_ground_truth", "load_sae", "make_sae",
+           "mmcs", "model_activations", "save_sae", "stream_activations", "train_sae", "train_saes"]

@@ -1,0 +1,220 @@
+"""Where SAE training data comes from: activations streamed from a model, or a store on disk.
+
+    stream_activations   runs a workbench or TransformerBridge model over token rows and yields
+                         {hook name: [batch, d]} batches through a shuffling buffer that mixes
+                         tokens across sequences; one forward pass feeds every hook asked for
+    ActivationStore      sharded safetensors files plus manifest.json; reading holds one shard at
+                         a time, so peak memory stays flat however large the store grows
+    TensorSource         an in-memory tensor, reshuffled every epoch (synthetic data, tests)
+
+Every source is an iterator of {name: [batch, d]} dicts and is deterministic for its seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from workbench.artifacts import atomic_write_json
+from workbench.errors import CheckpointError, HookNameError, InputError, unknown_name_message
+
+Batch = dict[str, torch.Tensor]
+MANIFEST = "manifest.json"
+
+
+def check_hooks(model: Any, hooks: Sequence[str]) -> None:
+    """A clear error, with the nearest names, for a hook the model does not have."""
+    for hook in hooks:
+        if hook not in model.hook_dict:
+            raise HookNameError(unknown_name_message("hook name", hook, model.hook_dict))
+
+
+@torch.no_grad()
+def model_activations(model: Any, tokens: torch.Tensor, hooks: Sequence[str], skip_first: int = 1) -> Batch:
+    """{hook: [rows * (positions - skip_first), d]} from one forward pass over `tokens` [rows, S].
+    The first `skip_first` positions (the BOS, whose activations are outliers) are left out."""
+    store: Batch = {}
+
+    def saver(name: str):
+        def save(act, hook):
+            store[name] = act.detach()
+        return save
+
+    model.run_with_hooks(tokens, fwd_hooks=[(h, saver(h)) for h in hooks])
+    out = {}
+    for h in hooks:
+        act = store[h]
+        if act.ndim == 4:  # per-head activations [B, S, H, K]: one vector per token
+            act = act.flatten(-2)
+        out[h] = act[:, skip_first:].reshape(-1, act.shape[-1]).float()
+    return out
+
+
+def stream_activations(model: Any, token_rows: torch.Tensor, hooks: Sequence[str], batch_size: int = 4096,
+                       rows_per_forward: int = 32, buffer_batches: int = 8, seed: int = 0,
+                       skip_first: int = 1, loop: bool = True) -> Iterator[Batch]:
+    """Batches of activations at `hooks`, mixed across sequences by a shuffling buffer of
+    `buffer_batches` batches. With `loop`, starts over (in a new order) when the rows run out."""
+    check_hooks(model, hooks)
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    buffer: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
+    filled = 0
+    epoch = 0
+    while True:
+        order = torch.randperm(len(token_rows), generator=gen)
+        for start in range(0, len(order), rows_per_forward):
+            rows = token_rows[order[start:start + rows_per_forward]].to(device)
+            acts = model_activations(model, rows, hooks, skip_first)
+            for h in hooks:
+                buffer[h].append(acts[h])
+            filled += next(iter(acts.values())).shape[0]
+            if filled >= buffer_batches * batch_size:
+                merged = {h: torch.cat(buffer[h]) for h in hooks}
+                perm = torch.randperm(filled, generator=gen).to(device)
+                keep = filled - (buffer_batches // 2) * batch_size  # yield half, keep half to mix with new rows
+                for b in range(0, keep - batch_size + 1, batch_size):
+                    yield {h: merged[h][perm[b:b + batch_size]] for h in hooks}
+                used = (keep // batch_size) * batch_size
+                rest = perm[used:]
+                buffer = {h: [merged[h][rest]] for h in hooks}
+                filled = len(rest)
+        epoch += 1
+        if not loop:
+            break
+    if filled >= batch_size:  # drain what is left when not looping
+        merged = {h: torch.cat(buffer[h]) for h in hooks}
+        perm = torch.randperm(filled, generator=gen).to(device)
+        for b in range(0, filled - batch_size + 1, batch_size):
+            yield {h: merged[h][perm[b:b + batch_size]] for h in hooks}
+
+
+class TensorSource:
+    """{name: [batch, d]} batches from in-memory tensors, reshuffled every epoch."""
+
+    def __init__(self, data: Union[torch.Tensor, Batch], batch_size: int, seed: int = 0, name: str = "x"):
+        self.data = data if isinstance(data, dict) else {name: data}
+        self.n = len(next(iter(self.data.values())))
+        if batch_size > self.n:
+            raise InputError(f"batch_size {batch_size} is larger than the {self.n} activations available.")
+        self.batch_size, self.gen = batch_size, torch.Generator().manual_seed(seed)
+
+    def __iter__(self) -> Iterator[Batch]:
+        while True:
+            perm = torch.randperm(self.n, generator=self.gen)
+            for b in range(0, self.n - self.batch_size + 1, self.batch_size):
+                idx = perm[b:b + self.batch_size]
+                yield {k: v[idx] for k, v in self.data.items()}
+
+
+class ActivationStore:
+    """Activations on disk: `shard_XXXXX.safetensors` files (one tensor per hook, the same rows)
+    and `manifest.json` listing every shard with its row count, size and SHA-256."""
+
+    def __init__(self, folder: Union[str, Path]):
+        self.folder = Path(folder)
+        try:
+            self.manifest = json.loads((self.folder / MANIFEST).read_text())
+        except FileNotFoundError as err:
+            raise CheckpointError(f"{self.folder} is not an activation store: no {MANIFEST}.") from err
+        except json.JSONDecodeError as err:
+            raise CheckpointError(f"{self.folder / MANIFEST} is damaged ({err}); rebuild the store.") from err
+        self.hooks: list[str] = self.manifest["hooks"]
+        self.d: dict[str, int] = self.manifest["d"]
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(s["rows"] for s in self.manifest["shards"])
+
+    @classmethod
+    def write(cls, folder: Union[str, Path], batches: Iterator[Batch], n_tokens: int,
+              shard_tokens: int = 262_144) -> "ActivationStore":
+        """Fill a new store with `n_tokens` rows from `batches` (built aside, moved into place)."""
+        folder = Path(folder)
+        tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        shards, pending, have, written = [], [], 0, 0
+        hooks: Optional[list[str]] = None
+        d: dict[str, int] = {}
+
+        def flush() -> None:
+            nonlocal pending, have
+            merged = {h: torch.cat([p[h] for p in pending])[:shard_tokens].contiguous().cpu() for h in hooks}
+            name = f"shard_{len(shards):05d}.safetensors"
+            save_file(merged, str(tmp / name))
+            rows = len(next(iter(merged.values())))
+            shards.append({"file": name, "rows": rows, "bytes": (tmp / name).stat().st_size,
+                           "sha256": hashlib.sha256((tmp / name).read_bytes()).hexdigest()})
+            rest = {h: torch.cat([p[h] for p in pending])[shard_tokens:] for h in hooks}
+            pending = [rest] if len(next(iter(rest.values()))) else []
+            have = len(next(iter(rest.values())))
+
+        for batch in batches:
+            if hooks is None:
+                hooks, d = list(batch), {h: int(v.shape[-1]) for h, v in batch.items()}
+            take = min(n_tokens - written, len(next(iter(batch.values()))))
+            pending.append({h: v[:take] for h, v in batch.items()})
+            have += take
+            written += take
+            while have >= shard_tokens:
+                flush()
+            if written >= n_tokens:
+                break
+        if hooks is None:
+            raise InputError("No activations to store: the source was empty.")
+        if have:
+            flush()
+        atomic_write_json(tmp / MANIFEST, {"kind": "workbench.ActivationStore", "hooks": hooks, "d": d,
+                                           "shards": shards})
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+        return cls(folder)
+
+    def _open(self, shard: dict[str, Any], verify: bool):
+        path = self.folder / shard["file"]
+        if not path.exists():
+            raise CheckpointError(f"Activation shard {path} is missing; rebuild the store.")
+        if path.stat().st_size != shard["bytes"] or (
+                verify and hashlib.sha256(path.read_bytes()).hexdigest() != shard["sha256"]):
+            raise CheckpointError(f"Activation shard {path} is corrupt (its size or checksum does not match "
+                                  f"{MANIFEST}); delete the store and cache the activations again.")
+        try:
+            return safe_open(str(path), framework="pt")
+        except Exception as err:
+            raise CheckpointError(f"Activation shard {path} is corrupt ({err}); delete the store and cache the "
+                                  "activations again.") from err
+
+    def batches(self, batch_size: int, seed: int = 0, hooks: Optional[Sequence[str]] = None, loop: bool = True,
+                verify: bool = True) -> Iterator[Batch]:
+        """Shuffled batches: shards in a random order, rows shuffled within each shard; one shard
+        in memory at a time (each file is memory-mapped while it is read)."""
+        hooks = list(hooks or self.hooks)
+        gen = torch.Generator().manual_seed(seed)
+        carry: Optional[Batch] = None
+        while True:
+            for i in torch.randperm(len(self.manifest["shards"]), generator=gen).tolist():
+                shard = self.manifest["shards"][i]
+                with self._open(shard, verify) as fh:
+                    data = {h: fh.get_tensor(h) for h in hooks}
+                if carry is not None:
+                    data = {h: torch.cat([carry[h], data[h]]) for h in hooks}
+                n = len(next(iter(data.values())))
+                perm = torch.randperm(n, generator=gen)
+                usable = (n // batch_size) * batch_size
+                for b in range(0, usable, batch_size):
+                    yield {h: data[h][perm[b:b + batch_size]] for h in hooks}
+                carry = {h: data[h][perm[usable:]] for h in hooks}
+                del data
+            if not loop:
+                return

@@ -1,0 +1,385 @@
+"""Sparse autoencoder architectures, registered by name, and files in the SAELens layout.
+
+Every SAE has W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in] and computes
+
+    pre = (x - b_dec) W_enc + b_enc          f = activation(pre)          x̂ = f W_dec + b_dec
+
+    relu       f = ReLU(pre); loss adds λ Σᵢ fᵢ ‖W_dec,i‖ (Anthropic's April 2024 update)
+    topk       f = ReLU(the k largest pre per token); AuxK loss on dead latents (Gao et al. 2024)
+    batchtopk  the k·B largest pre over the whole batch; inference uses a learned threshold,
+               so it is saved as a jumprelu SAE with that threshold (as SAELens does)
+    jumprelu   f = pre · H(pre − θ), θ stored directly (not as a log), trained with a
+               straight-through estimator and an L0 penalty (Rajamanoharan et al. 2024)
+
+Files: `cfg.json` + `sae_weights.safetensors` with SAELens's key and field names, so an SAE moves
+between SAELens and the workbench both ways.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from workbench.artifacts import atomic_write_json
+from workbench.errors import CheckpointError, ConfigError, InputError, check_field, unknown_name_message
+
+CFG_FILE, WEIGHTS_FILE = "cfg.json", "sae_weights.safetensors"
+
+
+@dataclass(frozen=True)
+class SAEConfig:
+    """One sparse autoencoder: its shape, architecture and sparsity settings."""
+
+    d_in: int
+    """Width of the activations it reads."""
+    d_sae: int
+    """Number of latents (the dictionary size)."""
+    architecture: str = "topk"
+    """'relu' (alias 'standard'), 'topk', 'batchtopk' or 'jumprelu'."""
+    k: int = 32
+    """Latents kept per token (topk, batchtopk)."""
+    l1_coefficient: float = 5.0
+    """Sparsity penalty λ: on Σ fᵢ‖W_dec,i‖ (relu) or on L0 (jumprelu)."""
+    aux_k: Optional[int] = None
+    """Dead latents used by the AuxK loss (topk, batchtopk); None: d_in // 2."""
+    aux_coefficient: float = 1 / 32
+    """Weight of the AuxK loss."""
+    jumprelu_init_threshold: float = 0.001
+    """Initial θ of every latent (jumprelu)."""
+    jumprelu_bandwidth: float = 0.001
+    """Width ε of the straight-through estimator's kernel (jumprelu)."""
+    hook_name: str = ""
+    """The model hook the SAE reads (metadata; saved in cfg.json)."""
+    model_name: str = ""
+    """The model it was trained on (metadata)."""
+
+    def __post_init__(self) -> None:
+        own = "SAEConfig"
+        for name in ("d_in", "d_sae", "k"):
+            value = getattr(self, name)
+            check_field(isinstance(value, int) and value > 0, own, name, value, "a positive integer")
+        arch = ARCH_ALIASES.get(self.architecture, self.architecture)
+        if arch not in ARCHITECTURES:
+            raise ConfigError(unknown_name_message("SAE architecture", self.architecture, ARCHITECTURES))
+        if arch in ("topk", "batchtopk"):
+            check_field(self.k <= self.d_sae, own, "k", self.k, f"at most d_sae = {self.d_sae}")
+        check_field(self.l1_coefficient >= 0, own, "l1_coefficient", self.l1_coefficient, "≥ 0")
+        check_field(self.jumprelu_bandwidth > 0, own, "jumprelu_bandwidth", self.jumprelu_bandwidth, "positive")
+
+    @property
+    def arch(self) -> str:
+        """The canonical architecture name."""
+        return ARCH_ALIASES.get(self.architecture, self.architecture)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class SAE(nn.Module):
+    """Base class: parameters, encode/decode and the reconstruction loss. Subclasses set the
+    activation and the sparsity loss."""
+
+    decoder_init_norm = 0.1
+
+    def __init__(self, cfg: SAEConfig, seed: int = 0):
+        super().__init__()
+        self.cfg = cfg
+        gen = torch.Generator().manual_seed(seed)
+        W_dec = torch.randn(cfg.d_sae, cfg.d_in, generator=gen)
+        W_dec = W_dec / W_dec.norm(dim=1, keepdim=True) * self.decoder_init_norm
+        self.W_dec = nn.Parameter(W_dec)
+        self.W_enc = nn.Parameter(W_dec.T.clone())  # tied initialisation
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+
+    @property
+    def d_in(self) -> int:
+        return self.cfg.d_in
+
+    @property
+    def d_sae(self) -> int:
+        return self.cfg.d_sae
+
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.b_dec) @ self.W_enc + self.b_enc
+
+    def activate(self, pre: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Latent activations f [..., d_sae] (the inference form)."""
+        self.check_input(x)
+        return self.activate(self.pre_acts(x))
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        return f @ self.W_dec + self.b_dec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+    def check_input(self, x: torch.Tensor) -> None:
+        if x.shape[-1] != self.d_in:
+            raise InputError(f"This SAE reads d_in = {self.d_in} but got activations of width {x.shape[-1]} "
+                             f"(shape {list(x.shape)}); was it trained on another hook"
+                             f"{' than ' + self.cfg.hook_name if self.cfg.hook_name else ''}?")
+
+    def training_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(latents used for training, pre-activations)."""
+        pre = self.pre_acts(x)
+        return self.activate(pre), pre
+
+    def sparsity_loss(self, f: torch.Tensor, pre: torch.Tensor, coefficient: float) -> torch.Tensor:
+        return f.new_zeros(())
+
+    def aux_loss(self, x: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(())
+
+    @torch.no_grad()
+    def after_step(self, f: torch.Tensor) -> None:
+        """Anything to do after an optimizer step (e.g. keep decoder rows unit norm)."""
+
+    def fold_scale(self, scale: float) -> None:
+        """Make an SAE trained on x · scale act on raw x: outputs identical, weights rescaled."""
+        with torch.no_grad():
+            self.W_enc.mul_(scale)
+            self.W_dec.div_(scale)
+            self.b_dec.div_(scale)
+
+    def inference_state(self) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
+        """(SAELens architecture name, tensors, extra cfg fields) for saving."""
+        return "standard", self._weights(), {}
+
+    def _weights(self) -> dict[str, torch.Tensor]:
+        return {n: getattr(self, n).detach() for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
+
+
+class ReLUSAE(SAE):
+    """f = ReLU(pre); sparsity loss λ Σᵢ fᵢ ‖W_dec,i‖."""
+
+    def activate(self, pre: torch.Tensor) -> torch.Tensor:
+        return F.relu(pre)
+
+    def sparsity_loss(self, f: torch.Tensor, pre: torch.Tensor, coefficient: float) -> torch.Tensor:
+        return coefficient * (f * self.W_dec.norm(dim=1)).sum(-1).mean()
+
+
+class TopKSAE(SAE):
+    """f = ReLU of each token's k largest pre-activations; unit-norm decoder rows; AuxK loss."""
+
+    decoder_init_norm = 1.0
+
+    def activate(self, pre: torch.Tensor) -> torch.Tensor:
+        top = pre.topk(self.cfg.k, dim=-1)
+        return torch.zeros_like(pre).scatter_(-1, top.indices, F.relu(top.values))
+
+    def aux_loss(self, x: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+        """Reconstruct the residual x − x̂ from the k_aux largest dead latents, normalised by the
+        residual's variance and scaled down while few latents are dead (Gao et al. 2024)."""
+        n_dead = int(dead.sum())
+        if n_dead == 0:
+            return x.new_zeros(())
+        k_aux = min(self.cfg.aux_k or self.d_in // 2, n_dead)
+        residual = (x - x_hat).detach()
+        masked = pre.masked_fill(~dead, float("-inf"))
+        top = masked.topk(k_aux, dim=-1)
+        f_aux = torch.zeros_like(pre).scatter_(-1, top.indices, F.relu(top.values))
+        recon = f_aux @ self.W_dec
+        denom = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+        scale = min(n_dead / k_aux, 1.0)
+        return self.cfg.aux_coefficient * scale * (recon - residual).pow(2).sum(-1).mean() / denom
+
+    @torch.no_grad()
+    def after_step(self, f: torch.Tensor) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    def inference_state(self) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
+        return "topk", self._weights(), {"k": self.cfg.k}
+
+
+class BatchTopKSAE(TopKSAE):
+    """Training: the k·B largest pre-activations over the batch. The threshold θ, a running mean
+    of the smallest kept activation, replaces the batch at inference (f = pre · [pre > θ])."""
+
+    def __init__(self, cfg: SAEConfig, seed: int = 0):
+        super().__init__(cfg, seed)
+        self.register_buffer("threshold", torch.tensor(0.0))
+
+    def training_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pre = self.pre_acts(x)
+        acts = F.relu(pre)
+        flat = acts.flatten()
+        top = flat.topk(min(self.cfg.k * acts.shape[0], flat.numel()))
+        f = torch.zeros_like(flat).scatter_(0, top.indices, top.values).view_as(acts)
+        with torch.no_grad():
+            kept = top.values[top.values > 0]
+            if kept.numel():
+                self.threshold.lerp_(kept.min(), 0.01 if self.threshold > 0 else 1.0)
+        return f, pre
+
+    def activate(self, pre: torch.Tensor) -> torch.Tensor:
+        return pre * (pre > self.threshold)
+
+    def inference_state(self) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
+        weights = self._weights()
+        weights["threshold"] = self.threshold.expand(self.d_sae).clone()
+        return "jumprelu", weights, {"trained_as": "batchtopk", "k": self.cfg.k}
+
+
+class _JumpReLU(torch.autograd.Function):
+    """pre · H(pre − θ): the usual gradient for pre, a kernel-density estimate for θ."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        near = ((pre - threshold).abs() < eps / 2).to(pre.dtype)
+        grad_threshold = -(threshold / eps) * near * grad
+        return grad * (pre > threshold), grad_threshold.sum(dim=tuple(range(grad.ndim - 1))), None
+
+
+class _Step(torch.autograd.Function):
+    """H(pre − θ) with the straight-through estimator for θ (used for the L0 penalty)."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        near = ((pre - threshold).abs() < eps / 2).to(pre.dtype)
+        return None, (-(1.0 / eps) * near * grad).sum(dim=tuple(range(grad.ndim - 1))), None
+
+
+class JumpReLUSAE(SAE):
+    """f = pre · H(pre − θ); L0 penalty λ Σᵢ H(preᵢ − θᵢ) through the straight-through estimator."""
+
+    def __init__(self, cfg: SAEConfig, seed: int = 0):
+        super().__init__(cfg, seed)
+        self.threshold = nn.Parameter(torch.full((cfg.d_sae,), cfg.jumprelu_init_threshold))
+
+    def activate(self, pre: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and self.training:
+            return _JumpReLU.apply(pre, self.threshold, self.cfg.jumprelu_bandwidth)
+        return pre * (pre > self.threshold)
+
+    def sparsity_loss(self, f: torch.Tensor, pre: torch.Tensor, coefficient: float) -> torch.Tensor:
+        return coefficient * _Step.apply(pre, self.threshold, self.cfg.jumprelu_bandwidth).sum(-1).mean()
+
+    @torch.no_grad()
+    def after_step(self, f: torch.Tensor) -> None:
+        self.threshold.clamp_(min=1e-6)
+
+    def fold_scale(self, scale: float) -> None:
+        super().fold_scale(scale)  # pre = (x s − b) W + c is unchanged, so θ is too
+
+    def inference_state(self) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
+        weights = self._weights()
+        weights["threshold"] = self.threshold.detach()
+        return "jumprelu", weights, {}
+
+
+ARCHITECTURES: dict[str, Callable[..., SAE]] = {"relu": ReLUSAE, "topk": TopKSAE, "batchtopk": BatchTopKSAE,
+                                                 "jumprelu": JumpReLUSAE}
+ARCH_ALIASES = {"standard": "relu"}
+
+
+def register_architecture(name: str, cls: Callable[..., SAE]) -> None:
+    """Add an architecture (a subclass of SAE) under `name`."""
+    ARCHITECTURES[name] = cls
+
+
+def make_sae(cfg: SAEConfig, seed: int = 0) -> SAE:
+    """A freshly initialised SAE of the configured architecture."""
+    return ARCHITECTURES[cfg.arch](cfg, seed)
+
+
+# -- files --------------------------------------------------------------------------------------------
+def save_sae(sae: SAE, folder: Union[str, Path], extra: Optional[dict[str, Any]] = None) -> Path:
+    """Write `folder/cfg.json` and `folder/sae_weights.safetensors` in SAELens's layout (built aside,
+    then moved into place, so a crash never leaves a half-written SAE)."""
+    folder = Path(folder)
+    arch, weights, fields_ = sae.inference_state()
+    cfg = {"architecture": arch, "d_in": sae.d_in, "d_sae": sae.d_sae, "dtype": "float32",
+           "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
+           "reshape_activations": "none", **fields_,
+           "metadata": {"hook_name": sae.cfg.hook_name, "model_name": sae.cfg.model_name,
+                        "workbench": {"config": sae.cfg.to_dict(), **(extra or {})}}}
+    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.contiguous().float().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS_FILE))
+    atomic_write_json(tmp / CFG_FILE, cfg)
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return folder
+
+
+def load_sae(folder: Union[str, Path], device: Union[str, torch.device] = "cpu") -> SAE:
+    """An SAE from a SAELens-layout folder (written by SAELens or by `save_sae`)."""
+    folder = Path(folder)
+    try:
+        cfg = json.loads((folder / CFG_FILE).read_text())
+        weights = load_file(str(folder / WEIGHTS_FILE))
+    except FileNotFoundError as err:
+        raise CheckpointError(f"{folder} is not an SAE folder: it needs {CFG_FILE} and {WEIGHTS_FILE}.") from err
+    except (json.JSONDecodeError, Exception) as err:  # safetensors raises its own error types
+        raise CheckpointError(f"Could not read the SAE in {folder} ({type(err).__name__}: {err}); the files are "
+                              "damaged or not an SAE.") from err
+    arch = cfg.get("architecture")
+    known = {"standard": "relu", "relu": "relu", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "batchtopk"}
+    if arch not in known:
+        raise CheckpointError(unknown_name_message("SAE architecture in " + str(folder / CFG_FILE), str(arch), known))
+    meta = cfg.get("metadata") or {}
+    own = (meta.get("workbench") or {}).get("config") or {}
+    valid = {f.name for f in fields(SAEConfig)}
+    base = {k: v for k, v in own.items() if k in valid}
+    base.update(d_in=int(cfg["d_in"]), d_sae=int(cfg["d_sae"]), architecture=known[arch],
+                hook_name=meta.get("hook_name", cfg.get("hook_name", "")) or "",
+                model_name=meta.get("model_name", cfg.get("model_name", "")) or "")
+    if "k" in cfg:
+        base["k"] = int(cfg["k"])
+    sae = make_sae(SAEConfig(**base))
+    expected = {"W_enc": (sae.d_in, sae.d_sae), "b_enc": (sae.d_sae,), "W_dec": (sae.d_sae, sae.d_in),
+                "b_dec": (sae.d_in,)} | ({"threshold": (sae.d_sae,)} if known[arch] == "jumprelu" else {})
+    for key, shape in expected.items():
+        if key not in weights or tuple(weights[key].shape) != shape:
+            got = tuple(weights[key].shape) if key in weights else "missing"
+            raise CheckpointError(f"{folder / WEIGHTS_FILE}: {key} should have shape {shape}, got {got}.")
+    with torch.no_grad():
+        for key in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            getattr(sae, key).copy_(weights[key])
+        if known[arch] == "jumprelu":
+            sae.threshold.copy_(weights["threshold"])
+    return sae.to(device).eval()
+
+
+def geometric_median(points: torch.Tensor, iters: int = 50, eps: float = 1e-6) -> torch.Tensor:
+    """Weiszfeld's algorithm: the point minimising the summed distance to `points` [N, d]."""
+    median = points.mean(0)
+    for _ in range(iters):
+        weights = 1 / (points - median).norm(dim=1).clamp_min(eps)
+        new = (weights[:, None] * points).sum(0) / weights.sum()
+        if (new - median).norm() < eps * max(1.0, float(median.norm())):
+            return new
+        median = new
+    return median

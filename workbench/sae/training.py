@@ -1,0 +1,318 @@
+"""Training sparse autoencoders: the recipe of Anthropic's April 2024 update and OpenAI's TopK paper.
+
+- Activations are scaled so that E‖x‖ = √d_in (estimated on the first batches); the scale is
+  folded back into the weights when the SAE is saved, so the saved SAE reads raw activations.
+- Tied initialisation (W_enc = W_decᵀ), decoder rows of norm 0.1 (relu, jumprelu) or 1 (topk).
+- b_dec starts at the geometric median (or mean) of the first batch.
+- Adam; learning rate warmup, then constant, then linear decay to 0 over the last 20%; the
+  sparsity coefficient warms up linearly; gradient-norm clipping.
+- Dead latents: tokens since each last fired; those past `dead_window` feed the AuxK loss.
+- A progress bar with L0, FVU and tokens/s; a JSONL log; log-spaced checkpoints; `resume`.
+- NaN or inf in a batch or in the loss stops training before anything is overwritten, and the
+  error names the last good checkpoint.
+
+Several SAEs train in lockstep from one source, so one forward pass of the model feeds them all.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from workbench.artifacts import atomic_write_json, list_checkpoints, write_checkpoint
+from workbench.errors import CheckpointError, ConfigError, InputError, WorkbenchError, check_field
+from workbench.sae.activations import Batch
+from workbench.sae.metrics import ReconstructionStats
+from workbench.sae.modules import SAE, SAEConfig, geometric_median, make_sae, save_sae
+
+LOG_FILE = "log.jsonl"
+
+
+class TrainingDiverged(WorkbenchError):
+    """The loss or the activations became NaN or inf."""
+
+
+@dataclass(frozen=True)
+class SAETrainConfig:
+    """How to train: data volume, optimiser schedule and bookkeeping."""
+
+    sae: SAEConfig = field(default_factory=lambda: SAEConfig(d_in=64, d_sae=256))
+    """The SAE to train."""
+    n_tokens: int = 2_000_000
+    """Training tokens (steps = n_tokens // batch_size)."""
+    batch_size: int = 4096
+    """Tokens per step."""
+    lr: float = 1e-3
+    """Peak Adam learning rate."""
+    lr_warmup_fraction: float = 0.02
+    """Linear learning-rate warmup, as a fraction of the steps."""
+    lr_decay_fraction: float = 0.2
+    """Linear decay to zero over this last fraction of the steps."""
+    l1_warmup_fraction: float = 0.05
+    """Linear warmup of the sparsity coefficient."""
+    grad_clip: float = 1.0
+    """Clip the gradient norm to this."""
+    normalize: bool = True
+    """Scale activations so that E‖x‖ = √d_in (folded back into the weights at save)."""
+    b_dec_init: str = "geometric_median"
+    """'geometric_median', 'mean' or 'zeros'."""
+    dead_window: int = 200_000
+    """A latent that has not fired for this many tokens is dead (and feeds the AuxK loss)."""
+    log_every: int = 50
+    """Steps between log lines."""
+    n_checkpoints: int = 4
+    """Checkpoints written during training (log-spaced), besides the final SAE."""
+    seed: int = 0
+    """Seed of the initialisation."""
+
+    def __post_init__(self) -> None:
+        own = "SAETrainConfig"
+        for name in ("n_tokens", "batch_size", "log_every", "dead_window"):
+            value = getattr(self, name)
+            check_field(isinstance(value, int) and value > 0, own, name, value, "a positive integer")
+        check_field(self.n_tokens >= self.batch_size, own, "n_tokens", self.n_tokens,
+                    f"at least one batch (batch_size = {self.batch_size})")
+        check_field(self.lr > 0, own, "lr", self.lr, "positive")
+        for name in ("lr_warmup_fraction", "lr_decay_fraction", "l1_warmup_fraction"):
+            value = getattr(self, name)
+            check_field(0 <= value < 1, own, name, value, "in [0, 1)")
+        check_field(self.b_dec_init in ("geometric_median", "mean", "zeros"), own, "b_dec_init", self.b_dec_init,
+                    "'geometric_median', 'mean' or 'zeros'")
+        check_field(self.n_checkpoints >= 0, own, "n_checkpoints", self.n_checkpoints, "≥ 0")
+
+    @property
+    def n_steps(self) -> int:
+        return self.n_tokens // self.batch_size
+
+    def lr_at(self, step: int) -> float:
+        warm, decay = self.lr_warmup_fraction * self.n_steps, self.lr_decay_fraction * self.n_steps
+        if step < warm:
+            return self.lr * (step + 1) / warm
+        if decay and step >= self.n_steps - decay:
+            return self.lr * (self.n_steps - step) / decay
+        return self.lr
+
+    def sparsity_at(self, step: int) -> float:
+        warm = self.l1_warmup_fraction * self.n_steps
+        return self.sae.l1_coefficient * min(1.0, (step + 1) / warm) if warm else self.sae.l1_coefficient
+
+    def checkpoint_steps(self) -> set[int]:
+        if not self.n_checkpoints:
+            return set()
+        return {int(s) for s in np.geomspace(max(1, self.n_steps // 100), self.n_steps, self.n_checkpoints + 1)[:-1]}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SAETrainConfig":
+        data = dict(data)
+        data["sae"] = SAEConfig(**data.get("sae", {}))
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"Unknown SAETrainConfig field(s) {unknown}; valid: {sorted(known)}.")
+        return cls(**data)
+
+
+class _Trainer:
+    """One SAE's optimiser, schedule and bookkeeping."""
+
+    def __init__(self, name: str, sae: SAE, cfg: SAETrainConfig, out: Optional[Path]):
+        self.name, self.sae, self.cfg, self.out = name, sae, cfg, out
+        self.opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+        self.since_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=sae.W_dec.device)
+        self.scale: Optional[float] = None
+        self.step = 0
+        self.stats = ReconstructionStats(sae.d_sae)
+
+    # -- state ----------------------------------------------------------------------------------
+    def _checkpoint(self) -> Optional[Path]:
+        if self.out is None:
+            return None
+
+        def write(tmp: Path) -> None:
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.sae.state_dict().items()},
+                      str(tmp / "training_weights.safetensors"))
+            torch.save({"optimizer": self.opt.state_dict(), "since_fired": self.since_fired.cpu(),
+                        "scale": self.scale, "step": self.step}, tmp / "training_state.pt")
+            atomic_write_json(tmp / "config.json", {"kind": "workbench.SAECheckpoint", "step": self.step,
+                                                    "train": self.cfg.to_dict()})
+
+        return write_checkpoint(self.out, self.step, write)
+
+    def last_checkpoint(self) -> str:
+        found = list_checkpoints(self.out) if self.out is not None else []
+        return f"{found[-1][1]} (step {found[-1][0]})" if found else "none (no checkpoint was written yet)"
+
+    def resume(self) -> None:
+        found = list_checkpoints(self.out) if self.out is not None else []
+        if not found:
+            raise CheckpointError(f"Nothing to resume in {self.out}: it has no checkpoints.")
+        step, folder = found[-1]
+        try:
+            weights = load_file(str(folder / "training_weights.safetensors"))
+            state = torch.load(folder / "training_state.pt", map_location=self.sae.W_dec.device,
+                               weights_only=False)
+        except Exception as err:
+            raise CheckpointError(f"Checkpoint {folder} is damaged ({err}); delete it to resume from the one "
+                                  "before.") from err
+        self.sae.load_state_dict(weights)
+        self.opt.load_state_dict(state["optimizer"])
+        self.since_fired = state["since_fired"].to(self.sae.W_dec.device)
+        self.scale, self.step = state["scale"], state["step"]
+
+    # -- one step ---------------------------------------------------------------------------------
+    def init_from(self, x: torch.Tensor) -> None:
+        if self.scale is None:
+            self.scale = math.sqrt(self.sae.d_in) / float(x.norm(dim=-1).mean()) if self.cfg.normalize else 1.0
+            xs = x * self.scale
+            init = {"geometric_median": lambda: geometric_median(xs[:4096]), "mean": lambda: xs.mean(0),
+                    "zeros": lambda: torch.zeros_like(xs[0])}[self.cfg.b_dec_init]()
+            with torch.no_grad():
+                self.sae.b_dec.copy_(init)
+
+    def train_step(self, x: torch.Tensor) -> dict[str, float]:
+        if not torch.isfinite(x).all():
+            raise TrainingDiverged(f"The activations for {self.name} contain NaN or inf at step {self.step}. "
+                                   f"Nothing was overwritten; the last good checkpoint is {self.last_checkpoint()}. "
+                                   "Check the model and hook that produced them.")
+        self.init_from(x)
+        x = x * self.scale
+        sae, cfg = self.sae, self.cfg
+        for group in self.opt.param_groups:
+            group["lr"] = cfg.lr_at(self.step)
+        f, pre = sae.training_forward(x)
+        x_hat = sae.decode(f)
+        mse = (x_hat - x).pow(2).sum(-1).mean()
+        dead = self.since_fired >= cfg.dead_window
+        sparsity = sae.sparsity_loss(f, pre, cfg.sparsity_at(self.step))
+        aux = sae.aux_loss(x, x_hat, pre, dead)
+        loss = mse + sparsity + aux
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"The loss of {self.name} became {float(loss)} at step {self.step}. Nothing was "
+                                   f"overwritten; the last good checkpoint is {self.last_checkpoint()}. Lower the "
+                                   "learning rate or the sparsity coefficient, then resume.")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+        self.opt.step()
+        sae.after_step(f)
+        with torch.no_grad():
+            fired = (f != 0).any(0)
+            self.since_fired += x.shape[0]
+            self.since_fired[fired] = 0
+            self.stats.add(x, x_hat, f)
+        self.step += 1
+        return {"loss": float(loss.detach()), "mse": float(mse.detach()), "sparsity_loss": float(sparsity.detach()),
+                "aux_loss": float(aux.detach())}
+
+    def log_record(self, losses: dict[str, float], tok_per_s: float) -> dict[str, Any]:
+        s = self.stats.summary()
+        self.stats = ReconstructionStats(self.sae.d_sae)
+        return {"step": self.step, "tokens": self.step * self.cfg.batch_size, **losses, "l0": s["l0"],
+                "fvu": s["fvu"], "dead_fraction": float((self.since_fired >= self.cfg.dead_window).float().mean()),
+                "lr": self.cfg.lr_at(self.step - 1), "sparsity_coefficient": self.cfg.sparsity_at(self.step - 1),
+                "tok_per_s": tok_per_s}
+
+    def finish(self) -> Optional[Path]:
+        """Fold the activation scale into the weights and save in the SAELens layout."""
+        self.sae.fold_scale(self.scale or 1.0)
+        if self.out is None:
+            return None
+        return save_sae(self.sae, self.out, extra={"activation_scale_folded": self.scale, "steps": self.step,
+                                                   "train": self.cfg.to_dict()})
+
+
+def _out_for(out: Optional[Path], name: str, many: bool) -> Optional[Path]:
+    if out is None:
+        return None
+    return out / name.replace("/", "_") if many else out
+
+
+def train_saes(saes: dict[str, SAE], batches: Iterable[Batch], cfg: SAETrainConfig,
+               out: Optional[Union[str, Path]] = None, resume: bool = False, progress: bool = True
+               ) -> dict[str, list[dict[str, Any]]]:
+    """Train each SAE on `batch[name]` of every batch from `batches`; returns each one's log.
+
+    With `out`, each SAE's folder (out itself for one SAE, out/<name> for several) gets log.jsonl,
+    checkpoints/ and finally cfg.json + sae_weights.safetensors (normalisation folded in). A
+    folder that already holds a finished SAE is not overwritten; `resume` continues from the newest
+    checkpoint."""
+    out = Path(out) if out is not None else None
+    many = len(saes) > 1
+    trainers = [_Trainer(name, sae, cfg, _out_for(out, name, many)) for name, sae in saes.items()]
+    for t in trainers:
+        if t.out is None:
+            continue
+        if (t.out / "cfg.json").exists() and not resume:
+            raise InputError(f"{t.out} already holds a trained SAE; choose another --out, or delete it.")
+        if resume:
+            t.resume()
+        elif (t.out / LOG_FILE).exists():
+            (t.out / LOG_FILE).unlink()  # a fresh run in a folder with an old, unfinished log
+    start = trainers[0].step
+    logs: dict[str, list[dict[str, Any]]] = {t.name: [] for t in trainers}
+    it: Iterator[Batch] = iter(batches)
+    for _ in range(start):  # keep the data stream aligned with the resumed steps
+        next(it)
+    ckpt_steps = cfg.checkpoint_steps()
+    bar = tqdm(range(start, cfg.n_steps), desc="SAE", unit="step", disable=not progress or None, initial=start,
+               total=cfg.n_steps)
+    t0, tokens0 = time.perf_counter(), 0
+    try:
+        for step in bar:
+            try:
+                batch = next(it)
+            except StopIteration:
+                raise InputError(f"The activation source ran out after {step} of {cfg.n_steps} steps; use a "
+                                 "looping source or fewer n_tokens.") from None
+            for t in trainers:
+                if t.name not in batch:
+                    raise InputError(f"The activation source gives {sorted(batch)}, not {t.name!r}.")
+                losses = t.train_step(batch[t.name].to(t.sae.W_dec.device))
+                t._last = losses  # noqa: SLF001 - kept for the log line
+            tokens0 += cfg.batch_size
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.n_steps:
+                rate = tokens0 / max(time.perf_counter() - t0, 1e-9)
+                for t in trainers:
+                    record = t.log_record(t._last, rate)
+                    logs[t.name].append(record)
+                    if t.out is not None:
+                        t.out.mkdir(parents=True, exist_ok=True)
+                        with open(t.out / LOG_FILE, "a") as fh:
+                            fh.write(json.dumps(record) + "\n")
+                first = logs[trainers[0].name][-1]
+                bar.set_postfix(L0=f"{first['l0']:.1f}", FVU=f"{first['fvu']:.3f}", tok_s=f"{rate:,.0f}")
+            if step + 1 in ckpt_steps:
+                for t in trainers:
+                    t._checkpoint()
+    except KeyboardInterrupt:
+        from workbench.train import TrainingInterrupted
+
+        saved = [t._checkpoint() for t in trainers]
+        raise TrainingInterrupted(trainers[0].step, saved[0] or Path(".")) from None
+    for t in trainers:
+        path = t.finish()
+        if path is not None:
+            print(f"Wrote SAE {t.name} ({t.sae.cfg.arch}, d_sae {t.sae.d_sae}) to {path}")
+    return logs
+
+
+def train_sae(cfg: SAETrainConfig, batches: Iterable[Batch], name: str = "x", out: Optional[Union[str, Path]] = None,
+              device: Union[str, torch.device] = "cpu", resume: bool = False, progress: bool = True
+              ) -> tuple[SAE, list[dict[str, Any]]]:
+    """Build the SAE of `cfg.sae`, train it on `batch[name]`, return (sae, log)."""
+    sae = make_sae(cfg.sae, seed=cfg.seed).to(device)
+    logs = train_saes({name: sae}, batches, cfg, out, resume, progress)
+    return sae, logs[name]
