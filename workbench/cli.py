@@ -4,6 +4,8 @@
     workbench run <analysis> [--model M] [--out DIR] [--<setting> VALUE ...]
     workbench train <preset | config.json> [--out DIR] [--resume]
     workbench info <model>                    hook names and shapes, config, parameters
+    workbench sae train --model M --hook H [--arch topk --k 32 ...]   train an SAE on activations
+    workbench sae cache --model M --hook H --out DIR                  write activations to a disk store
     workbench list                            presets, shipped models and analyses
 """
 
@@ -182,7 +184,90 @@ def cmd_list(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "report": cmd_report, "train": cmd_train, "info": cmd_info, "list": cmd_list}
+def _sae_source(args: argparse.Namespace, model: Any, hooks: list[str], batch_size: int, seed: int):
+    from workbench.probes import text_batch
+    from workbench.sae.activations import stream_activations
+
+    seq = min(int(model.cfg.n_ctx), args.seq_len)
+    rows = text_batch(model, args.rows, seq)
+    return stream_activations(model, rows, hooks, batch_size=batch_size, seed=seed)
+
+
+def cmd_sae(argv: list[str]) -> int:
+    import json
+
+    import torch
+
+    from workbench.errors import InputError
+    from workbench.loading import load, resolve_device
+    from workbench.sae.activations import ActivationStore, check_hooks, model_activations
+    from workbench.sae.modules import SAEConfig
+    from workbench.sae.training import SAETrainConfig, train_sae
+
+    usage = "usage: workbench sae {train,cache} --model M --hook H [options]  (--help on each)"
+    if not argv or argv[0] not in ("train", "cache"):
+        print(usage)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    sub, argv = argv[0], argv[1:]
+    parser = argparse.ArgumentParser(prog=f"workbench sae {sub}")
+    parser.add_argument("--model", required=sub == "cache" or "--store" not in argv,
+                        help="preset name, model folder, or hf:<name or path>")
+    parser.add_argument("--hook", action="append", required=True, help="hook name (repeat for several)")
+    parser.add_argument("--out", type=Path, required=sub == "cache", help="output folder")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    parser.add_argument("--rows", type=int, default=2000, help="rows of the standard library's source to read")
+    parser.add_argument("--seq-len", type=int, default=128, help="tokens per row (capped at n_ctx)")
+    parser.add_argument("--n-tokens", type=int, default=None, help="tokens to train on / to store")
+    parser.add_argument("--no-progress", action="store_true")
+    if sub == "train":
+        parser.add_argument("--config", type=Path, default=None, help="SAETrainConfig JSON (flags override it)")
+        parser.add_argument("--store", type=Path, default=None, help="train from an activation store instead")
+        parser.add_argument("--arch", default=None, help="relu, topk, batchtopk or jumprelu")
+        parser.add_argument("--k", type=int, default=None)
+        parser.add_argument("--d-sae", type=int, default=None)
+        parser.add_argument("--expansion", type=int, default=8, help="d_sae = expansion * d_in (without --d-sae)")
+        parser.add_argument("--l1", type=float, default=None, help="sparsity coefficient")
+        parser.add_argument("--lr", type=float, default=None)
+        parser.add_argument("--batch-size", type=int, default=None)
+        parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args(argv)
+    model = load(args.model, device=args.device) if args.model else None
+    if model is not None:
+        check_hooks(model, args.hook)
+    if sub == "cache":
+        n = args.n_tokens or 1_000_000
+        store = ActivationStore.write(args.out, _sae_source(args, model, args.hook, 4096, 0), n)
+        print(f"Wrote {store.n_tokens:,} activations of {', '.join(args.hook)} to {args.out} "
+              f"({len(store.manifest['shards'])} shards, manifest.json)")
+        return 0
+    base = json.loads(args.config.read_text()) if args.config else {}
+    hook = args.hook[0]
+    if len(args.hook) > 1:
+        raise InputError("workbench sae train takes one --hook; train several SAEs from Python with train_saes.")
+    store = ActivationStore(args.store) if args.store else None
+    if store is not None and hook not in store.d:
+        raise InputError(f"The store {args.store} holds {store.hooks}, not {hook!r}.")
+    probe = torch.zeros(1, 2, dtype=torch.long, device=next(model.parameters()).device) if model is not None else None
+    d_in = store.d[hook] if store is not None else model_activations(model, probe, [hook], 0)[hook].shape[-1]
+    sae = dict(base.get("sae", {}))
+    sae.update({k: v for k, v in {"architecture": args.arch, "k": args.k, "l1_coefficient": args.l1}.items()
+                if v is not None})
+    sae.update(d_in=d_in, d_sae=args.d_sae or sae.get("d_sae") or args.expansion * d_in, hook_name=hook,
+               model_name=str(args.model or sae.get("model_name", "")))
+    train = {**base, "sae": SAEConfig(**sae)}
+    train.update({k: v for k, v in {"n_tokens": args.n_tokens, "lr": args.lr, "batch_size": args.batch_size}.items()
+                  if v is not None})
+    cfg = SAETrainConfig(**train)
+    out = args.out or Path("runs") / f"sae-{hook.replace('.', '_')}-{cfg.sae.arch}"
+    batches = (store.batches(cfg.batch_size, seed=cfg.seed, hooks=[hook]) if store is not None
+               else _sae_source(args, model, [hook], cfg.batch_size, cfg.seed))
+    train_sae(cfg, batches, name=hook, out=out, device=resolve_device(args.device), resume=args.resume,
+              progress=not args.no_progress)
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "report": cmd_report, "train": cmd_train, "info": cmd_info, "list": cmd_list,
+            "sae": cmd_sae}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -53,9 +52,10 @@ class SAEConfig:
     """Dead latents used by the AuxK loss (topk, batchtopk); None: d_in // 2."""
     aux_coefficient: float = 1 / 32
     """Weight of the AuxK loss."""
-    jumprelu_init_threshold: float = 0.001
-    """Initial θ of every latent (jumprelu)."""
-    jumprelu_bandwidth: float = 0.001
+    jumprelu_init_threshold: float = 0.5
+    """Initial θ of every latent (jumprelu). Adam moves θ by about lr per step whatever λ is, so
+    on short runs the start matters; 0.5 suits activations normalised to E‖x‖ = √d_in."""
+    jumprelu_bandwidth: float = 0.1
     """Width ε of the straight-through estimator's kernel (jumprelu)."""
     hook_name: str = ""
     """The model hook the SAE reads (metadata; saved in cfg.json)."""
@@ -314,8 +314,9 @@ def make_sae(cfg: SAEConfig, seed: int = 0) -> SAE:
 
 # -- files --------------------------------------------------------------------------------------------
 def save_sae(sae: SAE, folder: Union[str, Path], extra: Optional[dict[str, Any]] = None) -> Path:
-    """Write `folder/cfg.json` and `folder/sae_weights.safetensors` in SAELens's layout (built aside,
-    then moved into place, so a crash never leaves a half-written SAE)."""
+    """Write `folder/cfg.json` and `folder/sae_weights.safetensors` in SAELens's layout. Each file is
+    written aside and renamed into place, weights first: a folder with a cfg.json is complete, and
+    other files in the folder (a training log, checkpoints) are left alone."""
     folder = Path(folder)
     arch, weights, fields_ = sae.inference_state()
     cfg = {"architecture": arch, "d_in": sae.d_in, "d_sae": sae.d_sae, "dtype": "float32",
@@ -323,14 +324,12 @@ def save_sae(sae: SAE, folder: Union[str, Path], extra: Optional[dict[str, Any]]
            "reshape_activations": "none", **fields_,
            "metadata": {"hook_name": sae.cfg.hook_name, "model_name": sae.cfg.model_name,
                         "workbench": {"config": sae.cfg.to_dict(), **(extra or {})}}}
-    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.contiguous().float().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS_FILE))
-    atomic_write_json(tmp / CFG_FILE, cfg)
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / CFG_FILE).unlink(missing_ok=True)  # incomplete until the new cfg.json lands
+    tmp = folder / f".{WEIGHTS_FILE}.tmp{os.getpid()}"
+    save_file({k: v.contiguous().float().cpu() for k, v in weights.items()}, str(tmp))
+    os.replace(tmp, folder / WEIGHTS_FILE)
+    atomic_write_json(folder / CFG_FILE, cfg)
     return folder
 
 

@@ -102,9 +102,10 @@ class SAETrainConfig:
             return self.lr * (self.n_steps - step) / decay
         return self.lr
 
-    def sparsity_at(self, step: int) -> float:
+    def sparsity_warmup(self, step: int) -> float:
+        """The factor in [0, 1] on the sparsity coefficient at `step`."""
         warm = self.l1_warmup_fraction * self.n_steps
-        return self.sae.l1_coefficient * min(1.0, (step + 1) / warm) if warm else self.sae.l1_coefficient
+        return min(1.0, (step + 1) / warm) if warm else 1.0
 
     def checkpoint_steps(self) -> set[int]:
         if not self.n_checkpoints:
@@ -130,6 +131,7 @@ class _Trainer:
 
     def __init__(self, name: str, sae: SAE, cfg: SAETrainConfig, out: Optional[Path]):
         self.name, self.sae, self.cfg, self.out = name, sae, cfg, out
+        self.key = sae.cfg.hook_name or name  # which activations of a batch it reads
         self.opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
         self.since_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=sae.W_dec.device)
         self.scale: Optional[float] = None
@@ -196,7 +198,7 @@ class _Trainer:
         x_hat = sae.decode(f)
         mse = (x_hat - x).pow(2).sum(-1).mean()
         dead = self.since_fired >= cfg.dead_window
-        sparsity = sae.sparsity_loss(f, pre, cfg.sparsity_at(self.step))
+        sparsity = sae.sparsity_loss(f, pre, sae.cfg.l1_coefficient * cfg.sparsity_warmup(self.step))
         aux = sae.aux_loss(x, x_hat, pre, dead)
         loss = mse + sparsity + aux
         if not torch.isfinite(loss):
@@ -222,7 +224,8 @@ class _Trainer:
         self.stats = ReconstructionStats(self.sae.d_sae)
         return {"step": self.step, "tokens": self.step * self.cfg.batch_size, **losses, "l0": s["l0"],
                 "fvu": s["fvu"], "dead_fraction": float((self.since_fired >= self.cfg.dead_window).float().mean()),
-                "lr": self.cfg.lr_at(self.step - 1), "sparsity_coefficient": self.cfg.sparsity_at(self.step - 1),
+                "lr": self.cfg.lr_at(self.step - 1),
+                "sparsity_coefficient": self.sae.cfg.l1_coefficient * self.cfg.sparsity_warmup(self.step - 1),
                 "tok_per_s": tok_per_s}
 
     def finish(self) -> Optional[Path]:
@@ -243,7 +246,9 @@ def _out_for(out: Optional[Path], name: str, many: bool) -> Optional[Path]:
 def train_saes(saes: dict[str, SAE], batches: Iterable[Batch], cfg: SAETrainConfig,
                out: Optional[Union[str, Path]] = None, resume: bool = False, progress: bool = True
                ) -> dict[str, list[dict[str, Any]]]:
-    """Train each SAE on `batch[name]` of every batch from `batches`; returns each one's log.
+    """Train each SAE on `batch[its hook_name]` (or `batch[name]` when it has none) of every batch from
+    `batches`; returns each one's log. Several SAEs on the same or different hooks share each batch,
+    so one forward pass of the model feeds them all.
 
     With `out`, each SAE's folder (out itself for one SAE, out/<name> for several) gets log.jsonl,
     checkpoints/ and finally cfg.json + sae_weights.safetensors (normalisation folded in). A
@@ -278,9 +283,10 @@ def train_saes(saes: dict[str, SAE], batches: Iterable[Batch], cfg: SAETrainConf
                 raise InputError(f"The activation source ran out after {step} of {cfg.n_steps} steps; use a "
                                  "looping source or fewer n_tokens.") from None
             for t in trainers:
-                if t.name not in batch:
-                    raise InputError(f"The activation source gives {sorted(batch)}, not {t.name!r}.")
-                losses = t.train_step(batch[t.name].to(t.sae.W_dec.device))
+                if t.key not in batch:
+                    raise InputError(f"The activation source gives {sorted(batch)}, not {t.key!r}, which SAE "
+                                     f"{t.name!r} reads.")
+                losses = t.train_step(batch[t.key].to(t.sae.W_dec.device))
                 t._last = losses  # noqa: SLF001 - kept for the log line
             tokens0 += cfg.batch_size
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.n_steps:
@@ -312,7 +318,7 @@ def train_saes(saes: dict[str, SAE], batches: Iterable[Batch], cfg: SAETrainConf
 def train_sae(cfg: SAETrainConfig, batches: Iterable[Batch], name: str = "x", out: Optional[Union[str, Path]] = None,
               device: Union[str, torch.device] = "cpu", resume: bool = False, progress: bool = True
               ) -> tuple[SAE, list[dict[str, Any]]]:
-    """Build the SAE of `cfg.sae`, train it on `batch[name]`, return (sae, log)."""
+    """Build the SAE of `cfg.sae`, train it on `batch[cfg.sae.hook_name or name]`, return (sae, log)."""
     sae = make_sae(cfg.sae, seed=cfg.seed).to(device)
     logs = train_saes({name: sae}, batches, cfg, out, resume, progress)
     return sae, logs[name]
