@@ -75,6 +75,13 @@ def bars(values: dict[str, dict[str, float]], title: str, y_title: str) -> go.Fi
     return fig
 
 
+def histograms(values_by_name: dict[str, Sequence[float]], title: str, x_title: str, bins: int = 40) -> go.Figure:
+    """Overlaid histograms, one per name."""
+    fig = go.Figure([go.Histogram(x=list(v), name=n, nbinsx=bins, opacity=0.6) for n, v in values_by_name.items()])
+    fig.update_layout(title=title, xaxis_title=x_title, yaxis_title="count", barmode="overlay", **LAYOUT)
+    return fig
+
+
 def table(rows: Sequence[tuple[str, str]], title: str) -> go.Figure:
     """A two-column key/value table."""
     keys, values = zip(*rows) if rows else ((), ())

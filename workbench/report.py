@@ -18,7 +18,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Optional, Protocol, Union
 
@@ -103,6 +103,9 @@ class Section:
     metrics: dict[str, Any]
     headlines: list[str]
     seconds: float
+    files: dict[str, str] = field(default_factory=dict)
+    """Extra pages (relative path -> text) written under <report>/<slug>/, e.g. feature dashboards;
+    an `index.html` among them is linked from the report."""
 
     @property
     def slug(self) -> str:
@@ -124,8 +127,9 @@ def run_analysis(name: str, model: Union[str, Any], config: Any = None, device: 
         label = model_label or (str(model) if isinstance(model, (str, Path)) else type(model).__name__)
         loaded = load(model, device=device) if isinstance(model, (str, Path)) else model
     result = analysis.compute(loaded, cfg)
+    files = result.files() if hasattr(result, "files") else {}
     return Section(name, label, analysis.figures(result), result.metrics(), result.headlines(),
-                   time.perf_counter() - start)
+                   time.perf_counter() - start, files)
 
 
 def default_report_dir() -> Path:
@@ -144,6 +148,11 @@ def _page(title: str, sections: list[Section]) -> str:
     for s in sections:
         parts.append(f"<h2 id='{s.slug}'>{html.escape(s.analysis)} · {html.escape(s.model)}</h2>")
         parts.append("<ul>" + "".join(f"<li>{html.escape(h)}</li>" for h in s.headlines) + "</ul>")
+        entries = sorted(p for p in s.files if p.endswith("index.html"))
+        if entries:
+            links = [f"<a href='{html.escape(s.slug)}/{html.escape(p)}'>{html.escape(p[:-11] or 'pages')}</a>"
+                     for p in entries]
+            parts.append("<p>Linked pages (offline): " + " · ".join(links) + "</p>")
         rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(_fmt(v))}</td></tr>"
                        for k, v in s.metrics.items() if not isinstance(v, (dict, list)))
         parts.append(f"<details><summary>key numbers ({s.seconds:.1f} s)</summary><table>{rows}</table></details>")
@@ -171,6 +180,11 @@ def write_report(out: Union[str, Path], sections: list[Section], title: str = "w
     metrics = {s.slug: {"analysis": s.analysis, "model": s.model, "metrics": s.metrics,
                         "headlines": s.headlines} for s in sections}
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    for s in sections:
+        for rel, text in s.files.items():
+            path = tmp / s.slug / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
     (tmp / "index.html").write_text(_page(title, sections))
     if out.exists():
         shutil.rmtree(out)

@@ -1,0 +1,196 @@
+"""Sparse autoencoders on a model's activations: train several architectures from one stream of
+activations, evaluate them (reconstruction, sparsity, dead latents, CE loss recovered, KL), plot the
+L0–FVU frontier and the latent densities, and write feature dashboards for one of them.
+
+    workbench run sae                                         # gelu-2l, blocks.0.hook_mlp_out, < 2 min
+    workbench run sae --model attn-only-2l --hook blocks.1.hook_attn_out --saes topk:8 topk:32 relu:2
+    workbench sae train --model gelu-2l --hook blocks.1.hook_resid_post --arch topk --k 32   # one SAE, saved
+
+Every SAE trains on the same batches, from one forward pass of the model per batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+import torch
+
+from workbench.errors import InputError, check_field
+from workbench.plotting import histograms, lines, table
+from workbench.probes import text_batch
+from workbench.report import Analysis, register
+from workbench.sae.activations import check_hooks, model_activations, stream_activations
+from workbench.sae.dashboards import collect_feature_data, render_dashboards
+from workbench.sae.interventions import downstream_metrics
+from workbench.sae.metrics import ReconstructionStats
+from workbench.sae.modules import ARCH_ALIASES, ARCHITECTURES, SAEConfig, make_sae
+from workbench.sae.training import SAETrainConfig, train_saes
+
+
+@dataclass(frozen=True)
+class SAEAnalysisConfig:
+    """Settings of the SAE study."""
+
+    hook: str = "blocks.0.hook_mlp_out"
+    """The hook whose activations the SAEs read."""
+    expansion: int = 8
+    """d_sae = expansion × d_in."""
+    saes: tuple[str, ...] = ("topk:8", "topk:16", "topk:32", "relu:1", "relu:4", "batchtopk:16", "jumprelu:1")
+    """SAEs to train, 'architecture:value': k for topk/batchtopk, the sparsity coefficient for relu/jumprelu."""
+    dashboard: str = "topk:16"
+    """Which of them gets feature dashboards."""
+    dashboard_features: int = 64
+    """Latents with a dashboard page (evenly spaced ids)."""
+    n_tokens: int = 1_000_000
+    """Training tokens for each SAE."""
+    batch_size: int = 2048
+    """Tokens per step."""
+    lr: float = 1e-3
+    """Adam learning rate."""
+    train_rows: int = 350
+    """Rows of the standard library's source the activations are streamed from."""
+    eval_rows: int = 50
+    """Held-out rows for the evaluation and the dashboards."""
+    seq_len: int = 128
+    """Tokens per row (capped at the model's n_ctx)."""
+    seed: int = 0
+    """Seed of initialisation and shuffling."""
+
+    def __post_init__(self) -> None:
+        own = "SAEAnalysisConfig"
+        check_field(len(self.saes) > 0, own, "saes", self.saes, "at least one 'architecture:value'")
+        for spec in self.saes:
+            parse_spec(spec)
+        check_field(self.dashboard in self.saes, own, "dashboard", self.dashboard, f"one of saes {self.saes}")
+        for name in ("expansion", "dashboard_features", "n_tokens", "batch_size", "train_rows", "eval_rows"):
+            value = getattr(self, name)
+            check_field(isinstance(value, int) and value > 0, own, name, value, "a positive integer")
+
+
+def parse_spec(spec: str) -> tuple[str, float]:
+    """'topk:16' -> ('topk', 16.0), with a clear error for anything else."""
+    arch, _, value = spec.partition(":")
+    arch = ARCH_ALIASES.get(arch, arch)
+    if arch not in ARCHITECTURES or not value:
+        raise InputError(f"SAE spec {spec!r} should be 'architecture:value' with architecture one of "
+                         f"{sorted(ARCHITECTURES)}, e.g. 'topk:16' or 'relu:2'.")
+    try:
+        return arch, float(value)
+    except ValueError:
+        raise InputError(f"SAE spec {spec!r}: {value!r} is not a number.") from None
+
+
+@dataclass(frozen=True, eq=False)
+class SAEResult:
+    model_name: str
+    config: SAEAnalysisConfig
+    d_in: int
+    d_sae: int
+    metrics_by_sae: dict[str, dict[str, float]]
+    logs: dict[str, list[dict[str, Any]]]
+    log10_density: dict[str, np.ndarray]
+    pages: dict[str, str]
+
+    def metrics(self) -> dict[str, Any]:
+        return {"hook": self.config.hook, "d_in": self.d_in, "d_sae": self.d_sae, "saes": self.metrics_by_sae}
+
+    def headlines(self) -> list[str]:
+        m = self.metrics_by_sae
+        best = min(m, key=lambda s: m[s]["fvu"])
+        out = [f"{len(m)} SAEs of {self.d_sae} latents on {self.config.hook} (d_in {self.d_in}), "
+               f"{self.config.n_tokens:,} tokens each"]
+        for s in m:
+            out.append(f"{s}: L0 {m[s]['l0']:.1f}, FVU {m[s]['fvu']:.3f}, dead {m[s]['dead_fraction']:.1%}, "
+                       f"CE loss recovered {m[s]['ce_loss_recovered_zero']:.1%} (vs zero ablation), "
+                       f"KL {m[s]['kl_div']:.3f}")
+        out.append(f"lowest FVU: {best}; dashboards for {self.config.dashboard}")
+        return out
+
+    def files(self) -> dict[str, str]:
+        return {f"dashboards/{name}": text for name, text in self.pages.items()}
+
+
+@torch.no_grad()
+def _evaluate(model: Any, sae: Any, hook: str, rows: torch.Tensor) -> tuple[dict[str, float], np.ndarray]:
+    stats = ReconstructionStats(sae.d_sae)
+    for start in range(0, len(rows), 16):
+        x = model_activations(model, rows[start:start + 16], [hook])[hook].to(sae.W_dec.device)
+        f = sae.encode(x)
+        stats.add(x, sae.decode(f), f)
+    out = stats.summary()
+    out.update(downstream_metrics(model, sae, rows[:16], hook))
+    return out, np.log10(stats.density().cpu().numpy() + 1e-7)
+
+
+def compute(model: Any, cfg: SAEAnalysisConfig) -> SAEResult:
+    """Train every SAE of `cfg.saes` on one stream, evaluate them, and build the dashboards."""
+    check_hooks(model, [cfg.hook])
+    if model.tokenizer is None:
+        raise InputError("The SAE study reads text; this model has no tokenizer.")
+    seq = min(cfg.seq_len, int(model.cfg.n_ctx))
+    rows = text_batch(model, cfg.train_rows + cfg.eval_rows, seq)
+    if len(rows) < cfg.train_rows + cfg.eval_rows:
+        raise InputError(f"Only {len(rows)} rows of text were found; lower train_rows/eval_rows.")
+    train_rows, eval_rows = rows[:cfg.train_rows], rows[cfg.train_rows:]
+    d_in = model_activations(model, rows[:1], [cfg.hook])[cfg.hook].shape[-1]
+    device = next(model.parameters()).device
+    saes = {}
+    for spec in cfg.saes:
+        arch, value = parse_spec(spec)
+        extra = {"k": int(value)} if arch in ("topk", "batchtopk") else {"l1_coefficient": value}
+        sae_cfg = SAEConfig(d_in=d_in, d_sae=cfg.expansion * d_in, architecture=arch, hook_name=cfg.hook,
+                            model_name=getattr(getattr(model, "folder", None), "name", type(model).__name__),
+                            **extra)
+        saes[spec] = make_sae(sae_cfg, seed=cfg.seed).to(device)
+    train_cfg = SAETrainConfig(sae=next(iter(saes.values())).cfg, n_tokens=cfg.n_tokens, batch_size=cfg.batch_size,
+                               lr=cfg.lr, n_checkpoints=0, seed=cfg.seed)
+    logs = train_saes(saes, stream_activations(model, train_rows, [cfg.hook], batch_size=cfg.batch_size,
+                                               seed=cfg.seed), train_cfg)
+    metrics, density = {}, {}
+    for spec, sae in saes.items():
+        sae.eval()
+        metrics[spec], density[spec] = _evaluate(model, sae, cfg.hook, eval_rows)
+    dash = saes[cfg.dashboard]
+    features = np.linspace(0, dash.d_sae - 1, min(cfg.dashboard_features, dash.d_sae)).round().astype(int).tolist()
+    data = collect_feature_data(model, dash, eval_rows, cfg.hook, features=features)
+    pages = render_dashboards(data, f"{cfg.dashboard} SAE on {cfg.hook}")
+    name = getattr(getattr(model, "folder", None), "name", type(model).__name__)
+    return SAEResult(name, cfg, d_in, dash.d_sae, metrics, logs, density, pages)
+
+
+def figures(r: SAEResult) -> dict[str, go.Figure]:
+    m = r.metrics_by_sae
+    keys = ("l0", "fvu", "explained_variance", "mse", "cosine", "l2_ratio", "dead_fraction", "dense_fraction",
+            "ce_loss_recovered_zero", "ce_loss_recovered_mean", "kl_div")
+    figs = {"metrics": table([(s, ", ".join(f"{k} {m[s][k]:.4g}" for k in keys)) for s in m],
+                             f"{r.model_name} · {r.config.hook}: evaluation on held-out text")}
+    for key, title in (("fvu", "FVU"), ("l0", "L0")):
+        figs[f"training {title}"] = lines({s: [x["tokens"] for x in log] for s, log in r.logs.items()},
+                                          {s: [x[key] for x in log] for s, log in r.logs.items()},
+                                          f"{title} during training", "tokens", title, log_x=True)
+    by_arch: dict[str, list[str]] = {}
+    for s in m:
+        by_arch.setdefault(parse_spec(s)[0], []).append(s)
+    figs["L0–FVU frontier"] = lines(
+        {a: [m[s]["l0"] for s in sorted(ss, key=lambda s: m[s]["l0"])] for a, ss in by_arch.items()},
+        {a: [m[s]["fvu"] for s in sorted(ss, key=lambda s: m[s]["l0"])] for a, ss in by_arch.items()},
+        "Sparsity against reconstruction (lower left is better)", "L0 (latents per token)", "FVU", log_x=True)
+    figs["latent density"] = histograms(r.log10_density, "Latent firing density (log10; −7 = never fired)",
+                                        "log10 density")
+    return figs
+
+
+ANALYSIS = register(Analysis(
+    name="sae",
+    description="Train SAEs of several architectures on one hook, evaluate them, plot the L0–FVU frontier, "
+                "and write feature dashboards.",
+    config_cls=SAEAnalysisConfig, compute=compute, figures=figures, default_models=("gelu-2l",),
+))
+
+if __name__ == "__main__":
+    from analyses._cli import main
+
+    main(ANALYSIS.name)
