@@ -114,7 +114,7 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, arch):
     sae = make_sae(SAEConfig(d_in=16, d_sae=48, architecture=arch, k=4, hook_name="blocks.0.hook_resid_post"))
     x = torch.randn(64, 16)
     if arch == "batchtopk":
-        sae.training_forward(x)  # learns its inference threshold
+        sae.train_forward(x)  # learns its inference threshold
     sae.eval()
     loaded = load_sae(save_sae(sae, tmp_path / arch))
     assert torch.equal(loaded.encode(x), sae.encode(x)) and torch.equal(loaded(x), sae(x))

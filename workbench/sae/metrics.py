@@ -74,19 +74,27 @@ class ReconstructionStats:
     fired: torch.Tensor = field(default=None)  # type: ignore[assignment]
 
     def add(self, x: torch.Tensor, x_hat: torch.Tensor, f: torch.Tensor) -> None:
-        x, x_hat, f = x.detach().float(), x_hat.detach().float(), f.detach().float()
+        f = f.detach().float()
+        fired = (f != 0).sum(0).float()
+        self.add_counts(x, x_hat, fired, float(fired.sum()), float(f.abs().sum()))
+
+    def add_counts(self, x: torch.Tensor, x_hat: torch.Tensor, fired: torch.Tensor, l0_sum: float,
+                   l1_sum: float) -> None:
+        """`add` for callers that already counted each latent's firings, L0 and L1 (the sum over
+        the batch): a trainer holding only the k kept latents per token never builds f."""
+        x, x_hat = x.detach().float(), x_hat.detach().float()
         if self.fired is None:
-            self.fired = torch.zeros(self.d_sae, device=f.device)
+            self.fired = torch.zeros(self.d_sae, device=fired.device)
             self.sum_x = torch.zeros(x.shape[-1], device=x.device, dtype=torch.float64)
         self.n += x.shape[0]
         self.sq_err += float((x - x_hat).pow(2).sum())
         self.sum_x += x.sum(0).double()
         self.sum_x_sq += float(x.double().pow(2).sum())
-        self.l0_sum += float((f != 0).sum())
-        self.l1_sum += float(f.abs().sum())
+        self.l0_sum += l0_sum
+        self.l1_sum += l1_sum
         self.cos_sum += float(torch.nn.functional.cosine_similarity(x, x_hat, dim=-1).sum())
         self.ratio_sum += float((x_hat.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)).sum())
-        self.fired += (f != 0).sum(0).float()
+        self.fired += fired
 
     def density(self) -> torch.Tensor:
         """[d_sae] fraction of tokens on which each latent fired."""

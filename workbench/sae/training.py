@@ -194,12 +194,12 @@ class _Trainer:
         sae, cfg = self.sae, self.cfg
         for group in self.opt.param_groups:
             group["lr"] = cfg.lr_at(self.step)
-        f, pre = sae.training_forward(x)
-        x_hat = sae.decode(f)
+        out = sae.train_forward(x)
+        x_hat = out.x_hat
         mse = (x_hat - x).pow(2).sum(-1).mean()
         dead = self.since_fired >= cfg.dead_window
-        sparsity = sae.sparsity_loss(f, pre, sae.cfg.l1_coefficient * cfg.sparsity_warmup(self.step))
-        aux = sae.aux_loss(x, x_hat, pre, dead)
+        sparsity = sae.sparsity_loss(out, sae.cfg.l1_coefficient * cfg.sparsity_warmup(self.step))
+        aux = sae.aux_loss(x, out, dead)
         loss = mse + sparsity + aux
         if not torch.isfinite(loss):
             raise TrainingDiverged(f"The loss of {self.name} became {float(loss)} at step {self.step}. Nothing was "
@@ -209,12 +209,12 @@ class _Trainer:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
         self.opt.step()
-        sae.after_step(f)
+        sae.after_step()
+        fired, l0_sum, l1_sum = out.counts(sae.d_sae)
         with torch.no_grad():
-            fired = (f != 0).any(0)
             self.since_fired += x.shape[0]
-            self.since_fired[fired] = 0
-            self.stats.add(x, x_hat, f)
+            self.since_fired[fired > 0] = 0
+            self.stats.add_counts(x, x_hat, fired, l0_sum, l1_sum)
         self.step += 1
         return {"loss": float(loss.detach()), "mse": float(mse.detach()), "sparsity_loss": float(sparsity.detach()),
                 "aux_loss": float(aux.detach())}
