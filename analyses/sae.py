@@ -19,14 +19,15 @@ import plotly.graph_objects as go
 import torch
 
 from workbench.errors import InputError, check_field
-from workbench.plotting import histograms, lines, table
+from workbench.plotting import bars, histograms, lines, table
 from workbench.probes import text_batch
 from workbench.report import Analysis, register
-from workbench.sae.activations import check_hooks, model_activations, stream_activations
+from workbench.sae.activations import TensorSource, check_hooks, model_activations, stream_activations
 from workbench.sae.dashboards import collect_feature_data, render_dashboards
 from workbench.sae.interventions import downstream_metrics
-from workbench.sae.metrics import ReconstructionStats
+from workbench.sae.metrics import ReconstructionStats, mmcs
 from workbench.sae.modules import ARCH_ALIASES, ARCHITECTURES, SAEConfig, make_sae
+from workbench.sae.synthetic import SyntheticFeatures
 from workbench.sae.training import SAETrainConfig, train_saes
 
 
@@ -56,6 +57,11 @@ class SAEAnalysisConfig:
     """Held-out rows for the evaluation and the dashboards."""
     seq_len: int = 128
     """Tokens per row (capped at the model's n_ctx)."""
+    ground_truth: bool = True
+    """Also score SAEs against 128 known features in 64 dimensions (about 5 active per sample):
+    TopK at the true L0 with 0.5×, 1× and 2× dictionaries, and ReLU + L1 at 1×."""
+    ground_truth_steps: int = 1500
+    """Training steps (batch 1024) for the ground-truth SAEs."""
     seed: int = 0
     """Seed of initialisation and shuffling."""
 
@@ -93,9 +99,12 @@ class SAEResult:
     logs: dict[str, list[dict[str, Any]]]
     log10_density: dict[str, np.ndarray]
     pages: dict[str, str]
+    ground_truth: dict[str, dict[str, float]]
+    """SAE name -> MMCS, fraction recovered above 0.9 cosine, L0, FVU and dead fraction."""
 
     def metrics(self) -> dict[str, Any]:
-        return {"hook": self.config.hook, "d_in": self.d_in, "d_sae": self.d_sae, "saes": self.metrics_by_sae}
+        return {"hook": self.config.hook, "d_in": self.d_in, "d_sae": self.d_sae, "saes": self.metrics_by_sae,
+                "ground_truth": self.ground_truth}
 
     def headlines(self) -> list[str]:
         m = self.metrics_by_sae
@@ -107,6 +116,9 @@ class SAEResult:
                        f"CE loss recovered {m[s]['ce_loss_recovered_zero']:.1%} (vs zero ablation), "
                        f"KL {m[s]['kl_div']:.3f}")
         out.append(f"lowest FVU: {best}; dashboards for {self.config.dashboard}")
+        if self.ground_truth:
+            out.append("known features (128 in 64 dimensions), MMCS: " + ", ".join(
+                f"{name} {g['mmcs']:.3f}" for name, g in self.ground_truth.items()))
         return out
 
     def files(self) -> dict[str, str]:
@@ -123,6 +135,30 @@ def _evaluate(model: Any, sae: Any, hook: str, rows: torch.Tensor) -> tuple[dict
     out = stats.summary()
     out.update(downstream_metrics(model, sae, rows[:16], hook))
     return out, np.log10(stats.density().cpu().numpy() + 1e-7)
+
+
+def score_on_known_features(cfg: SAEAnalysisConfig) -> dict[str, dict[str, float]]:
+    """Train the ground-truth SAEs together on one stream of synthetic data and score them."""
+    data = SyntheticFeatures(n_features=128, d=64, mean_active=5, seed=cfg.seed)
+    x, _ = data.sample(100_000)
+    specs = {"topk 0.5×": ("topk", 64), "topk 1×": ("topk", 128), "topk 2×": ("topk", 256), "relu 1×": ("relu", 128)}
+    saes = {name: make_sae(SAEConfig(d_in=64, d_sae=d_sae, architecture=arch, k=5, l1_coefficient=3.0,
+                                     hook_name="x"), seed=cfg.seed) for name, (arch, d_sae) in specs.items()}
+    train_cfg = SAETrainConfig(sae=saes["topk 1×"].cfg, n_tokens=cfg.ground_truth_steps * 1024, batch_size=1024,
+                               lr=1e-3, n_checkpoints=0, seed=cfg.seed)
+    train_saes(saes, TensorSource(x, 1024, seed=cfg.seed), train_cfg)
+    out = {}
+    held_out, _ = data.sample(20_000, seed=2)
+    for name, sae in saes.items():
+        with torch.no_grad():
+            f = sae.encode(held_out)
+            stats = ReconstructionStats(sae.d_sae)
+            stats.add(held_out, sae.decode(f), f)
+        s = stats.summary()
+        score, recovered = mmcs(data.directions, sae.W_dec)
+        out[name] = {"mmcs": score, "recovered_above_0.9": recovered, "l0": s["l0"], "fvu": s["fvu"],
+                     "dead_fraction": s["dead_fraction"]}
+    return out
 
 
 def compute(model: Any, cfg: SAEAnalysisConfig) -> SAEResult:
@@ -158,7 +194,8 @@ def compute(model: Any, cfg: SAEAnalysisConfig) -> SAEResult:
     data = collect_feature_data(model, dash, eval_rows, cfg.hook, features=features)
     pages = render_dashboards(data, f"{cfg.dashboard} SAE on {cfg.hook}")
     name = getattr(getattr(model, "folder", None), "name", type(model).__name__)
-    return SAEResult(name, cfg, d_in, dash.d_sae, metrics, logs, density, pages)
+    truth = score_on_known_features(cfg) if cfg.ground_truth else {}
+    return SAEResult(name, cfg, d_in, dash.d_sae, metrics, logs, density, pages, truth)
 
 
 def figures(r: SAEResult) -> dict[str, go.Figure]:
@@ -180,6 +217,12 @@ def figures(r: SAEResult) -> dict[str, go.Figure]:
         "Sparsity against reconstruction (lower left is better)", "L0 (latents per token)", "FVU", log_x=True)
     figs["latent density"] = histograms(r.log10_density, "Latent firing density (log10; −7 = never fired)",
                                         "log10 density")
+    if r.ground_truth:
+        g = r.ground_truth
+        figs["known features"] = bars({"MMCS": {n: v["mmcs"] for n, v in g.items()},
+                                       "recovered above 0.9": {n: v["recovered_above_0.9"] for n, v in g.items()}},
+                                      "Recovery of 128 known features in 64 dimensions (about 5 active per sample)",
+                                      "score")
     return figs
 
 

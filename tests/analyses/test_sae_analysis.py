@@ -17,7 +17,7 @@ from workbench.tokenizer import TextCodec, byte_tokenizer
 
 QUICK = SAEAnalysisConfig(hook="blocks.1.hook_resid_post", saes=("topk:4", "relu:1", "jumprelu:1"), dashboard="topk:4",
                           dashboard_features=8, n_tokens=40 * 256, batch_size=256, train_rows=24, eval_rows=20,
-                          seq_len=24, expansion=2)
+                          seq_len=24, expansion=2, ground_truth_steps=300)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,9 @@ def test_report_section_has_metrics_frontier_and_linked_dashboards(model_dir, tm
     for m in section.metrics["saes"].values():
         assert 0 <= m["dead_fraction"] <= 1 and m["l0"] > 0 and "ce_loss_recovered_zero" in m and "kl_div" in m
     assert section.metrics["saes"]["topk:4"]["l0"] == pytest.approx(4, abs=0.01)
-    assert {"metrics", "training FVU", "L0–FVU frontier", "latent density"} <= set(section.figures)
+    assert {"metrics", "training FVU", "L0–FVU frontier", "latent density", "known features"} <= set(section.figures)
+    truth = section.metrics["ground_truth"]
+    assert truth["topk 0.5×"]["mmcs"] < truth["topk 1×"]["mmcs"]  # half a dictionary cannot hold 128 features
     out = write_report(tmp_path / "r", [section])
     assert (out / section.slug / "dashboards" / "index.html").exists()
     assert f"{section.slug}/dashboards/index.html" in (out / "index.html").read_text()

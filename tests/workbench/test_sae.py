@@ -13,6 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import workbench
+
 from workbench.errors import CheckpointError, ConfigError, HookNameError, InputError
 from workbench.sae import (
     ActivationStore,
@@ -254,6 +256,15 @@ def test_several_saes_train_from_one_forward_pass(attn_model, monkeypatch):
     assert calls["n"] <= 10  # one forward per 8 rows, shared by all three SAEs (not three times as many)
     with pytest.raises(HookNameError, match="Did you mean"):
         next(stream_activations(attn_model, rows, ["blocks.0.hook_resid_pots"]))
+
+
+def test_activations_stream_from_a_transformer_bridge(tiny_gpt2):
+    bridge = workbench.load(f"hf:{tiny_gpt2}", device="cpu")
+    rows = torch.randint(1, 280, (12, 16), generator=torch.Generator().manual_seed(0))
+    batch = next(stream_activations(bridge, rows, ["blocks.1.hook_resid_post", "blocks.0.attn.hook_z"],
+                                    batch_size=32, rows_per_forward=4, buffer_batches=2))
+    assert batch["blocks.1.hook_resid_post"].shape == (32, 32)
+    assert batch["blocks.0.attn.hook_z"].shape == (32, 32)  # per-head outputs, flattened: 2 heads × 16
 
 
 # -- activation store ------------------------------------------------------------------------------------
