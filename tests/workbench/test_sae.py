@@ -14,7 +14,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import workbench
-
 from workbench.errors import CheckpointError, ConfigError, HookNameError, InputError
 from workbench.sae import (
     ActivationStore,
