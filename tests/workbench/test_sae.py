@@ -109,6 +109,31 @@ def test_a_half_size_dictionary_cannot_recover_them(synthetic):
     assert mmcs(DATA.directions, sae.W_dec)[0] < 0.85
 
 
+def test_topk_sparse_training_path_has_the_dense_gradients():
+    """TopK trains through a sparse decoder and a sparse encoder backward; the loss and every
+    gradient must equal plain autograd through the dense latents (AuxK included)."""
+    torch.manual_seed(0)
+    sparse = make_sae(SAEConfig(d_in=16, d_sae=64, architecture="topk", k=4, aux_k=8))
+    dense = make_sae(SAEConfig(d_in=16, d_sae=64, architecture="topk", k=4, aux_k=8))
+    dense.load_state_dict(sparse.state_dict())
+    x = torch.randn(32, 16)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[::3] = True
+    out = sparse.train_forward(x)
+    ((out.x_hat - x).pow(2).sum(-1).mean() + sparse.aux_loss(x, out, dead)).backward()
+    pre = dense.pre_acts(x)
+    f = dense.activate(pre)
+    x_hat = dense.decode(f)
+    residual = (x - x_hat).detach()
+    idx = pre.detach().masked_fill(~dead, float("-inf")).topk(8, dim=-1).indices
+    f_aux = torch.zeros_like(pre).scatter(-1, idx, torch.relu(pre.gather(1, idx)))
+    aux = (f_aux @ dense.W_dec - residual).pow(2).sum(-1).mean() / (residual - residual.mean(0)).pow(2).sum(-1).mean()
+    ((x_hat - x).pow(2).sum(-1).mean() + dense.cfg.aux_coefficient * aux).backward()
+    assert torch.allclose(out.x_hat, x_hat, atol=1e-6)
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert torch.allclose(getattr(sparse, name).grad, getattr(dense, name).grad, atol=1e-5), name
+
+
 # -- files ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "jumprelu"])
 def test_save_load_round_trip_is_bit_exact(tmp_path, arch):
