@@ -254,6 +254,8 @@ def test_interrupt_then_resume_is_bit_identical(tmp_path, monkeypatch):
 
     with pytest.raises(TrainingInterrupted):
         train_sae(cfg, interrupted(), out=tmp_path / "b", progress=False)
+    with pytest.raises(InputError, match="unfinished run"):  # a fresh start would lose the checkpoints
+        train_sae(cfg, TensorSource(x, 256), out=tmp_path / "b", progress=False)
     resumed, _ = train_sae(cfg, TensorSource(x, 256), out=tmp_path / "b", resume=True, progress=False)
     assert torch.equal(straight.W_dec, resumed.W_dec) and torch.equal(straight.b_enc, resumed.b_enc)
     with pytest.raises(InputError, match="already holds"):

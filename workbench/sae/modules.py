@@ -422,7 +422,7 @@ def load_sae(folder: Union[str, Path], device: Union[str, torch.device] = "cpu")
         weights = load_file(str(folder / WEIGHTS_FILE))
     except FileNotFoundError as err:
         raise CheckpointError(f"{folder} is not an SAE folder: it needs {CFG_FILE} and {WEIGHTS_FILE}.") from err
-    except (json.JSONDecodeError, Exception) as err:  # safetensors raises its own error types
+    except Exception as err:  # a bad JSON file, or safetensors' own error types for a damaged weights file
         raise CheckpointError(f"Could not read the SAE in {folder} ({type(err).__name__}: {err}); the files are "
                               "damaged or not an SAE.") from err
     arch = cfg.get("architecture")

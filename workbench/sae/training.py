@@ -251,21 +251,22 @@ def train_saes(saes: dict[str, SAE], batches: Iterable[Batch], cfg: SAETrainConf
     so one forward pass of the model feeds them all.
 
     With `out`, each SAE's folder (out itself for one SAE, out/<name> for several) gets log.jsonl,
-    checkpoints/ and finally cfg.json + sae_weights.safetensors (normalisation folded in). A
-    folder that already holds a finished SAE is not overwritten; `resume` continues from the newest
-    checkpoint."""
+    checkpoints/ and finally cfg.json + sae_weights.safetensors (normalisation folded in). Nothing
+    there is overwritten: a finished SAE or an unfinished run is an error, and `resume` continues
+    the unfinished run from its newest checkpoint."""
     out = Path(out) if out is not None else None
     many = len(saes) > 1
     trainers = [_Trainer(name, sae, cfg, _out_for(out, name, many)) for name, sae in saes.items()]
     for t in trainers:
         if t.out is None:
             continue
-        if (t.out / "cfg.json").exists() and not resume:
+        if (t.out / "cfg.json").exists():
             raise InputError(f"{t.out} already holds a trained SAE; choose another --out, or delete it.")
         if resume:
             t.resume()
-        elif (t.out / LOG_FILE).exists():
-            (t.out / LOG_FILE).unlink()  # a fresh run in a folder with an old, unfinished log
+        elif list_checkpoints(t.out) or (t.out / LOG_FILE).exists():
+            raise InputError(f"{t.out} holds an unfinished run; continue it with --resume (resume=True), or delete "
+                             "the folder to start again.")
     start = trainers[0].step
     logs: dict[str, list[dict[str, Any]]] = {t.name: [] for t in trainers}
     it: Iterator[Batch] = iter(batches)
@@ -282,17 +283,17 @@ def train_saes(saes: dict[str, SAE], batches: Iterable[Batch], cfg: SAETrainConf
             except StopIteration:
                 raise InputError(f"The activation source ran out after {step} of {cfg.n_steps} steps; use a "
                                  "looping source or fewer n_tokens.") from None
+            losses = {}
             for t in trainers:
                 if t.key not in batch:
                     raise InputError(f"The activation source gives {sorted(batch)}, not {t.key!r}, which SAE "
                                      f"{t.name!r} reads.")
-                losses = t.train_step(batch[t.key].to(t.sae.W_dec.device))
-                t._last = losses  # noqa: SLF001 - kept for the log line
+                losses[t.name] = t.train_step(batch[t.key].to(t.sae.W_dec.device))
             tokens0 += cfg.batch_size
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.n_steps:
                 rate = tokens0 / max(time.perf_counter() - t0, 1e-9)
                 for t in trainers:
-                    record = t.log_record(t._last, rate)
+                    record = t.log_record(losses[t.name], rate)
                     logs[t.name].append(record)
                     if t.out is not None:
                         t.out.mkdir(parents=True, exist_ok=True)
