@@ -261,8 +261,14 @@ def cmd_sae(argv: list[str]) -> int:
     out = args.out or Path("runs") / f"sae-{hook.replace('.', '_')}-{cfg.sae.arch}"
     batches = (store.batches(cfg.batch_size, seed=cfg.seed, hooks=[hook]) if store is not None
                else _sae_source(args, model, [hook], cfg.batch_size, cfg.seed))
-    train_sae(cfg, batches, name=hook, out=out, device=resolve_device(args.device), resume=args.resume,
-              progress=not args.no_progress)
+    from workbench.train import TrainingInterrupted
+
+    try:
+        train_sae(cfg, batches, name=hook, out=out, device=resolve_device(args.device), resume=args.resume,
+                  progress=not args.no_progress)
+    except TrainingInterrupted as err:
+        print(f"\n{err}".replace("workbench train ...", "workbench sae train ..."), file=sys.stderr)
+        return 130
     return 0
 
 
