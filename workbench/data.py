@@ -37,7 +37,8 @@ class DataConfig:
     """Where training tokens come from."""
 
     text: str = "stdlib"
-    """'stdlib' (the running Python's standard library source), a local file or folder, or 'hub:<dataset>'."""
+    """'stdlib' (the running Python's standard library source), 'facts' (the synthetic knowledge
+    base of workbench.facts), a local file or folder, or 'hub:<dataset>'."""
     tokenizer: Literal["byte", "bpe"] = "byte"
     """'byte': 256 byte tokens + <|endoftext|>; 'bpe': a byte-level BPE trained on the text."""
     bpe_vocab_size: int = 1024
@@ -142,6 +143,10 @@ def load_text(source: str, max_mb: Optional[float] = None):
         if "text" not in ds.column_names:
             raise InputError(f"Hub dataset {name!r} has no 'text' column (columns: {ds.column_names}).")
         return ds.select_columns(["text"])
+    if source == "facts":
+        from workbench.facts import KnowledgeBase
+
+        return datasets.Dataset.from_dict({"text": KnowledgeBase().documents()})
     files = stdlib_files() if source == "stdlib" else local_files(Path(source).expanduser())
     files = _cap(files, max_mb)
     return datasets.load_dataset("text", data_files=[str(f) for f in files], sample_by="document",
@@ -151,6 +156,12 @@ def load_text(source: str, max_mb: Optional[float] = None):
 def _source_fingerprint(source: str, max_mb: Optional[float]) -> str:
     if source.startswith("hub:"):
         return source
+    if source == "facts":
+        import inspect
+
+        from workbench import facts
+
+        return "facts:" + hashlib.sha256(inspect.getsource(facts).encode()).hexdigest()  # changes with the generator
     files = stdlib_files() if source == "stdlib" else local_files(Path(source).expanduser())
     files = _cap(files, max_mb)
     h = hashlib.sha256()
