@@ -3,4 +3,4 @@
 Each module is runnable: `python -m analyses.<name>`, or `workbench run <name>`.
 """
 
-from analyses import circuits, induction_heads, model_card, sae, superposition  # noqa: F401  (each registers itself)
+from analyses import circuits, fact_recall, induction_heads, model_card, sae, superposition  # noqa: F401

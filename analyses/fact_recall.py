@@ -1,0 +1,289 @@
+"""Fact recall: where a model stores facts and how it gets them out. Causal tracing of the residual
+stream, MLPs and attention; linear probes for the attribute against a randomly initialised control;
+attention knockout from the last token to the subject; direct logit attribution to the target.
+
+    workbench run fact-recall                                  # the shipped facts model, its own facts
+    workbench run fact-recall --model hf:/path/to/model --facts-file my_facts.json
+
+A facts file is a JSON list of {"prompt", "subject", "target"} (the target a single token, e.g.
+" Paris"); without one, a model trained on `DataConfig(text="facts")` uses its knowledge base.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import plotly.graph_objects as go
+import torch
+from tqdm.auto import tqdm
+
+from workbench.attribution import direct_logit_attribution
+from workbench.errors import InputError, check_field
+from workbench.facts import KnowledgeBase
+from workbench.model import Transformer
+from workbench.plotting import bars, heatmap, lines
+from workbench.probes import run_collect
+from workbench.report import Analysis, register
+from workbench.tracing import (
+    GROUPS,
+    FactPrompt,
+    attention_knockout,
+    causal_trace,
+    encode_fact,
+    position_groups,
+)
+
+
+@dataclass(frozen=True)
+class FactRecallConfig:
+    """Settings of the fact-recall study."""
+
+    facts_file: str = ""
+    """JSON list of {"prompt", "subject", "target"}; empty: the model's own knowledge base."""
+    n_facts: int = 60
+    """Facts traced (of those the model gets right, top-1)."""
+    noise: float = 3.0
+    """Subject corruption: Gaussian noise of this many embedding standard deviations."""
+    noise_samples: int = 3
+    """Noise draws averaged per fact."""
+    window: int = 3
+    """Layers restored together for MLP and attention traces (and blocked together in knockout)."""
+    probe_subject_fraction: float = 0.3
+    """Share of subjects held out to evaluate the probes on."""
+    seed: int = 0
+    """Seed of the noise, the fact sample and the probe split."""
+
+    def __post_init__(self) -> None:
+        own = "FactRecallConfig"
+        check_field(self.noise > 0, own, "noise", self.noise, "positive (in embedding standard deviations)")
+        for name in ("n_facts", "noise_samples", "window"):
+            value = getattr(self, name)
+            check_field(isinstance(value, int) and value > 0, own, name, value, "a positive integer")
+        check_field(0 < self.probe_subject_fraction < 1, own, "probe_subject_fraction",
+                    self.probe_subject_fraction, "in (0, 1)")
+
+
+def load_facts(path: str) -> list[FactPrompt]:
+    """Facts from a JSON list; errors name the offending row."""
+    try:
+        rows = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise InputError(f"No facts file {path!r}.") from None
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path} is not valid JSON ({err}).") from None
+    if not isinstance(rows, list) or not rows:
+        raise InputError(f"{path} has no facts: it should be a non-empty JSON list of "
+                         '{"prompt", "subject", "target"} objects.')
+    out = []
+    for i, row in enumerate(rows):
+        missing = [k for k in ("prompt", "subject", "target") if not isinstance(row, dict) or k not in row]
+        if missing:
+            raise InputError(f"{path}, row {i}: missing {missing}; each row needs prompt, subject and target.")
+        out.append(FactPrompt(str(row["prompt"]), str(row["subject"]), str(row["target"])))
+    return out
+
+
+def _knowledge_base(model: Any) -> Optional[KnowledgeBase]:
+    data = (getattr(model, "meta", {}).get("train") or {}).get("data") or {}
+    return KnowledgeBase() if data.get("text") == "facts" else None
+
+
+@dataclass(frozen=True, eq=False)
+class FactRecallResult:
+    name: str
+    config: FactRecallConfig
+    n_layers: int
+    recall: dict[str, float]
+    traces: dict[str, dict[str, np.ndarray]]
+    """component -> position group -> mean indirect effect [L]."""
+    p_clean: float
+    p_corrupt: float
+    probes: dict[str, dict[str, np.ndarray]]
+    """'model' / 'control' -> position -> held-out accuracy [L]."""
+    knockout: dict[str, np.ndarray]
+    """'subject' / 'other' -> relative drop in p(target) per window start [L]."""
+    dla: dict[str, float]
+    n_traced: int
+
+    def total_effect(self) -> float:
+        return self.p_clean - self.p_corrupt
+
+    def metrics(self) -> dict[str, Any]:
+        return {"recall": self.recall, "n_traced": self.n_traced, "p_clean": self.p_clean,
+                "p_corrupt": self.p_corrupt,
+                "traces": {c: {g: (None if v is None else np.round(v, 4).tolist()) for g, v in d.items()}
+                           for c, d in self.traces.items()},
+                "probes": {k: {p: np.round(v, 4).tolist() for p, v in d.items()} for k, d in self.probes.items()},
+                "knockout": {k: np.round(v, 4).tolist() for k, v in self.knockout.items()},
+                "dla": self.dla, "mlp_peak": self.mlp_peak()}
+
+    def mlp_peak(self) -> dict[str, Any]:
+        best = max(((g, int(np.argmax(v)), float(np.max(v))) for g, v in self.traces["mlp"].items() if v is not None),
+                   key=lambda t: t[2])
+        return {"position": best[0], "layer": best[1], "effect": best[2]}
+
+    def headlines(self) -> list[str]:
+        out = [", ".join(f"recall {k} {v:.1%}" for k, v in self.recall.items()) +
+               f"; traced {self.n_traced} facts the model gets right: p(target) {self.p_clean:.2f} clean, "
+               f"{self.p_corrupt:.2f} with the subject corrupted"]
+        r = self.traces["resid"]
+        late = r["last token"]
+        early = r["last subject token"]
+        if early is not None:
+            out.append(f"residual stream: at the last subject token the effect peaks at layer {int(np.argmax(early))} "
+                       f"({early.max():.2f}); at the last token it reaches {late[-1]:.2f} by the last layer "
+                       f"({late[-1] / max(self.total_effect(), 1e-9):.0%} of the total effect)")
+        peak = self.mlp_peak()
+        out.append(f"MLP effect peaks at layer {peak['layer']}, {peak['position']} ({peak['effect']:.2f})")
+        probe, ctrl = self.probes["model"], self.probes["control"]
+        for pos in probe:
+            best = int(np.argmax(probe[pos]))
+            acc, base = probe[pos][best], ctrl[pos][best]
+            out.append(f"probe at the {pos}: best layer {best}, held-out accuracy {acc:.0%} "
+                       f"(random-init control {base:.0%}, selectivity {acc - base:+.0%})")
+        ko = self.knockout["subject"]
+        out.append(f"blocking last-token attention to the subject hurts most from layer {int(np.argmax(ko))} "
+                   f"(p(target) −{ko.max():.0%}); to other tokens at most −{self.knockout['other'].max():.0%}")
+        return out
+
+
+def _fit_probes(model: Any, encs: list, labels: list[int], subjects: list[str], cfg: FactRecallConfig
+                ) -> dict[str, np.ndarray]:
+    """Held-out accuracy [L] of a logistic-regression probe for the attribute at each layer and at
+    the last subject token and the last token; train and test subjects never overlap."""
+    from sklearn.linear_model import LogisticRegression
+
+    L = model.cfg.n_layers
+    names = [f"blocks.{l}.hook_resid_post" for l in range(L)]
+    feats = {"last subject token": [[] for _ in range(L)], "last token": [[] for _ in range(L)]}
+    for enc in encs:
+        _, acts = run_collect(model, enc.tokens, names)
+        for l in range(L):
+            a = acts[names[l]][0].float().cpu()
+            feats["last subject token"][l].append(a[enc.subject[1] - 1].numpy())
+            feats["last token"][l].append(a[-1].numpy())
+    uniq = sorted(set(subjects))
+    rng = np.random.default_rng(cfg.seed)
+    test_subjects = set(rng.choice(uniq, size=max(1, int(len(uniq) * cfg.probe_subject_fraction)), replace=False))
+    test = np.array([s in test_subjects for s in subjects])
+    y = np.array(labels)
+    out = {}
+    for pos, per_layer in feats.items():
+        acc = []
+        for l in range(L):
+            X = np.stack(per_layer[l])
+            clf = LogisticRegression(max_iter=500, C=1.0)
+            clf.fit(X[~test], y[~test])
+            acc.append(float((clf.predict(X[test]) == y[test]).mean()))
+        out[pos] = np.array(acc)
+    return out
+
+
+@torch.no_grad()
+def compute(model: Any, cfg: FactRecallConfig) -> FactRecallResult:
+    kb = _knowledge_base(model)
+    if cfg.facts_file:
+        facts = load_facts(cfg.facts_file)
+        recall_sets = {"given facts": facts}
+    elif kb is not None:
+        facts = [FactPrompt(f.prompt, f.subject, f.target) for f in kb.prompts("train")]
+        held = [FactPrompt(f.prompt, f.subject, f.target) for f in kb.prompts("heldout")]
+        recall_sets = {"train": facts, "held-out phrasing": held}
+    else:
+        raise InputError("This model has no knowledge base of its own; pass --facts-file with a JSON list of "
+                         '{"prompt", "subject", "target"}.')
+    encs = [encode_fact(model, f, i) for i, f in enumerate(facts)]
+    recall, correct = {}, None
+    for name, group in recall_sets.items():
+        group_encs = encs if group is facts else [encode_fact(model, f, i) for i, f in enumerate(group)]
+        hits = [int(model(e.tokens)[0, -1].argmax()) == e.target for e in group_encs]
+        recall[name] = float(np.mean(hits))
+        correct = hits if group is facts else correct
+    known = [i for i, ok in enumerate(correct) if ok] or list(range(len(facts)))
+    rng = np.random.default_rng(cfg.seed)
+    traced = sorted(rng.choice(known, size=min(cfg.n_facts, len(known)), replace=False).tolist())
+    L = model.cfg.n_layers
+    sums = {c: {g: np.zeros(L) for g in GROUPS} for c in ("resid", "mlp", "attn")}
+    counts = {g: 0 for g in GROUPS}
+    ko_sum = {"subject": np.zeros(L), "other": np.zeros(L)}
+    p_clean = p_corrupt = 0.0
+    dla_sum: dict[str, float] = {}
+    for i in tqdm(traced, desc="tracing facts", unit="fact", disable=None, leave=False):
+        enc = encs[i]
+        t = causal_trace(model, enc, cfg.noise, window=cfg.window, n_samples=cfg.noise_samples, seed=cfg.seed + i)
+        p_clean += t["p_clean"]
+        p_corrupt += t["p_corrupt"]
+        groups = position_groups(enc)
+        for g in GROUPS:
+            if groups.get(g):
+                counts[g] += 1
+                for c in sums:
+                    sums[c][g] += t[c][:, groups[g]].mean(1)
+        subject = list(range(*enc.subject))
+        other = [p for p in range(1, enc.tokens.shape[1] - 1) if p not in subject]
+        for key, positions in (("subject", subject), ("other", other)):
+            pc, p = attention_knockout(model, enc, positions, cfg.window)
+            ko_sum[key] += (pc - p) / max(pc, 1e-9)
+        with_target = torch.cat([enc.tokens, torch.tensor([[enc.target]], device=enc.tokens.device)], 1)
+        attribution = direct_logit_attribution(model, with_target)
+        for label, v in zip(attribution.labels, attribution.contributions_CBP[:, 0, -1].tolist()):
+            dla_sum[label] = dla_sum.get(label, 0.0) + v
+    n = len(traced)
+    traces = {c: {g: (sums[c][g] / counts[g] if counts[g] else None) for g in GROUPS} for c in sums}
+    # probes: every fact, attribute label per relation value; control: a random model of the same shape
+    labels_txt = [f.target for f in facts]
+    classes = sorted(set(labels_txt))
+    labels = [classes.index(t) for t in labels_txt]
+    subjects = [f.subject for f in facts]
+    probes = {"model": _fit_probes(model, encs, labels, subjects, cfg)}
+    control = Transformer(model.cfg, tokenizer=model.tokenizer).to(next(model.parameters()).device).eval() \
+        if isinstance(model, Transformer) else None
+    if control is not None:
+        torch.manual_seed(cfg.seed)
+        control.init_weights()
+        probes["control"] = _fit_probes(control, encs, labels, subjects, cfg)
+    else:
+        probes["control"] = {k: np.zeros(L) for k in probes["model"]}
+    folder = getattr(model, "folder", None)
+    return FactRecallResult(folder.name if folder is not None else type(model).__name__, cfg, L, recall, traces,
+                            p_clean / n, p_corrupt / n, probes, {k: v / n for k, v in ko_sum.items()},
+                            {k: v / n for k, v in dla_sum.items()}, n)
+
+
+def figures(r: FactRecallResult) -> dict[str, go.Figure]:
+    L = r.n_layers
+    figs = {}
+    groups = [g for g in GROUPS if r.traces["resid"][g] is not None]
+    for comp, title in (("resid", "residual stream"), ("mlp", f"MLP (window {r.config.window})"),
+                        ("attn", f"attention (window {r.config.window})")):
+        z = np.stack([r.traces[comp][g] for g in groups])
+        figs[f"causal trace: {title}"] = heatmap(
+            z, [f"L{l}" for l in range(L)], groups,
+            f"Indirect effect of restoring the {title} (p(target): {r.p_clean:.2f} clean, {r.p_corrupt:.2f} corrupted)",
+            "layer", "position", colorscale="Purples" if comp == "resid" else ("Greens" if comp == "mlp" else "Reds"))
+    xs = {f"{k}: {pos}": list(range(L)) for k in r.probes for pos in r.probes[k]}
+    ys = {f"{k}: {pos}": r.probes[k][pos] for k in r.probes for pos in r.probes[k]}
+    figs["linear probes"] = lines(xs, ys, "Probe accuracy for the attribute on held-out subjects "
+                                  "(control: a randomly initialised model of the same shape)", "layer", "accuracy")
+    figs["attention knockout"] = lines({k: list(range(L)) for k in r.knockout}, r.knockout,
+                                       f"Relative drop in p(target) when the last token cannot attend to them "
+                                       f"(layers l…l+{r.config.window - 1})", "first blocked layer", "drop")
+    figs["direct logit attribution"] = bars({"to the target": r.dla}, "Direct contribution to the target's logit "
+                                            "at the last token (mean over traced facts)", "logit")
+    return figs
+
+
+ANALYSIS = register(Analysis(
+    name="fact-recall",
+    description="Causal tracing, linear probes, attention knockout and direct logit attribution of fact recall.",
+    config_cls=FactRecallConfig, compute=compute, figures=figures, default_models=("facts",),
+))
+
+if __name__ == "__main__":
+    from analyses._cli import main
+
+    main(ANALYSIS.name)
