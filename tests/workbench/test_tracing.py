@@ -37,9 +37,11 @@ def test_restoring_every_layer_at_every_position_gives_back_the_clean_probabilit
     logits, clean = run_collect(attn_model, enc.tokens, names)
     a, b = enc.subject
 
+    noise = torch.randn(b - a, attn_model.cfg.d_model, generator=torch.Generator().manual_seed(0))
+
     def corrupt(x, hook):
         x = x.clone()
-        x[:, a:b] += 5.0
+        x[:, a:b] += noise  # (a constant shift would vanish in LayerNorm)
         return x
 
     restore = [(n, lambda x, hook, n=n: clean[n].clone()) for n in names]
