@@ -12,6 +12,7 @@ A facts file is a JSON list of {"prompt", "subject", "target"} (the target a sin
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -155,17 +156,27 @@ def _fit_probes(model: Any, encs: list, labels: list[int], subjects: list[str], 
                 ) -> dict[str, np.ndarray]:
     """Held-out accuracy [L] of a logistic-regression probe for the attribute at each layer and at
     the last subject token and the last token; train and test subjects never overlap."""
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
 
     L = model.cfg.n_layers
     names = [f"blocks.{l}.hook_resid_post" for l in range(L)]
-    feats = {"last subject token": [[] for _ in range(L)], "last token": [[] for _ in range(L)]}
-    for enc in encs:
-        _, acts = run_collect(model, enc.tokens, names)
-        for l in range(L):
-            a = acts[names[l]][0].float().cpu()
-            feats["last subject token"][l].append(a[enc.subject[1] - 1].numpy())
-            feats["last token"][l].append(a[-1].numpy())
+    feats = {"last subject token": [[None] * len(encs) for _ in range(L)],
+             "last token": [[None] * len(encs) for _ in range(L)]}
+    by_len: dict[int, list[int]] = {}
+    for i, enc in enumerate(encs):  # one forward pass per prompt length
+        by_len.setdefault(enc.tokens.shape[1], []).append(i)
+    for rows in by_len.values():
+        for start in range(0, len(rows), 128):
+            chunk = rows[start:start + 128]
+            _, acts = run_collect(model, torch.cat([encs[i].tokens for i in chunk]), names)
+            for l in range(L):
+                a = acts[names[l]].float().cpu().numpy()
+                for j, i in enumerate(chunk):
+                    feats["last subject token"][l][i] = a[j, encs[i].subject[1] - 1]
+                    feats["last token"][l][i] = a[j, -1]
     uniq = sorted(set(subjects))
     rng = np.random.default_rng(cfg.seed)
     test_subjects = set(rng.choice(uniq, size=max(1, int(len(uniq) * cfg.probe_subject_fraction)), replace=False))
@@ -176,8 +187,10 @@ def _fit_probes(model: Any, encs: list, labels: list[int], subjects: list[str], 
         acc = []
         for l in range(L):
             X = np.stack(per_layer[l])
-            clf = LogisticRegression(max_iter=500, C=1.0)
-            clf.fit(X[~test], y[~test])
+            clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=300, C=0.1))
+            with warnings.catch_warnings():  # a probe that stops short of convergence is still scored on held-out rows
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                clf.fit(X[~test], y[~test])
             acc.append(float((clf.predict(X[test]) == y[test]).mean()))
         out[pos] = np.array(acc)
     return out

@@ -4,6 +4,7 @@
     circuits          every shipped model (attn-only-1l/2l, gelu-2l) budget 30 s on 2 cores
     superposition     the default sweeps, phase diagram, |x| task    budget 60 s on 2 cores
     sae               gelu-2l: 7 SAEs, dashboards, known features    budget 120 s on 2 cores
+    fact-recall       the facts model: tracing, probes, knockout     budget 120 s on 2 cores
 
 Each is timed twice: load the models, compute, draw every figure, write the report folder.
 
@@ -37,7 +38,8 @@ from workbench.report import run_analysis, write_report  # noqa: E402
 BUDGETS = {"induction-heads": (("attn-only-2l",), 60.0),
            "circuits": (("attn-only-2l", "attn-only-1l", "gelu-2l"), 30.0),
            "superposition": ((None,), 60.0),  # trains its own toy models
-           "sae": (("gelu-2l",), 120.0)}
+           "sae": (("gelu-2l",), 120.0),
+           "fact-recall": (("facts",), 120.0)}
 
 
 def timed_run(analysis: str, models: tuple[str, ...], device: str, out: Path) -> float:
