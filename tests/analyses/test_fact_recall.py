@@ -36,3 +36,4 @@ def test_runs_on_a_transformer_bridge_with_a_facts_file(tiny_gpt2, facts_file):
 def test_a_model_without_facts_needs_a_file(attn_model):
     with pytest.raises(InputError, match="facts-file"):
         compute(attn_model, FactRecallConfig())
+
