@@ -41,9 +41,10 @@ def test_every_preset_is_shipped_trained_with_checkpoints():
 
 
 def test_shipped_models_are_small():
-    # attn-only-2l keeps a checkpoint every 400 steps (19 in all) to resolve its phase change
+    # attn-only-2l keeps a checkpoint every 400 steps (19 in all) to resolve its phase change;
+    # facts ships its final weights only (5.6 MB)
     total = sum(p.stat().st_size for p in models_dir().rglob("*") if p.is_file())
-    assert total < 30e6, f"models/ holds {total / 1e6:.1f} MB"
+    assert total < 40e6, f"models/ holds {total / 1e6:.1f} MB"
 
 
 @pytest.mark.parametrize("name", SHIPPED)

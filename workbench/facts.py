@@ -69,7 +69,7 @@ class KnowledgeBase:
     """Relations every subject has (from RELATIONS)."""
     bios_per_subject: int = 6
     """Biography passages per subject (several facts each, random order)."""
-    statements_per_fact: int = 4
+    statements_per_fact: int = 6
     """Single-sentence statements per (subject, relation), cycling through its allowed templates."""
     filler_fraction: float = 0.2
     """Share of documents that are filler text."""
@@ -168,12 +168,16 @@ def target_id(model, fact: Fact, row: int = 0) -> int:
 
 
 def recall(model, facts: list[Fact], batch_size: int = 64) -> list[bool]:
-    """Whether the model's top-1 next token after each prompt is its target."""
+    """Whether the model's top-1 next token after each prompt is its target (each prompt starts
+    with the model's BOS, as every training document follows one)."""
     import torch
+
+    from workbench.probes import special_ids
 
     device = next(model.parameters()).device
     by_len: dict[int, list[int]] = {}
-    encoded = [model.tokenizer.encode(f.prompt) for f in facts]
+    bos, _ = special_ids(model)
+    encoded = [([bos] if bos is not None else []) + model.tokenizer.encode(f.prompt) for f in facts]
     for i, ids in enumerate(encoded):
         by_len.setdefault(len(ids), []).append(i)
     hits = [False] * len(facts)

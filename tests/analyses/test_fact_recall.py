@@ -37,3 +37,31 @@ def test_a_model_without_facts_needs_a_file(attn_model):
     with pytest.raises(InputError, match="facts-file"):
         compute(attn_model, FactRecallConfig())
 
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return compute(workbench.load("facts", device="cpu"), FactRecallConfig(n_facts=30, noise_samples=2))
+
+
+def test_the_facts_model_knows_its_facts_and_their_paraphrases(shipped):
+    assert shipped.recall["train"] >= 0.95
+    assert shipped.recall["held-out phrasing"] >= 0.80
+    assert workbench.load("facts", device="cpu").meta["train_seconds"] <= 600
+
+
+def test_residual_trace_shows_an_early_site_at_the_subject_and_a_late_site_at_the_last_token(shipped):
+    resid, L = shipped.traces["resid"], shipped.n_layers
+    early = resid["last subject token"]
+    assert int(early.argmax()) < L / 2 and early[-1] < early.max() / 2  # peaks early, falls off later
+    late = resid["last token"]
+    assert late[-1] >= 0.9 * shipped.total_effect()
+    for relation_group in ("first subsequent token", "further tokens"):
+        if resid[relation_group] is not None:
+            assert resid[relation_group].max() < 0.05  # the relation's own tokens carry next to nothing
+    assert set(shipped.mlp_peak()) == {"position", "layer", "effect"}
+
+
+def test_probes_are_scored_on_held_out_subjects_against_a_random_model(shipped):
+    model, control = shipped.probes["model"], shipped.probes["control"]
+    assert model["last token"].max() > control["last token"].max() + 0.3
