@@ -11,6 +11,8 @@ A facts file is a JSON list of {"prompt", "subject", "target"} (the target a sin
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import warnings
 from dataclasses import dataclass
@@ -36,6 +38,7 @@ from workbench.tracing import (
     causal_trace,
     encode_fact,
     position_groups,
+    top1_hits,
 )
 
 
@@ -196,26 +199,41 @@ def _fit_probes(model: Any, encs: list, labels: list[int], subjects: list[str], 
     return out
 
 
+def random_control(model: Any, seed: int) -> Any:
+    """The same architecture with fresh random weights: a workbench model re-initialised as it would
+    be for training; any other model (a TransformerBridge) copied, with every matrix redrawn from
+    N(0, 0.02²), vectors of ones (norm scales) kept at one and the rest zeroed."""
+    if isinstance(model, Transformer):
+        cfg = dataclasses.replace(model.cfg, seed=seed)
+        return Transformer(cfg, tokenizer=model.tokenizer).to(next(model.parameters()).device).eval()
+    control = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in control.parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+            elif not torch.all(p == 1):
+                p.zero_()
+    return control.eval()
+
+
 @torch.no_grad()
 def compute(model: Any, cfg: FactRecallConfig) -> FactRecallResult:
     kb = _knowledge_base(model)
     if cfg.facts_file:
-        facts = load_facts(cfg.facts_file)
-        recall_sets = {"given facts": facts}
+        facts, held, names = load_facts(cfg.facts_file), [], ("given facts", "")
     elif kb is not None:
-        facts = [FactPrompt(f.prompt, f.subject, f.target) for f in kb.prompts("train")]
-        held = [FactPrompt(f.prompt, f.subject, f.target) for f in kb.prompts("heldout")]
-        recall_sets = {"train": facts, "held-out phrasing": held}
+        facts, held = ([FactPrompt(f.prompt, f.subject, f.target) for f in kb.prompts(split)]
+                       for split in ("train", "heldout"))
+        names = ("train", "held-out phrasing")
     else:
         raise InputError("This model has no knowledge base of its own; pass --facts-file with a JSON list of "
                          '{"prompt", "subject", "target"}.')
     encs = [encode_fact(model, f, i) for i, f in enumerate(facts)]
-    recall, correct = {}, None
-    for name, group in recall_sets.items():
-        group_encs = encs if group is facts else [encode_fact(model, f, i) for i, f in enumerate(group)]
-        hits = [int(model(e.tokens)[0, -1].argmax()) == e.target for e in group_encs]
-        recall[name] = float(np.mean(hits))
-        correct = hits if group is facts else correct
+    correct = top1_hits(model, encs)
+    recall = {names[0]: float(np.mean(correct))}
+    if held:
+        recall[names[1]] = float(np.mean(top1_hits(model, [encode_fact(model, f, i) for i, f in enumerate(held)])))
     known = [i for i, ok in enumerate(correct) if ok] or list(range(len(facts)))
     rng = np.random.default_rng(cfg.seed)
     traced = sorted(rng.choice(known, size=min(cfg.n_facts, len(known)), replace=False).tolist())
@@ -252,15 +270,8 @@ def compute(model: Any, cfg: FactRecallConfig) -> FactRecallResult:
     classes = sorted(set(labels_txt))
     labels = [classes.index(t) for t in labels_txt]
     subjects = [f.subject for f in facts]
-    probes = {"model": _fit_probes(model, encs, labels, subjects, cfg)}
-    control = Transformer(model.cfg, tokenizer=model.tokenizer).to(next(model.parameters()).device).eval() \
-        if isinstance(model, Transformer) else None
-    if control is not None:
-        torch.manual_seed(cfg.seed)
-        control.init_weights()
-        probes["control"] = _fit_probes(control, encs, labels, subjects, cfg)
-    else:
-        probes["control"] = {k: np.zeros(L) for k in probes["model"]}
+    probes = {"model": _fit_probes(model, encs, labels, subjects, cfg),
+              "control": _fit_probes(random_control(model, cfg.seed), encs, labels, subjects, cfg)}
     folder = getattr(model, "folder", None)
     return FactRecallResult(folder.name if folder is not None else type(model).__name__, cfg, L, recall, traces,
                             p_clean / n, p_corrupt / n, probes, {k: v / n for k, v in ko_sum.items()},

@@ -155,38 +155,11 @@ class KnowledgeBase:
         return out
 
 
-def target_id(model, fact: Fact, row: int = 0) -> int:
-    """The single token id of `fact.target` under the model's tokenizer; an error naming the row if
-    the target is not exactly one token."""
-    from workbench.errors import InputError
 
-    ids = model.tokenizer.encode(fact.target)
-    if len(ids) != 1:
-        raise InputError(f"Fact row {row} ({fact.prompt!r} -> {fact.target!r}): the target is {len(ids)} tokens "
-                         f"under this model's tokenizer; targets must be exactly one token.")
-    return ids[0]
+def recall(model, facts: list[Fact]) -> list[bool]:
+    """Whether the model's top-1 next token after each prompt (after the model's BOS, as every
+    training document starts) is its target."""
+    from workbench.tracing import FactPrompt, encode_fact, top1_hits
 
-
-def recall(model, facts: list[Fact], batch_size: int = 64) -> list[bool]:
-    """Whether the model's top-1 next token after each prompt is its target (each prompt starts
-    with the model's BOS, as every training document follows one)."""
-    import torch
-
-    from workbench.probes import special_ids
-
-    device = next(model.parameters()).device
-    by_len: dict[int, list[int]] = {}
-    bos, _ = special_ids(model)
-    encoded = [([bos] if bos is not None else []) + model.tokenizer.encode(f.prompt) for f in facts]
-    for i, ids in enumerate(encoded):
-        by_len.setdefault(len(ids), []).append(i)
-    hits = [False] * len(facts)
-    with torch.no_grad():
-        for rows in by_len.values():
-            for start in range(0, len(rows), batch_size):
-                chunk = rows[start:start + batch_size]
-                tokens = torch.tensor([encoded[i] for i in chunk], device=device)
-                top = model(tokens)[:, -1].argmax(-1).tolist()
-                for i, t in zip(chunk, top):
-                    hits[i] = t == target_id(model, facts[i], i)
-    return hits
+    return top1_hits(model, [encode_fact(model, FactPrompt(f.prompt, f.subject, f.target), i)
+                             for i, f in enumerate(facts)])

@@ -71,6 +71,23 @@ def encode_fact(model: Any, fact: FactPrompt, row: int = 0) -> Encoded:
     return Encoded(tokens, (span[0] + len(prefix), span[-1] + 1 + len(prefix)), target_ids[0])
 
 
+@torch.no_grad()
+def top1_hits(model: Any, encs: list[Encoded], batch_size: int = 64) -> list[bool]:
+    """Whether the model's top-1 next token after each encoded prompt is its target (prompts of
+    equal length run as one batch)."""
+    by_len: dict[int, list[int]] = {}
+    for i, enc in enumerate(encs):
+        by_len.setdefault(enc.tokens.shape[1], []).append(i)
+    hits = [False] * len(encs)
+    for rows in by_len.values():
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            top = model(torch.cat([encs[i].tokens for i in chunk]))[:, -1].argmax(-1).tolist()
+            for i, t in zip(chunk, top):
+                hits[i] = t == encs[i].target
+    return hits
+
+
 def embedding_noise_std(model: Any) -> float:
     """Standard deviation of the token embeddings' entries (the scale noise is measured in)."""
     return float(model.W_E.detach().float().std())

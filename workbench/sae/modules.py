@@ -98,6 +98,8 @@ class TrainOut:
     vals: Optional[torch.Tensor] = None
     weighted_l1: Optional[torch.Tensor] = None
     """Σ over the batch of Σᵢ fᵢ ‖W_dec,i‖ (ReLU SAEs), with gradient."""
+    xc: Optional[torch.Tensor] = None
+    """x − b_dec, for a sparse AuxK pass (TopK SAEs)."""
 
     def counts(self, d_sae: int) -> tuple[torch.Tensor, float, float]:
         """(times each latent fired [d_sae], Σ L0, Σ L1) over the batch, in one pass."""
@@ -257,9 +259,7 @@ class TopKSAE(SAE):
             pre = xc @ self.W_enc + self.b_enc
         idx = pre.topk(self.cfg.k, dim=-1).indices
         vals, decoded = self._sparse(xc, pre, idx)
-        out = TrainOut(decoded + self.b_dec, pre, idx=idx, vals=vals)
-        out.xc = xc  # kept for the AuxK loss
-        return out
+        return TrainOut(decoded + self.b_dec, pre, idx=idx, vals=vals, xc=xc)
 
     def aux_loss(self, x: torch.Tensor, out: TrainOut, dead: torch.Tensor) -> torch.Tensor:
         """Reconstruct the residual x − x̂ from the k_aux largest dead latents, normalised by the
@@ -270,7 +270,7 @@ class TopKSAE(SAE):
         k_aux = min(self.cfg.aux_k or self.d_in // 2, n_dead)
         residual = (x - out.x_hat).detach()
         idx = out.pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=-1).indices
-        _, recon = self._sparse(getattr(out, "xc", x - self.b_dec), out.pre, idx)
+        _, recon = self._sparse(out.xc if out.xc is not None else x - self.b_dec, out.pre, idx)
         denom = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
         scale = min(n_dead / k_aux, 1.0)
         return self.cfg.aux_coefficient * scale * (recon - residual).pow(2).sum(-1).mean() / denom
