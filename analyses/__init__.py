@@ -1,6 +1,6 @@
-"""The studies. Importing this package registers every analysis with `workbench.report`.
+"""The studies, one module each, found by the `workbench` command through the `workbench.analyses`
+entry points in pyproject.toml (this package imports nothing, so `python -m analyses.<name>` runs
+each module once).
 
 Each module is runnable: `python -m analyses.<name>`, or `workbench run <name>`.
 """
-
-from analyses import circuits, fact_recall, induction_heads, model_card, sae, superposition  # noqa: F401

@@ -49,7 +49,7 @@ from workbench.probes import (
     run_collect,
     text_batch,
 )
-from workbench.report import Analysis, register
+from workbench.report import Analysis
 
 MODES = ("K", "Q", "V")
 COMPONENTS = ("q", "k", "v")
@@ -339,21 +339,23 @@ def figures(r: CircuitsResult) -> dict[str, go.Figure]:
     figs["circuit statistics"] = heatmap(np.stack([a.ravel() for _, _, a in fractions], axis=1),
                                          [n for n, _, _ in fractions], heads,
                                          "Copying score (eigenvalues) and diagonal fraction (row argmax) per circuit",
-                                         "statistic", "head", colorscale="RdBu", zmid=0)
+                                         "statistic", "head", colorbar="score (−1 to 1)", colorscale="RdBu", zmid=0)
     figs["effective rank"] = heatmap(np.stack([a.ravel() for _, _, a in ranks], axis=1), [n for n, _, _ in ranks],
-                                     heads, "Effective rank (exp entropy of singular values)", "circuit", "head")
+                                     heads, "Effective rank (exp entropy of singular values)", "circuit", "head",
+                                     colorbar="effective rank (dimensions)")
     figs["OV circuits"] = heatmap_picker(r.ov_NTT, heads, r.plot_tokens, r.plot_tokens,
                                          f"Full OV circuit W_E W_V W_O W_U ({r.plot_note})", "logit of token",
-                                         "attended token", colorscale="RdBu", zmid=0)
+                                         "attended token", colorbar="logit contribution", colorscale="RdBu", zmid=0)
     figs["QK circuits"] = heatmap_picker(r.qk_NTT, heads, r.plot_tokens, r.plot_tokens,
                                          f"Full QK circuit W_E W_Q W_K^T W_E^T ({r.plot_note})", "key token",
-                                         "query token", colorscale="RdBu", zmid=0)
+                                         "query token", colorbar="attention score (pre-softmax)", colorscale="RdBu",
+                                         zmid=0)
     if r.pos_pattern_NPP is not None:
         P = r.pos_pattern_NPP.shape[-1]
         figs["positional QK pattern"] = heatmap_picker(
             r.pos_pattern_NPP, heads, list(range(P)), list(range(P)),
             f"Attention from position alone: softmax of W_pos W_Q W_K^T W_pos^T / √d_head (first {P} positions)",
-            "key position", "query position", zmin=0, zmax=1)
+            "key position", "query position", colorbar="attention weight (probability)", zmin=0, zmax=1)
     if L > 1:
         early, late = heads[: (L - 1) * H], heads[H:]
         for mode in MODES:
@@ -361,7 +363,7 @@ def figures(r: CircuitsResult) -> dict[str, go.Figure]:
             figs[f"{mode}-composition"] = heatmap(
                 grid, late, early, f"{mode}-composition (white = random baseline {r.baselines[mode]:.3f} ≈ "
                 f"1/√d_model = {1 / np.sqrt(r.d_model):.3f}; red above it)", "later head (reads)",
-                "earlier head (writes)", colorscale="RdBu_r", zmid=r.baselines[mode], text_fmt=".3f")
+                "earlier head (writes)", colorbar="composition score (0 to 1)", colorscale="RdBu_r", zmid=r.baselines[mode], text_fmt=".3f")
     figs["direct logit attribution"] = bars(r.dla, "Direct contribution to the correct next-token logit (mean)",
                                             "logit")
     if r.sender_heads:
@@ -370,19 +372,19 @@ def figures(r: CircuitsResult) -> dict[str, go.Figure]:
                                         list(r.sender_heads),
                                         f"Path patching: repeated-half loss increase (clean {r.clean_loss:.2f} nats) "
                                         "when one head's output comes from other tokens", "receiver input",
-                                        "sender head", colorscale="Reds")
+                                        "sender head", colorbar="Δ loss (nats/token)", colorscale="Reds")
     if r.notes:
         figs["notes"] = table([(str(i + 1), n) for i, n in enumerate(r.notes)], "Notes")
     return figs
 
 
-ANALYSIS = register(Analysis(
+ANALYSIS = Analysis(
     name="circuits",
     description="Full QK/OV and positional circuits, composition scores against a random baseline, direct "
                 "logit attribution and path patching of the induction circuit.",
     config_cls=CircuitsConfig, compute=compute, figures=figures,
     default_models=("attn-only-2l", "attn-only-1l", "gelu-2l"),
-))
+)
 
 if __name__ == "__main__":
     from analyses._cli import main

@@ -30,7 +30,7 @@ from workbench.facts import KnowledgeBase
 from workbench.model import Transformer
 from workbench.plotting import bars, heatmap, lines
 from workbench.probes import run_collect
-from workbench.report import Analysis, register
+from workbench.report import Analysis
 from workbench.tracing import (
     GROUPS,
     FactPrompt,
@@ -288,7 +288,7 @@ def figures(r: FactRecallResult) -> dict[str, go.Figure]:
         figs[f"causal trace: {title}"] = heatmap(
             z, [f"L{l}" for l in range(L)], groups,
             f"Indirect effect of restoring the {title} (p(target): {r.p_clean:.2f} clean, {r.p_corrupt:.2f} corrupted)",
-            "layer", "position", colorscale="Purples" if comp == "resid" else ("Greens" if comp == "mlp" else "Reds"))
+            "layer", "position", colorbar="Δp(target), probability", colorscale="Purples" if comp == "resid" else ("Greens" if comp == "mlp" else "Reds"))
     xs = {f"{k}: {pos}": list(range(L)) for k in r.probes for pos in r.probes[k]}
     ys = {f"{k}: {pos}": r.probes[k][pos] for k in r.probes for pos in r.probes[k]}
     figs["linear probes"] = lines(xs, ys, "Probe accuracy for the attribute on held-out subjects "
@@ -301,11 +301,11 @@ def figures(r: FactRecallResult) -> dict[str, go.Figure]:
     return figs
 
 
-ANALYSIS = register(Analysis(
+ANALYSIS = Analysis(
     name="fact-recall",
     description="Causal tracing, linear probes, attention knockout and direct logit attribution of fact recall.",
     config_cls=FactRecallConfig, compute=compute, figures=figures, default_models=("facts",),
-))
+)
 
 if __name__ == "__main__":
     from analyses._cli import main

@@ -44,7 +44,7 @@ from workbench.probes import (
     require_attention,
     run_collect,
 )
-from workbench.report import Analysis, register
+from workbench.report import Analysis
 
 SCORES = ("induction", "prefix matching", "previous token", "duplicate token", "first token", "copying")
 LABELS = ("induction", "previous-token", "duplicate-token", "copying")
@@ -431,12 +431,12 @@ def figures(r: InductionResult) -> dict[str, go.Figure]:
     figs["head scores"] = heatmap(
         np.stack([r.scores[s].ravel() for s in SCORES], axis=1), list(SCORES), heads,
         f"Head scores (random length-{n} sequence repeated once; copying from the OV circuit)", "score", "head",
-        colorscale="RdBu", zmid=0)
+        colorbar="score (attention probability; copying −1 to 1)", colorscale="RdBu", zmid=0)
     abl_keys = list(r.ablation)
     figs["ablation effects"] = heatmap(np.stack([r.ablation[k].ravel() for k in abl_keys], axis=1),
                                        [f"{k} half" for k in abl_keys], heads,
                                        "Loss increase when the head is ablated (nats/token)", "ablation", "head",
-                                       colorscale="RdBu", zmid=0)
+                                       colorbar="Δ loss (nats/token)", colorscale="RdBu", zmid=0)
     figs["attention of the top heads"] = attention_picker(r.patterns_NSS, r.pattern_heads, r.tokens,
                                                           "Attention on a repeated random sequence")
     positions = list(range(1, len(r.loss_by_position["clean"]) + 1))  # loss at index i predicts token i + 1
@@ -465,13 +465,13 @@ def figures(r: InductionResult) -> dict[str, go.Figure]:
     return figs
 
 
-ANALYSIS = register(Analysis(
+ANALYSIS = Analysis(
     name="induction-heads",
     description="Induction, prefix-matching, previous/duplicate/first-token and copying scores, ablations, "
                 "verdicts and the phase change over checkpoints.",
     config_cls=InductionConfig, compute=compute, figures=figures,
     default_models=("attn-only-2l", "attn-only-1l"),
-))
+)
 
 if __name__ == "__main__":
     from analyses._cli import main

@@ -19,7 +19,7 @@ from workbench.artifacts import LOG_FILE
 from workbench.attention_scores import induction_score, previous_token_score
 from workbench.data import repeated_sequence
 from workbench.plotting import attention_picker, heatmap, lines, table
-from workbench.report import Analysis, register
+from workbench.report import Analysis
 
 
 @dataclass(frozen=True)
@@ -152,9 +152,10 @@ def figures(r: ModelCardResult) -> dict[str, go.Figure]:
     L, H = r.induction_LH.shape
     figs["induction scores"] = heatmap(r.induction_LH, [f"H{h}" for h in range(H)], [f"L{l}" for l in range(L)],
                                        f"Induction score (random length-{r.repeat_len} sequence repeated once)",
-                                       "head", "layer")
+                                       "head", "layer", colorbar="score (attention probability)")
     figs["previous-token scores"] = heatmap(r.prev_token_LH, [f"H{h}" for h in range(H)], [f"L{l}" for l in range(L)],
-                                            "Previous-token score", "head", "layer")
+                                            "Previous-token score", "head", "layer",
+                                            colorbar="score (attention probability)")
     figs["attention on a repeated sequence"] = attention_picker(r.repeat_patterns_NSS, r.head_names,
                                                                 r.repeat_tokens, "Attention, repeated random tokens")
     if r.text_tokens:
@@ -163,11 +164,11 @@ def figures(r: ModelCardResult) -> dict[str, go.Figure]:
     return figs
 
 
-ANALYSIS = register(Analysis(
+ANALYSIS = Analysis(
     name="model-card", description="Config, size, training curves and attention patterns of a model.",
     config_cls=ModelCardConfig, compute=compute, figures=figures,
     default_models=("attn-only-1l", "attn-only-2l", "gelu-2l"),
-))
+)
 
 if __name__ == "__main__":
     from analyses._cli import main

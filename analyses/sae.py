@@ -21,7 +21,7 @@ import torch
 from workbench.errors import InputError, check_field
 from workbench.plotting import bars, histograms, lines, table
 from workbench.probes import text_batch
-from workbench.report import Analysis, register
+from workbench.report import Analysis
 from workbench.sae.activations import TensorSource, check_hooks, model_activations, stream_activations
 from workbench.sae.dashboards import collect_feature_data, render_dashboards
 from workbench.sae.interventions import downstream_metrics
@@ -226,12 +226,12 @@ def figures(r: SAEResult) -> dict[str, go.Figure]:
     return figs
 
 
-ANALYSIS = register(Analysis(
+ANALYSIS = Analysis(
     name="sae",
     description="Train SAEs of several architectures on one hook, evaluate them, plot the L0–FVU frontier, "
                 "and write feature dashboards.",
     config_cls=SAEAnalysisConfig, compute=compute, figures=figures, default_models=("gelu-2l",),
-))
+)
 
 if __name__ == "__main__":
     from analyses._cli import main

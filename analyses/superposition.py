@@ -23,7 +23,7 @@ from plotly.subplots import make_subplots
 
 from workbench.errors import check_field
 from workbench.plotting import LAYOUT, heatmap
-from workbench.report import Analysis, register
+from workbench.report import Analysis
 from workbench.toy_models import (
     PHASES,
     STICKY_FRACTIONS,
@@ -273,7 +273,7 @@ def wtw_figure(s: Sweep) -> go.Figure:
     I = len(s.density)
     rows, cols = _grid(I)
     fig = make_subplots(rows=3 * rows, cols=cols, row_heights=[0.55, 0.1, 0.35] * rows, vertical_spacing=0.03,
-                        subplot_titles=[f"1−S = {d:g}" if r == 0 else "" for blk in range(rows) for r in range(3)
+                        subplot_titles=[f"1−S = {d:.3g}" if r == 0 else "" for blk in range(rows) for r in range(3)
                                         for d in s.density[blk * cols:(blk + 1) * cols].tolist()
                                         + [float("nan")] * (cols - len(s.density[blk * cols:(blk + 1) * cols]))])
     sup_max = max(float(s.superposition.max()), 1e-6)
@@ -281,12 +281,12 @@ def wtw_figure(s: Sweep) -> go.Figure:
         blk, col = divmod(k, cols)
         W = s.W[k]
         fig.add_trace(go.Heatmap(z=W.T @ W, colorscale="RdBu", zmid=0, zmin=-1, zmax=1, showscale=k == 0,
-                                 colorbar=dict(title="WᵀW", len=0.3, y=0.85)), row=3 * blk + 1, col=col + 1)
+                                 colorbar=dict(title="WᵀW (dot product)", len=0.3, y=0.85)), row=3 * blk + 1, col=col + 1)
         fig.add_trace(go.Heatmap(z=s.b[k][None, :], colorscale="RdBu", zmid=0, zmin=-1, zmax=1, showscale=False),
                       row=3 * blk + 2, col=col + 1)
         fig.add_trace(go.Bar(y=s.norms[k], marker=dict(color=s.superposition[k], colorscale="Viridis", cmin=0,
                                                         cmax=sup_max, showscale=k == 0,
-                                                        colorbar=dict(title="Σ(Ŵᵢ·Wⱼ)²", len=0.3, y=0.2)),
+                                                        colorbar=dict(title="Σ(Ŵᵢ·Wⱼ)² (squared length)", len=0.3, y=0.2)),
                              showlegend=False, hovertemplate="feature %{x}: ‖W‖ %{y:.2f}<extra></extra>"),
                       row=3 * blk + 3, col=col + 1)
     fig.update_xaxes(showticklabels=False)
@@ -304,7 +304,7 @@ def geometry_figure(s: Sweep) -> go.Figure:
     """Each m = 2 instance's feature directions as vectors in the plane."""
     I = len(s.density)
     rows, cols = _grid(I)
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"1−S = {d:g}" for d in s.density])
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"1−S = {d:.3g}" for d in s.density])
     lim = max(1.3, float(s.norms.max()) * 1.1)
     colors = [f"hsl({int(300 * i / max(1, s.n - 1))},70%,45%)" for i in range(s.n)]
     for k in range(I):
@@ -351,7 +351,8 @@ def phase_figure(r: SuperpositionResult) -> go.Figure:
     ys = [f"{v:.2g}" for v in r.phase_importance]
     for col, z in ((1, r.phase_relu), (2, r.phase_linear)):
         fig.add_trace(go.Heatmap(z=z, x=xs, y=ys, zmin=-0.5, zmax=2.5, colorscale=scale, showscale=col == 1,
-                                 colorbar=dict(tickvals=[0, 1, 2], ticktext=list(PHASES)),
+                                 colorbar=dict(title="phase of the extra feature", tickvals=[0, 1, 2],
+                                               ticktext=list(PHASES)),
                                  customdata=np.array(PHASES)[z],
                                  hovertemplate="density %{x}, importance %{y}: %{customdata}<extra></extra>"),
                       row=1, col=col)
@@ -365,12 +366,13 @@ def computation_figure(r: SuperpositionResult) -> go.Figure:
     """Which features each neuron of the absolute-value model reads (W₁), per density."""
     I = len(r.abs_density)
     fig = make_subplots(rows=1, cols=I, subplot_titles=[
-        f"1−S = {d:g}: {monosemantic(w).mean():.0%} monosemantic" for d, w in zip(r.abs_density, r.abs_W1)])
+        f"1−S = {d:.3g}: {monosemantic(w).mean():.0%} monosemantic" for d, w in zip(r.abs_density, r.abs_W1)])
     lim = float(np.abs(r.abs_W1).max())
     for k in range(I):
         W1 = r.abs_W1[k]
         order = np.lexsort((-np.abs(W1).max(-1), np.abs(W1).argmax(-1)))  # neurons grouped by their main feature
         fig.add_trace(go.Heatmap(z=W1[order], colorscale="RdBu", zmid=0, zmin=-lim, zmax=lim, showscale=k == 0,
+                                 colorbar=dict(title="W₁ weight"),
                                  hovertemplate="neuron %{y}, feature %{x}: %{z:.2f}<extra></extra>"), row=1, col=k + 1)
         fig.update_xaxes(title="feature", row=1, col=k + 1)
         fig.update_yaxes(title="neuron" if k == 0 else "", autorange="reversed", row=1, col=k + 1)
@@ -388,8 +390,9 @@ def figures(r: SuperpositionResult) -> dict[str, go.Figure]:
             figs[f"{key}: geometry"] = geometry_figure(s)
         figs[f"{key}: dimensionality"] = dimensionality_figure(s)
         figs[f"{key}: superposition per feature"] = heatmap(
-            s.superposition, list(range(s.n)), [f"{d:g}" for d in s.density],
-            "Σ_{j≠i}(Ŵᵢ·Wⱼ)² per feature and density", "feature", "density 1−S", colorscale="Viridis")
+            s.superposition, list(range(s.n)), [f"{d:.3g}" for d in s.density],
+            "Σ_{j≠i}(Ŵᵢ·Wⱼ)² per feature and density", "feature", "density 1−S",
+            colorbar="Σ_{j≠i}(Ŵᵢ·Wⱼ)² (squared length)", colorscale="Viridis")
     if r.phase_relu is not None:
         figs["phase diagram"] = phase_figure(r)
     if r.abs_W1 is not None:
@@ -397,12 +400,12 @@ def figures(r: SuperpositionResult) -> dict[str, go.Figure]:
     return figs
 
 
-ANALYSIS = register(Analysis(
+ANALYSIS = Analysis(
     name="superposition",
     description="Toy models of superposition: sparsity sweeps (batched), WᵀW, geometry, dimensionality, the "
                 "phase diagram and computation in superposition.",
     config_cls=SuperpositionConfig, compute=compute, figures=figures, uses_model=False,
-))
+)
 
 if __name__ == "__main__":
     from analyses._cli import main

@@ -153,13 +153,3 @@ class KnowledgeBase:
             for r, t in pairs:
                 out.append(Fact(s, r, t, RELATIONS[r][1][t].format(s=s), " " + self.facts[s, r]))
         return out
-
-
-
-def recall(model, facts: list[Fact]) -> list[bool]:
-    """Whether the model's top-1 next token after each prompt (after the model's BOS, as every
-    training document starts) is its target."""
-    from workbench.tracing import FactPrompt, encode_fact, top1_hits
-
-    return top1_hits(model, [encode_fact(model, FactPrompt(f.prompt, f.subject, f.target), i)
-                             for i, f in enumerate(facts)])

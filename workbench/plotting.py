@@ -14,12 +14,15 @@ import plotly.graph_objects as go
 LAYOUT = dict(template="plotly_white", margin=dict(l=60, r=20, t=60, b=50))
 
 
-def heatmap(z: np.ndarray, x: Sequence, y: Sequence, title: str, x_title: str = "", y_title: str = "",
-            colorscale: str = "Blues", zmid: Optional[float] = None, text_fmt: Optional[str] = ".2f") -> go.Figure:
-    """A labelled heatmap; cell values printed when `text_fmt` is set and the grid is small."""
+def heatmap(z: np.ndarray, x: Sequence, y: Sequence, title: str, x_title: str = "", y_title: str = "", *,
+            colorbar: str, colorscale: str = "Blues", zmid: Optional[float] = None,
+            text_fmt: Optional[str] = ".2f") -> go.Figure:
+    """A labelled heatmap; `colorbar` titles the colour bar with what the colour measures and its unit.
+    Cell values are printed when `text_fmt` is set and the grid is small."""
     z = np.asarray(z, dtype=float)
     show_text = text_fmt is not None and z.size <= 400
     fig = go.Figure(go.Heatmap(z=z, x=list(x), y=list(y), colorscale=colorscale, zmid=zmid,
+                               colorbar=dict(title=dict(text=colorbar, side="right")),
                                texttemplate=f"%{{z:{text_fmt}}}" if show_text else None))
     fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y_title, **LAYOUT)
     fig.update_yaxes(autorange="reversed")
@@ -42,14 +45,17 @@ def lines(x_by_name: dict[str, Sequence[float]], y_by_name: dict[str, Sequence[f
 
 
 def heatmap_picker(mats_NXY: np.ndarray, names: Sequence[str], x: Sequence, y: Sequence, title: str,
-                   x_title: str = "", y_title: str = "", colorscale: str = "Blues", zmid: Optional[float] = None,
+                   x_title: str = "", y_title: str = "", *, colorbar: str, colorscale: str = "Blues",
+                   zmid: Optional[float] = None,
                    zmin: Optional[float] = None, zmax: Optional[float] = None, hover: str = "%{y} → %{x}: %{z:.3f}",
                    height: int = 650) -> go.Figure:
-    """Several same-shaped heatmaps in one figure; a dropdown picks which one is shown."""
+    """Several same-shaped heatmaps in one figure; a dropdown picks which one is shown. `colorbar` titles
+    the colour bar with what the colour measures and its unit."""
     fig = go.Figure()
     for n, name in enumerate(names):
         fig.add_trace(go.Heatmap(z=mats_NXY[n], x=list(x), y=list(y), colorscale=colorscale, zmid=zmid, zmin=zmin,
-                                 zmax=zmax, visible=n == 0, name=name, hovertemplate=hover + "<extra></extra>"))
+                                 zmax=zmax, visible=n == 0, name=name, hovertemplate=hover + "<extra></extra>",
+                                 colorbar=dict(title=dict(text=colorbar, side="right"))))
     buttons = [dict(label=name, method="update",
                     args=[{"visible": [i == n for i in range(len(names))]}, {"title": f"{title}: {name}"}])
                for n, name in enumerate(names)]
@@ -65,7 +71,7 @@ def attention_picker(patterns_NST: np.ndarray, head_names: Sequence[str], tokens
     """Attention patterns of several heads in one figure; a dropdown picks the head."""
     labels = [f"{i}:{t}" for i, t in enumerate(tokens)]
     return heatmap_picker(patterns_NST, head_names, labels, labels, title, "key position", "query position",
-                          zmin=0, zmax=1, hover="query %{y}<br>key %{x}<br>weight %{z:.3f}")
+                          colorbar="attention weight (probability)", zmin=0, zmax=1, hover="query %{y}<br>key %{x}<br>weight %{z:.3f}")
 
 
 def bars(values: dict[str, dict[str, float]], title: str, y_title: str) -> go.Figure:

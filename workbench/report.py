@@ -1,7 +1,9 @@
 """The report pipeline: model -> compute(model, config) -> frozen Result -> figures(result) -> report.
 
-An analysis registers itself with `register(Analysis(...))` in its module under `analyses/`.
-`run_analysis` runs one; `write_report` writes a folder that opens offline in a browser:
+Analyses are found through the `workbench.analyses` entry-point group (pyproject.toml lists the
+studies in `analyses/`; another installed package can add its own), plus any registered at run
+time with `register(Analysis(...))`. The engine never imports the `analyses` package itself, so
+data flows one way: analyses depend on the engine, not the reverse. `run_analysis` runs one; `write_report` writes a folder that opens offline in a browser:
 
     index.html       every figure and the key numbers, plotly.js embedded once
     metrics.json     the numbers, by section
@@ -11,7 +13,6 @@ An analysis registers itself with `register(Analysis(...))` in its module under 
 from __future__ import annotations
 
 import html
-import importlib
 import json
 import os
 import re
@@ -60,19 +61,31 @@ class Analysis:
     and `workbench report` runs them once)."""
 
 
+ENTRY_POINT_GROUP = "workbench.analyses"
 _REGISTRY: dict[str, Analysis] = {}
 
 
 def register(analysis: Analysis) -> Analysis:
-    """Add an analysis to the registry (called at import of its module)."""
+    """Add an analysis at run time (e.g. one defined in a notebook); installed ones come from entry points."""
     _REGISTRY[analysis.name] = analysis
     return analysis
 
 
 def registry() -> dict[str, Analysis]:
-    """All analyses, importing the `analyses` package so that each registers itself."""
-    importlib.import_module("analyses")
-    return dict(_REGISTRY)
+    """Every analysis: those installed under the `workbench.analyses` entry points, then run-time ones."""
+    from importlib.metadata import entry_points
+
+    found: dict[str, Analysis] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        analysis = ep.load()
+        if not isinstance(analysis, Analysis):
+            raise InputError(f"The entry point {ep.name} = {ep.value!r} ({ENTRY_POINT_GROUP}) is not a "
+                             "workbench.report.Analysis.")
+        found[analysis.name] = analysis
+    if not found:
+        raise InputError(f"No analyses are installed (entry-point group {ENTRY_POINT_GROUP!r} is empty); "
+                         "install the workbench with `pip install -e .` from its checkout.")
+    return {**found, **_REGISTRY}
 
 
 def get_analysis(name: str) -> Analysis:

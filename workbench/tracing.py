@@ -13,7 +13,7 @@ window of layers, and measure the drop in p(target).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -86,6 +86,14 @@ def top1_hits(model: Any, encs: list[Encoded], batch_size: int = 64) -> list[boo
             for i, t in zip(chunk, top):
                 hits[i] = t == encs[i].target
     return hits
+
+
+def recall(model: Any, facts: Sequence[Any]) -> list[bool]:
+    """Whether the model's top-1 next token after each prompt (after the model's BOS, as every
+    training document starts) is its target. `facts` are `workbench.facts.Fact`s, or anything with
+    `.prompt`, `.subject` and `.target`."""
+    return top1_hits(model, [encode_fact(model, FactPrompt(f.prompt, f.subject, f.target), i)
+                             for i, f in enumerate(facts)])
 
 
 def embedding_noise_std(model: Any) -> float:
