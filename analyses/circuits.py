@@ -36,6 +36,7 @@ from workbench.circuits import (
     random_composition_baseline,
     sample_rows,
 )
+from workbench.config import check_types
 from workbench.errors import InputError, check_field
 from workbench.plotting import bars, heatmap, heatmap_picker, table
 from workbench.probes import (
@@ -83,6 +84,7 @@ class CircuitsConfig:
     """Seed of the random sequences and of any row sample."""
 
     def __post_init__(self) -> None:
+        check_types(self)
         own = "CircuitsConfig"
         for name in ("seq_len", "plot_tokens", "text_len"):
             value = getattr(self, name)
@@ -363,7 +365,8 @@ def figures(r: CircuitsResult) -> dict[str, go.Figure]:
             figs[f"{mode}-composition"] = heatmap(
                 grid, late, early, f"{mode}-composition (white = random baseline {r.baselines[mode]:.3f} ≈ "
                 f"1/√d_model = {1 / np.sqrt(r.d_model):.3f}; red above it)", "later head (reads)",
-                "earlier head (writes)", colorbar="composition score (0 to 1)", colorscale="RdBu_r", zmid=r.baselines[mode], text_fmt=".3f")
+                "earlier head (writes)", colorbar="composition score (0 to 1)", colorscale="RdBu_r",
+                zmid=r.baselines[mode], text_fmt=".3f")
     figs["direct logit attribution"] = bars(r.dla, "Direct contribution to the correct next-token logit (mean)",
                                             "logit")
     if r.sender_heads:

@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from workbench.attribution import direct_logit_attribution
+from workbench.config import check_types
 from workbench.errors import InputError, check_field
 from workbench.facts import KnowledgeBase
 from workbench.model import Transformer
@@ -62,6 +63,7 @@ class FactRecallConfig:
     """Seed of the noise, the fact sample and the probe split."""
 
     def __post_init__(self) -> None:
+        check_types(self)
         own = "FactRecallConfig"
         check_field(self.noise > 0, own, "noise", self.noise, "positive (in embedding standard deviations)")
         for name in ("n_facts", "noise_samples", "window"):
@@ -288,7 +290,8 @@ def figures(r: FactRecallResult) -> dict[str, go.Figure]:
         figs[f"causal trace: {title}"] = heatmap(
             z, [f"L{l}" for l in range(L)], groups,
             f"Indirect effect of restoring the {title} (p(target): {r.p_clean:.2f} clean, {r.p_corrupt:.2f} corrupted)",
-            "layer", "position", colorbar="Δp(target), probability", colorscale="Purples" if comp == "resid" else ("Greens" if comp == "mlp" else "Reds"))
+            "layer", "position", colorbar="Δp(target), probability",
+            colorscale="Purples" if comp == "resid" else ("Greens" if comp == "mlp" else "Reds"))
     xs = {f"{k}: {pos}": list(range(L)) for k in r.probes for pos in r.probes[k]}
     ys = {f"{k}: {pos}": r.probes[k][pos] for k in r.probes for pos in r.probes[k]}
     figs["linear probes"] = lines(xs, ys, "Probe accuracy for the attribute on held-out subjects "

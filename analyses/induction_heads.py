@@ -32,6 +32,7 @@ from workbench.attention_scores import (
     previous_token_score,
 )
 from workbench.circuits import copying_score, folded_weights, ov_circuit
+from workbench.config import check_types
 from workbench.data import Batches, DataConfig, build_text_data
 from workbench.errors import InputError, check_field
 from workbench.plotting import attention_picker, heatmap, lines, table
@@ -91,6 +92,7 @@ class InductionConfig:
     """Seed of the random sequences."""
 
     def __post_init__(self) -> None:
+        check_types(self)
         own = "InductionConfig"
         for name in ("seq_len", "prefix_seq_len", "prefix_copies"):
             value = getattr(self, name)

@@ -17,6 +17,7 @@ import torch
 
 from workbench.artifacts import LOG_FILE
 from workbench.attention_scores import induction_score, previous_token_score
+from workbench.config import check_types
 from workbench.data import repeated_sequence
 from workbench.plotting import attention_picker, heatmap, lines, table
 from workbench.report import Analysis
@@ -36,6 +37,7 @@ class ModelCardConfig:
     """Seed of the random sequences."""
 
     def __post_init__(self) -> None:
+        check_types(self)
         if self.repeat_len < 2 or self.n_repeats < 1:
             raise ValueError("ModelCardConfig.repeat_len must be ≥ 2 and n_repeats ≥ 1.")
 

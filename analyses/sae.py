@@ -18,6 +18,7 @@ import numpy as np
 import plotly.graph_objects as go
 import torch
 
+from workbench.config import check_types
 from workbench.errors import InputError, check_field
 from workbench.plotting import bars, histograms, lines, table
 from workbench.probes import text_batch
@@ -66,6 +67,7 @@ class SAEAnalysisConfig:
     """Seed of initialisation and shuffling."""
 
     def __post_init__(self) -> None:
+        check_types(self)
         own = "SAEAnalysisConfig"
         check_field(len(self.saes) > 0, own, "saes", self.saes, "at least one 'architecture:value'")
         for spec in self.saes:

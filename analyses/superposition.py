@@ -21,6 +21,7 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
+from workbench.config import check_types
 from workbench.errors import check_field
 from workbench.plotting import LAYOUT, heatmap
 from workbench.report import Analysis
@@ -96,6 +97,7 @@ class SuperpositionConfig:
     """Seed of data and initialisation."""
 
     def __post_init__(self) -> None:
+        check_types(self)
         own = "SuperpositionConfig"
         check_field(len(self.n_features) == len(self.n_hidden) > 0, own, "n_features/n_hidden",
                     (self.n_features, self.n_hidden), "lists of the same length (one (n, m) pair per sweep)")
@@ -281,12 +283,14 @@ def wtw_figure(s: Sweep) -> go.Figure:
         blk, col = divmod(k, cols)
         W = s.W[k]
         fig.add_trace(go.Heatmap(z=W.T @ W, colorscale="RdBu", zmid=0, zmin=-1, zmax=1, showscale=k == 0,
-                                 colorbar=dict(title="WᵀW (dot product)", len=0.3, y=0.85)), row=3 * blk + 1, col=col + 1)
+                                 colorbar=dict(title="WᵀW (dot product)", len=0.3, y=0.85)),
+                      row=3 * blk + 1, col=col + 1)
         fig.add_trace(go.Heatmap(z=s.b[k][None, :], colorscale="RdBu", zmid=0, zmin=-1, zmax=1, showscale=False),
                       row=3 * blk + 2, col=col + 1)
         fig.add_trace(go.Bar(y=s.norms[k], marker=dict(color=s.superposition[k], colorscale="Viridis", cmin=0,
                                                         cmax=sup_max, showscale=k == 0,
-                                                        colorbar=dict(title="Σ(Ŵᵢ·Wⱼ)² (squared length)", len=0.3, y=0.2)),
+                                                        colorbar=dict(title="Σ(Ŵᵢ·Wⱼ)² (squared length)", len=0.3,
+                                                                      y=0.2)),
                              showlegend=False, hovertemplate="feature %{x}: ‖W‖ %{y:.2f}<extra></extra>"),
                       row=3 * blk + 3, col=col + 1)
     fig.update_xaxes(showticklabels=False)

@@ -15,6 +15,7 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import shlex
 import sys
 import textwrap
 import time
@@ -22,7 +23,8 @@ import typing
 from pathlib import Path
 from typing import Any, Optional
 
-from workbench.errors import WorkbenchError
+from workbench.errors import ConfigError, WorkbenchError
+from workbench.runs import TrainingInterrupted
 
 DEVICE_HELP = "auto (cuda if available, else cpu), cpu or cuda"
 
@@ -78,6 +80,16 @@ def _overrides(args: argparse.Namespace, config_cls: type) -> dict[str, Any]:
     return out
 
 
+def _resume_command(prog: str, argv: list[str], out: Path) -> str:
+    """The exact command that resumes this run: the user's own arguments, with --out and --resume."""
+    args = list(argv)
+    if "--out" not in args and not any(a.startswith("--out=") for a in args):
+        args += ["--out", str(out)]
+    if "--resume" not in args:
+        args.append("--resume")
+    return shlex.join([*prog.split(), *args])
+
+
 def cmd_run(argv: list[str]) -> int:
     from workbench.report import default_report_dir, get_analysis, make_config, registry, run_analysis, write_report
 
@@ -88,8 +100,9 @@ def cmd_run(argv: list[str]) -> int:
     analysis = get_analysis(argv[0])
     parser = argparse.ArgumentParser(prog=f"workbench run {analysis.name}", description=analysis.description)
     if analysis.uses_model:
-        parser.add_argument("--model", default=analysis.default_models[0] if analysis.default_models else None,
-                            help="preset name, model folder, or hf:<name or path>")
+        default_model = analysis.default_models[0] if analysis.default_models else None
+        parser.add_argument("--model", default=default_model,
+                            help=f"preset name, model folder, or hf:<name or path> (default: {default_model})")
     parser.add_argument("--out", type=Path, default=None, help="report folder (default ./reports/<analysis>-<time>)")
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     _add_config_args(parser, analysis.config_cls)
@@ -117,7 +130,7 @@ def cmd_report(argv: list[str]) -> int:
 
 
 def cmd_train(argv: list[str]) -> int:
-    from workbench.train import TrainingInterrupted, load_train_config, train
+    from workbench.train import load_train_config, train
 
     parser = argparse.ArgumentParser(prog="workbench train", description="Train a preset or a config JSON.")
     parser.add_argument("config", help="preset name in models/ or a path to a TrainConfig JSON")
@@ -139,7 +152,8 @@ def cmd_train(argv: list[str]) -> int:
         cfg = dataclasses.replace(cfg, precision=args.precision)
     out = args.out or Path("runs") / name
     try:
-        train(cfg, out, name=name, resume=args.resume, device=args.device, progress=not args.no_progress)
+        train(cfg, out, name=name, resume=args.resume, device=args.device, progress=not args.no_progress,
+              resume_command=_resume_command("workbench train", argv, out))
     except TrainingInterrupted as stop:
         print(f"\n{stop}", file=sys.stderr)
         return 130
@@ -174,6 +188,8 @@ def cmd_list(argv: list[str]) -> int:
     from workbench.loading import models_dir, preset_names, shipped_models
     from workbench.report import registry
 
+    argparse.ArgumentParser(prog="workbench list", description="List the presets (trained or not) in models/ "
+                            "and the analyses `workbench run` knows.").parse_args(argv)
     shipped = set(shipped_models())
     print(f"presets ({models_dir()}):")
     for name in preset_names():
@@ -194,14 +210,12 @@ def _sae_source(args: argparse.Namespace, model: Any, hooks: list[str], batch_si
 
 
 def cmd_sae(argv: list[str]) -> int:
-    import json
 
     import torch
 
     from workbench.errors import InputError
     from workbench.loading import load, resolve_device
     from workbench.sae.activations import ActivationStore, check_hooks, model_activations
-    from workbench.sae.modules import SAEConfig
     from workbench.sae.training import SAETrainConfig, train_sae
 
     usage = "usage: workbench sae {train,cache} --model M --hook H [options]  (--help on each)"
@@ -240,7 +254,7 @@ def cmd_sae(argv: list[str]) -> int:
         print(f"Wrote {store.n_tokens:,} activations of {', '.join(args.hook)} to {args.out} "
               f"({len(store.manifest['shards'])} shards, manifest.json)")
         return 0
-    base = json.loads(args.config.read_text()) if args.config else {}
+    base = _read_json_object(args.config) if args.config else {}
     hook = args.hook[0]
     if len(args.hook) > 1:
         raise InputError("workbench sae train takes one --hook; train several SAEs from Python with train_saes.")
@@ -249,27 +263,41 @@ def cmd_sae(argv: list[str]) -> int:
         raise InputError(f"The store {args.store} holds {store.hooks}, not {hook!r}.")
     probe = torch.zeros(1, 2, dtype=torch.long, device=next(model.parameters()).device) if model is not None else None
     d_in = store.d[hook] if store is not None else model_activations(model, probe, [hook], 0)[hook].shape[-1]
-    sae = dict(base.get("sae", {}))
+    sae = base.get("sae", {})
+    if not isinstance(sae, dict):
+        raise ConfigError(f"The 'sae' section of {args.config} must be a JSON object, got {sae!r:.60}.")
+    sae = dict(sae)
     sae.update({k: v for k, v in {"architecture": args.arch, "k": args.k, "l1_coefficient": args.l1}.items()
                 if v is not None})
     sae.update(d_in=d_in, d_sae=args.d_sae or sae.get("d_sae") or args.expansion * d_in, hook_name=hook,
                model_name=str(args.model or sae.get("model_name", "")))
-    train = {**base, "sae": SAEConfig(**sae)}
+    train = {**base, "sae": sae}
     train.update({k: v for k, v in {"n_tokens": args.n_tokens, "lr": args.lr, "batch_size": args.batch_size}.items()
                   if v is not None})
-    cfg = SAETrainConfig(**train)
+    cfg = SAETrainConfig.from_dict(train, str(args.config) if args.config else "the command line")
     out = args.out or Path("runs") / f"sae-{hook.replace('.', '_')}-{cfg.sae.arch}"
     batches = (store.batches(cfg.batch_size, seed=cfg.seed, hooks=[hook]) if store is not None
                else _sae_source(args, model, [hook], cfg.batch_size, cfg.seed))
-    from workbench.train import TrainingInterrupted
-
     try:
         train_sae(cfg, batches, name=hook, out=out, device=resolve_device(args.device), resume=args.resume,
-                  progress=not args.no_progress)
+                  progress=not args.no_progress, resume_command=_resume_command("workbench sae train", argv, out))
     except TrainingInterrupted as err:
-        print(f"\n{err}".replace("workbench train ...", "workbench sae train ..."), file=sys.stderr)
+        print(f"\n{err}", file=sys.stderr)
         return 130
     return 0
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object, or a ConfigError naming the file."""
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"Could not read {path} as JSON ({err}).") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a JSON object ({{...}}), got {type(data).__name__}.")
+    return data
 
 
 COMMANDS = {"run": cmd_run, "report": cmd_report, "train": cmd_train, "info": cmd_info, "list": cmd_list,

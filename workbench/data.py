@@ -25,11 +25,15 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 
+from workbench.config import check_types
 from workbench.errors import InputError, OfflineError, check_field
 from workbench.tokenizer import Tokenizer, byte_tokenizer, eos_id, train_bpe
 
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst", ".json", ".jsonl", ".csv", ".html", ".c", ".h", ".js")
 _SKIP_STDLIB_DIRS = {"site-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__", "turtledemo"}
+SYNTHETIC_KINDS = ("uniform", "unigram", "text")
+"""What fills a synthetic row: uniform random tokens, random tokens at the text's own frequencies,
+or real training text (DataConfig.synthetic_<kind> is each one's share)."""
 
 
 @dataclass(frozen=True)
@@ -48,7 +52,16 @@ class DataConfig:
     val_fraction: float = 0.02
     """Share of packed text rows held out for validation."""
     synthetic_fraction: float = 0.5
-    """Share of each batch made of repeated random segments (1.0: no text at all)."""
+    """Share of each batch made of synthetic rows in which segments recur (1.0: no plain text)."""
+    synthetic_uniform: float = 1.0
+    """Share of the synthetic rows filled with tokens drawn uniformly from the vocabulary (bytes
+    0–255 for byte models). The three synthetic_* shares sum to 1."""
+    synthetic_unigram: float = 0.0
+    """Share of the synthetic rows filled with tokens drawn from the training text's own token
+    frequencies (mostly printable characters, for byte models)."""
+    synthetic_text: float = 0.0
+    """Share of the synthetic rows that are rows of the training text with some of their own spans
+    repeated later in the row."""
     repeat_len_min: int = 4
     """Shortest repeated segment."""
     repeat_len_max: int = 32
@@ -57,6 +70,7 @@ class DataConfig:
     """Seed of the train/validation split and of every batch."""
 
     def __post_init__(self) -> None:
+        check_types(self)
         own = "DataConfig"
         check_field(self.tokenizer in ("byte", "bpe"), own, "tokenizer", self.tokenizer, "'byte' or 'bpe'")
         check_field(isinstance(self.bpe_vocab_size, int) and self.bpe_vocab_size > 257, own,
@@ -64,15 +78,27 @@ class DataConfig:
         check_field(0.0 < self.val_fraction < 0.5, own, "val_fraction", self.val_fraction, "in (0, 0.5)")
         check_field(0.0 <= self.synthetic_fraction <= 1.0, own, "synthetic_fraction",
                     self.synthetic_fraction, "in [0, 1]")
+        for name in SYNTHETIC_KINDS:
+            share = getattr(self, f"synthetic_{name}")
+            check_field(0.0 <= share <= 1.0, own, f"synthetic_{name}", share, "in [0, 1]")
+        shares = self.synthetic_shares
+        check_field(abs(sum(shares.values()) - 1.0) < 1e-6, own, "synthetic_uniform/unigram/text", shares,
+                    "shares that sum to 1")
         check_field(self.max_text_mb is None or self.max_text_mb > 0, own, "max_text_mb",
                     self.max_text_mb, "positive or None")
+        check_field(self.seed >= 0, own, "seed", self.seed, "an integer ≥ 0")
         check_field(1 <= self.repeat_len_min <= self.repeat_len_max, own, "repeat_len_min",
                     (self.repeat_len_min, self.repeat_len_max), "≥1 and ≤ repeat_len_max")
 
     @property
+    def synthetic_shares(self) -> dict[str, float]:
+        """{kind: share of the synthetic rows} for each kind in SYNTHETIC_KINDS."""
+        return {name: getattr(self, f"synthetic_{name}") for name in SYNTHETIC_KINDS}
+
+    @property
     def uses_text(self) -> bool:
-        """False when every row is synthetic, so no corpus is read."""
-        return self.synthetic_fraction < 1.0
+        """False when every row is synthetic random tokens, so no corpus is read."""
+        return self.synthetic_fraction < 1.0 or self.synthetic_uniform < 1.0
 
     @property
     def d_vocab(self) -> int:
@@ -234,15 +260,16 @@ def build_text_data(cfg: DataConfig, n_ctx: int, tok: Tokenizer) -> TextData:
 
 # -- synthetic tasks --------------------------------------------------------------------------------
 def repeated_segments(n_rows: int, n_ctx: int, vocab: int, len_min: int, len_max: int,
-                      gen: torch.Generator) -> torch.Tensor:
-    """Rows [n_rows, n_ctx] of random tokens in which random segments recur.
+                      gen: torch.Generator, base: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Rows [n_rows, n_ctx] of random tokens (or of `base` [n_rows, n_ctx]) in which random segments recur.
 
     Each block is a random segment (length uniform in [len_min, len_max]) followed by 1 to 3
-    copies of itself, each copy after a gap of 0 to len_min random tokens; blocks start after a
-    random gap. Lengths and gaps vary, so the distance to an earlier copy never sits at a fixed
-    offset, and a model can only predict a copy by looking up what followed the current token.
+    copies of itself, each copy after a gap of 0 to len_min tokens; blocks start after a random
+    gap. Lengths and gaps vary, so the distance to an earlier copy never sits at a fixed offset,
+    and a model can only predict a copy by looking up what followed the current token. Without
+    `base` the rows start as uniform random tokens in [0, vocab).
     """
-    rows = torch.randint(0, vocab, (n_rows, n_ctx), generator=gen)
+    rows = torch.randint(0, vocab, (n_rows, n_ctx), generator=gen) if base is None else base.clone()
     draws = torch.rand(n_rows, 8 * (n_ctx // max(len_min, 1) + 2), generator=gen).tolist()
     for r in range(n_rows):
         u = iter(draws[r])
@@ -281,14 +308,41 @@ class Batches:
     def __init__(self, cfg: DataConfig, n_ctx: int, batch_size: int, text: Optional[TextData],
                  synthetic_vocab: int):
         if cfg.uses_text and text is None:
-            raise InputError("DataConfig.synthetic_fraction < 1 needs text data.")
+            raise InputError("This DataConfig mixes in text (synthetic_fraction < 1, or synthetic rows made "
+                             "from text), so it needs text data.")
         self.cfg, self.n_ctx, self.batch_size, self.text = cfg, n_ctx, batch_size, text
         self.synthetic_vocab = synthetic_vocab
         self.n_synthetic = int(round(batch_size * cfg.synthetic_fraction))
+        self.unigram_V: Optional[torch.Tensor] = None
+        if cfg.synthetic_unigram > 0:
+            assert text is not None
+            counts = np.bincount(text.train.ravel(), minlength=synthetic_vocab)  # separators included
+            self.unigram_V = torch.from_numpy(counts / counts.sum())
 
-    def _synthetic(self, n: int, gen: torch.Generator) -> torch.Tensor:
+    def _kind_rows(self, kind: str, n: int, gen: torch.Generator, pool: Optional[np.ndarray]) -> torch.Tensor:
         c = self.cfg
-        return repeated_segments(n, self.n_ctx, self.synthetic_vocab, c.repeat_len_min, c.repeat_len_max, gen)
+        base = None
+        if kind == "unigram":
+            assert self.unigram_V is not None
+            base = torch.multinomial(self.unigram_V, n * self.n_ctx, replacement=True, generator=gen)
+            base = base.view(n, self.n_ctx)
+        elif kind == "text":
+            assert pool is not None
+            idx = torch.randint(0, len(pool), (n,), generator=gen).numpy()
+            base = torch.from_numpy(pool[idx].astype(np.int64))
+        return repeated_segments(n, self.n_ctx, self.synthetic_vocab, c.repeat_len_min, c.repeat_len_max, gen, base)
+
+    def _synthetic(self, n: int, gen: torch.Generator, pool: Optional[np.ndarray] = None) -> torch.Tensor:
+        """[n, n_ctx] synthetic rows, split among the kinds by their shares (largest remainder)."""
+        shares = self.cfg.synthetic_shares
+        counts = {k: int(np.floor(n * s)) for k, s in shares.items()}
+        by_remainder = sorted(shares, key=lambda k: (-(n * shares[k] - counts[k]), SYNTHETIC_KINDS.index(k)))
+        for k in by_remainder[: n - sum(counts.values())]:
+            counts[k] += 1
+        if pool is None and self.text is not None:
+            pool = self.text.train
+        parts = [self._kind_rows(k, counts[k], gen, pool) for k in SYNTHETIC_KINDS if counts[k]]
+        return torch.cat(parts)
 
     def train(self, step: int) -> torch.Tensor:
         """Token batch [batch_size, n_ctx] for `step`."""
@@ -304,11 +358,19 @@ class Batches:
         return torch.cat(parts)
 
     def validation(self, n_rows: int = 64) -> dict[str, torch.Tensor]:
-        """Fixed validation sets: {'text': [<=n_rows, n_ctx], 'synthetic': [n_rows, n_ctx]} as present."""
+        """Fixed validation sets [<= n_rows, n_ctx], as present: 'text', 'synthetic' (the kinds
+        mixed as in training) and, when several kinds are mixed, 'synthetic_<kind>' for each.
+        Synthetic rows made from text start from validation text."""
         out = {}
+        pool = self.text.val if self.text is not None else None
         if self.cfg.uses_text and self.text is not None:
             out["text"] = torch.from_numpy(self.text.val[:n_rows].astype(np.int64))
         if self.n_synthetic:
-            out["synthetic"] = self._synthetic(n_rows, torch.Generator().manual_seed(self.cfg.seed + 7_777_777))
+            seed = self.cfg.seed + 7_777_777
+            out["synthetic"] = self._synthetic(n_rows, torch.Generator().manual_seed(seed), pool)
+            kinds = [k for k, s in self.cfg.synthetic_shares.items() if s > 0]
+            if len(kinds) > 1:
+                for i, kind in enumerate(kinds):
+                    gen = torch.Generator().manual_seed(seed + 1 + i)
+                    out[f"synthetic_{kind}"] = self._kind_rows(kind, n_rows, gen, pool)
         return out
-

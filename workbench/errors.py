@@ -33,18 +33,33 @@ class OfflineError(WorkbenchError):
     """Something was asked of a hub (Hugging Face) while this machine is offline."""
 
 
+class OutOfSpaceError(WorkbenchError):
+    """The disk filled during a write; the partial output was removed."""
+
+
+class RunLockedError(WorkbenchError):
+    """Another process is writing the same run folder."""
+
+
+class TrainingDiverged(WorkbenchError):
+    """The loss, a gradient or the activations became NaN or inf; the last good checkpoint is kept."""
+
+
 def check_field(ok: bool, owner: str, field: str, value: object, expected: str) -> None:
     """Raise a ConfigError naming `owner.field` unless `ok`."""
     if not ok:
         raise ConfigError(f"{owner}.{field} must be {expected}, got {value!r}.")
 
 
-def unknown_name_message(kind: str, name: str, known: Iterable[str], n: int = 5) -> str:
-    """'Unknown <kind> <name>. Did you mean: ...' with the closest known names."""
+def unknown_name_message(kind: str, name: str, known: Iterable[str], n: int = 5,
+                         listed_by: str = "") -> str:
+    """'Unknown <kind> <name>. Did you mean: ...?' with the closest known names, and where the full
+    list is (`listed_by`, e.g. '`workbench list`')."""
     known = list(known)
     close = difflib.get_close_matches(name, known, n=n, cutoff=0.5)
     if not close:  # fall back to names sharing the last component, e.g. 'hook_pattern'
         tail = name.rsplit(".", 1)[-1]
         close = [k for k in known if k.endswith(tail)][:n]
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
-    return f"Unknown {kind} {name!r}.{hint} ({len(known)} valid names; see `workbench info`.)"
+    where = f"; {listed_by} lists them" if listed_by else ""
+    return f"Unknown {kind} {name!r}.{hint} ({len(known)} valid names{where}.)"

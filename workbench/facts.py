@@ -21,6 +21,7 @@ import random
 from dataclasses import dataclass
 from functools import cached_property
 
+from workbench.config import check_types
 from workbench.errors import check_field
 
 SYLLABLES = ("ka", "lo", "mi", "ru", "te", "va", "no", "si", "be", "da", "fu", "gi", "ho", "ze", "pa", "re", "to",
@@ -77,6 +78,7 @@ class KnowledgeBase:
     """Seed of names, facts, held-out pairs and documents."""
 
     def __post_init__(self) -> None:
+        check_types(self)
         own = "KnowledgeBase"
         check_field(isinstance(self.n_subjects, int) and 10 <= self.n_subjects <= 20_000, own, "n_subjects",
                     self.n_subjects, "an integer in [10, 20000]")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
+from workbench.config import check_types, from_dict
 from workbench.errors import HookNameError, InputError, check_field, unknown_name_message
 
 ReturnType = Literal["logits", "loss", "both"]
@@ -61,6 +62,7 @@ class ModelConfig:
     """Seed of the weight init (its own torch.Generator; the global RNG is left alone)."""
 
     def __post_init__(self) -> None:
+        check_types(self)
         own = "ModelConfig"
         check_field(isinstance(self.n_layers, int) and 1 <= self.n_layers <= 8, own, "n_layers",
                     self.n_layers, "an integer from 1 to 8")
@@ -74,6 +76,7 @@ class ModelConfig:
                     self.normalization_type, "'LN' or None")
         check_field(self.init_range is None or self.init_range > 0, own, "init_range",
                     self.init_range, "a positive float or None")
+        check_field(self.seed >= 0, own, "seed", self.seed, "an integer ≥ 0")
 
     @property
     def attn_only(self) -> bool:
@@ -90,13 +93,9 @@ class ModelConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
-        """Build from a dict, naming any key that is not a field."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise InputError(f"Unknown ModelConfig field(s) {unknown}; valid fields: {sorted(known)}.")
-        return cls(**data)
+    def from_dict(cls, data: Any, where: str = "") -> "ModelConfig":
+        """Build from parsed JSON, naming any key that is not a field or value of the wrong type."""
+        return from_dict(cls, data, where)
 
 
 def _hooked(hook: HookPoint) -> bool:
@@ -303,7 +302,8 @@ class Transformer(HookedRootModule):
     def check_hook_name(self, name: Any) -> None:
         """Raise HookNameError, suggesting the nearest valid names, if `name` is not a hook."""
         if isinstance(name, str) and name not in self.hook_dict:
-            raise HookNameError(unknown_name_message("hook name", name, self.hook_dict))
+            raise HookNameError(unknown_name_message("hook name", name, self.hook_dict,
+                                                     listed_by="`workbench info <model>`"))
 
     def run_with_cache(self, *args: Any, names_filter: Any = None, **kwargs: Any):
         """TransformerLens's run_with_cache; a listed hook name that does not exist is an error."""

@@ -71,7 +71,8 @@ def attention_picker(patterns_NST: np.ndarray, head_names: Sequence[str], tokens
     """Attention patterns of several heads in one figure; a dropdown picks the head."""
     labels = [f"{i}:{t}" for i, t in enumerate(tokens)]
     return heatmap_picker(patterns_NST, head_names, labels, labels, title, "key position", "query position",
-                          colorbar="attention weight (probability)", zmin=0, zmax=1, hover="query %{y}<br>key %{x}<br>weight %{z:.3f}")
+                          colorbar="attention weight (probability)", zmin=0, zmax=1,
+                          hover="query %{y}<br>key %{x}<br>weight %{z:.3f}")
 
 
 def bars(values: dict[str, dict[str, float]], title: str, y_title: str) -> go.Figure:

@@ -3,7 +3,8 @@
 Analyses are found through the `workbench.analyses` entry-point group (pyproject.toml lists the
 studies in `analyses/`; another installed package can add its own), plus any registered at run
 time with `register(Analysis(...))`. The engine never imports the `analyses` package itself, so
-data flows one way: analyses depend on the engine, not the reverse. `run_analysis` runs one; `write_report` writes a folder that opens offline in a browser:
+data flows one way: analyses depend on the engine, not the reverse. `run_analysis` runs one;
+`write_report` writes a folder that opens offline in a browser:
 
     index.html       every figure and the key numbers, plotly.js embedded once
     metrics.json     the numbers, by section
@@ -14,9 +15,7 @@ from __future__ import annotations
 
 import html
 import json
-import os
 import re
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
@@ -27,6 +26,7 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 from tqdm.auto import tqdm
 
+from workbench.artifacts import check_output_folder, strict_json, write_output_folder
 from workbench.errors import InputError, unknown_name_message
 
 
@@ -92,7 +92,7 @@ def get_analysis(name: str) -> Analysis:
     """The analysis called `name`, or an error listing the known ones."""
     known = registry()
     if name not in known:
-        raise InputError(unknown_name_message("analysis", name, known))
+        raise InputError(unknown_name_message("analysis", name, known, listed_by="`workbench list`"))
     return known[name]
 
 
@@ -181,29 +181,30 @@ def _fmt(v: Any) -> str:
 
 
 def write_report(out: Union[str, Path], sections: list[Section], title: str = "workbench report") -> Path:
-    """Write index.html, metrics.json and figures/ into `out` (built aside, then moved into place)."""
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "figures").mkdir(parents=True)
-    for s in sections:
-        for fig_name, fig in s.figures.items():
-            fig.write_html(tmp / "figures" / f"{s.slug}--{re.sub(r'[^A-Za-z0-9_.-]+', '_', fig_name)}.html",
-                           include_plotlyjs="directory")
-    metrics = {s.slug: {"analysis": s.analysis, "model": s.model, "metrics": s.metrics,
-                        "headlines": s.headlines} for s in sections}
-    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    for s in sections:
-        for rel, text in s.files.items():
-            path = tmp / s.slug / rel
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
-    (tmp / "index.html").write_text(_page(title, sections))
-    if out.exists():
-        shutil.rmtree(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out)
-    return out
+    """Write index.html, metrics.json (strict JSON: NaN and inf become null) and figures/ into `out`.
+
+    The report is built in a fresh temporary folder beside `out` and moved into place. An existing
+    `out` is replaced only if the workbench wrote it and nothing was added to it; `.`, `..`, the
+    home folder, the checkout and the models folder are refused (`artifacts.check_output_folder`)."""
+    check_output_folder(Path(out), "report")  # fail before any work
+
+    def build(tmp: Path) -> None:
+        (tmp / "figures").mkdir()
+        for s in sections:
+            for fig_name, fig in s.figures.items():
+                fig.write_html(tmp / "figures" / f"{s.slug}--{re.sub(r'[^A-Za-z0-9_.-]+', '_', fig_name)}.html",
+                               include_plotlyjs="directory")
+        metrics = {s.slug: {"analysis": s.analysis, "model": s.model, "metrics": s.metrics,
+                            "headlines": s.headlines} for s in sections}
+        (tmp / "metrics.json").write_text(json.dumps(strict_json(metrics), indent=2, allow_nan=False) + "\n")
+        for s in sections:
+            for rel, text in s.files.items():
+                path = tmp / s.slug / rel
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(text)
+        (tmp / "index.html").write_text(_page(title, sections))
+
+    return write_output_folder(Path(out), "report", build)
 
 
 def report_all(out: Optional[Union[str, Path]] = None, device: str = "auto", progress: bool = True) -> Path:

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from workbench.artifacts import atomic_write_json
+from workbench.artifacts import atomic_write_json, check_output_folder, write_output_folder
+from workbench.config import check_types
 from workbench.errors import ConfigError, InputError, check_field
 
 Kind = Literal["relu", "linear"]
@@ -68,6 +69,7 @@ class ToyConfig:
     """Seed of the data; instance k is initialised from seed * 1000 + k."""
 
     def __post_init__(self) -> None:
+        check_types(self)
         own = "ToyConfig"
         for name in ("n_features", "n_hidden", "n_seeds", "n_steps", "batch_size"):
             value = getattr(self, name)
@@ -402,24 +404,21 @@ def export_ground_truth(model: ToyModel, instances: list[int], out: Union[str, P
     bad = [i for i in instances if not 0 <= i < model.n_instances]
     if bad:
         raise InputError(f"Instances {bad} are out of range: this model has instances 0–{model.n_instances - 1}.")
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    check_output_folder(out, "ground-truth export")
     gen = torch.Generator(device=model.W.device).manual_seed(seed)
     with torch.no_grad():
         x = model.generate_batch(n_samples, gen)  # [I, N, n]
         h = model.hidden(x)
     meta = {"kind": "workbench.ToyGroundTruth", "n_features": model.n_features, "n_hidden": model.n_hidden,
             "n_samples": n_samples, "seed": seed, "instances": {}}
-    for i in instances:
-        name = f"instance_{i:03d}"
-        save_file({"hidden": h[i].contiguous().cpu(), "features": x[i].contiguous().cpu(),
-                   "directions": model.W[i].detach().T.contiguous().cpu()}, str(tmp / f"{name}.safetensors"))
-        meta["instances"][name] = {"index": i, "sparsity": float(model.sparsity[i]),
-                                   "importance": model.importance[i].tolist()}
-    atomic_write_json(tmp / "config.json", meta)
-    if out.exists():
-        import shutil
 
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
+    def build(tmp: Path) -> None:
+        for i in instances:
+            name = f"instance_{i:03d}"
+            save_file({"hidden": h[i].contiguous().cpu(), "features": x[i].contiguous().cpu(),
+                       "directions": model.W[i].detach().T.contiguous().cpu()}, str(tmp / f"{name}.safetensors"))
+            meta["instances"][name] = {"index": i, "sparsity": float(model.sparsity[i]),
+                                       "importance": model.importance[i].tolist()}
+        atomic_write_json(tmp / "config.json", meta)
+
+    return write_output_folder(out, "ground-truth export", build)

@@ -11,7 +11,7 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -20,18 +20,36 @@ import torch
 from tqdm.auto import tqdm
 
 from workbench.artifacts import (
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
     LOG_FILE,
-    STATE_FILE,
     TOKENIZER_FILE,
+    WEIGHTS_FILE,
+    append_log,
+    has_state,
     list_checkpoints,
     read_config,
+    read_state,
     read_weights,
+    remove_state,
+    run_lock,
+    truncate_log,
     write_checkpoint,
+    write_state,
 )
+from workbench.config import check_types, from_dict
 from workbench.data import Batches, DataConfig, build_text_data, build_tokenizer
-from workbench.errors import CheckpointError, ConfigError, InputError, check_field
+from workbench.errors import (
+    CheckpointError,
+    ConfigError,
+    InputError,
+    TrainingDiverged,
+    check_field,
+    unknown_name_message,
+)
 from workbench.loading import models_dir, resolve_device, save_model
 from workbench.model import ModelConfig, Transformer
+from workbench.runs import StopRequest, TrainingInterrupted, refuse_changed_config, refuse_foreign
 from workbench.tokenizer import TextCodec, load_tokenizer
 
 
@@ -76,6 +94,7 @@ class TrainConfig:
     """'bf16': bfloat16 autocast for matmuls, fp32 master weights and optimizer."""
 
     def __post_init__(self) -> None:
+        check_types(self)
         own = "TrainConfig"
         for name in ("batch_size", "n_steps", "eval_every", "log_every"):
             value = getattr(self, name)
@@ -123,16 +142,10 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        """Build from a dict (e.g. a preset JSON), naming any key that is not a field."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"Unknown TrainConfig field(s) {unknown}; valid fields: {sorted(known)}.")
-        data = dict(data)
-        data["model"] = ModelConfig.from_dict(data.get("model", {}))
-        data["data"] = DataConfig(**data.get("data", {}))
-        return cls(**data)
+    def from_dict(cls, data: Any, where: str = "") -> "TrainConfig":
+        """Build from parsed JSON (e.g. a preset file named by `where`); a key that is not a field, a
+        value of the wrong type or a section that is not an object is a ConfigError naming it."""
+        return from_dict(cls, data, where)
 
 
 def load_train_config(preset_or_path: Union[str, Path]) -> tuple[str, TrainConfig]:
@@ -143,22 +156,15 @@ def load_train_config(preset_or_path: Union[str, Path]) -> tuple[str, TrainConfi
     if not path.exists():
         from workbench.loading import preset_names
 
-        raise InputError(f"No preset or config file {str(preset_or_path)!r}. Presets: {', '.join(preset_names())}.")
+        raise InputError(unknown_name_message("preset or config file", str(preset_or_path), preset_names(),
+                                              listed_by="`workbench list`"))
     try:
         raw = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path} is not valid JSON: {err}") from err
-    raw.pop("description", None)
-    return path.stem, TrainConfig.from_dict(raw)
-
-
-class TrainingInterrupted(Exception):
-    """Ctrl-C during training; a checkpoint was saved at `step`."""
-
-    def __init__(self, step: int, folder: Path):
-        super().__init__(f"Training interrupted at step {step}; checkpoint saved to {folder}. "
-                         "Continue with `workbench train ... --resume`.")
-        self.step, self.folder = step, folder
+    if isinstance(raw, dict):
+        raw.pop("description", None)
+    return path.stem, TrainConfig.from_dict(raw, str(path))
 
 
 @dataclass
@@ -205,139 +211,199 @@ def _autocast(precision: str, device: torch.device):
     return contextlib.nullcontext()
 
 
-def _save_checkpoint(run_dir: Path, run: _Run, cfg: TrainConfig, name: str, with_state: bool,
-                     extra: dict[str, Any]) -> Path:
+RUN_FILES = {LOG_FILE, CHECKPOINTS_DIR, CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE}
+"""What a training run writes at the top of its folder."""
+
+
+def _finite_weights(model: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def _save_checkpoint(run_dir: Path, run: _Run, cfg: TrainConfig, name: str, extra: dict[str, Any]) -> Path:
+    """A checkpoint with optimizer state at `run.step` (older checkpoints lose theirs unless 'all')."""
     meta = {"name": name, "train": cfg.to_dict(), "step": run.step,
             "tokens_seen": run.step * cfg.tokens_per_step, **extra}
 
     def write(folder: Path) -> None:
         save_model(run.model, folder, meta)
-        if with_state:
-            tmp = folder / f".{STATE_FILE}.tmp"
-            torch.save({"optimizer": run.optimizer.state_dict(), "step": run.step,
-                        "torch_rng": torch.get_rng_state()}, tmp)
-            tmp.rename(folder / STATE_FILE)
+        write_state(folder, {"optimizer": run.optimizer.state_dict(), "step": run.step})
 
-    folder = write_checkpoint(run_dir, run.step, write)
-    if with_state and cfg.keep_optimizer_state == "last":
+    size = 3 * sum(p.numel() * p.element_size() for p in run.model.parameters())  # weights + Adam moments
+    folder = write_checkpoint(run_dir, run.step, write, needed_bytes=size)
+    if cfg.keep_optimizer_state == "last":
         for step, old in list_checkpoints(run_dir):
             if step != run.step:
-                (old / STATE_FILE).unlink(missing_ok=True)
+                remove_state(old)
     return folder
 
 
-def _latest_resumable(run_dir: Path, cfg: TrainConfig) -> tuple[int, Path]:
-    steps = [s for s, _ in list_checkpoints(run_dir)]
-    if steps and steps[-1] >= cfg.n_steps:
-        raise InputError(f"--resume: the run in {run_dir} is already complete ({cfg.n_steps} steps). "
-                         "Train a longer config into a new folder to go further.")
-    for step, folder in reversed(list_checkpoints(run_dir)):
-        if (folder / STATE_FILE).exists():
-            return step, folder
-    raise CheckpointError(f"--resume: no checkpoint with optimizer state under {run_dir}/checkpoints. "
-                          "Start a fresh run (without --resume) or point --out at the interrupted run.")
+def _final_meta(cfg: TrainConfig, name: str, step: int, seconds: float, evals: dict[str, float]) -> dict[str, Any]:
+    return {"name": name, "train": cfg.to_dict(), "step": step, "tokens_seen": step * cfg.tokens_per_step,
+            "train_seconds": round(seconds, 1), **evals}  # this process's share, if resumed
 
 
-def _append_log(run_dir: Path, record: dict[str, Any]) -> None:
-    with open(run_dir / LOG_FILE, "a") as f:
-        f.write(json.dumps(record) + "\n")
+def _check_fresh_folder(run_dir: Path, resume_hint: str) -> None:
+    """A new run goes into a new or empty folder; anything else is refused, saying what is there."""
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise InputError(f"--out {run_dir} is a file, not a folder; choose a folder name.")
+    found = list_checkpoints(run_dir)
+    if found or (run_dir / LOG_FILE).exists():
+        last = f" (last checkpoint: step {found[-1][0]})" if found else ""
+        raise InputError(f"{run_dir} already holds a training run{last}. Continue it with {resume_hint}, or choose "
+                         "another --out; nothing was overwritten.")
+    if (run_dir / CONFIG_FILE).exists() or (run_dir / WEIGHTS_FILE).exists():
+        raise InputError(f"{run_dir} already holds a model ({CONFIG_FILE}/{WEIGHTS_FILE}) that is not an unfinished "
+                         "run. Nothing was overwritten; choose another --out.")
+    refuse_foreign(run_dir, RUN_FILES, "training run")
 
 
-def _truncate_log(run_dir: Path, last_step: int) -> None:
-    """Drop log records after `last_step`, so a resumed run's log matches an uninterrupted one."""
-    path = run_dir / LOG_FILE
-    if path.exists():
-        keep = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= last_step]
-        path.write_text("".join(line + "\n" for line in keep))
+def _resume_point(run_dir: Path, cfg: TrainConfig) -> tuple[str, Optional[Path]]:
+    """('start', None): nothing to resume yet; ('finish', ckpt): only the final save is missing;
+    ('continue', ckpt): the newest checkpoint with optimizer state."""
+    found = list_checkpoints(run_dir)
+    if not found:
+        return "start", None
+    refuse_changed_config(read_config(found[-1][1]).get("train"), cfg.to_dict(), run_dir)
+    last_step, last = found[-1]
+    if last_step >= cfg.n_steps:
+        done = (run_dir / CONFIG_FILE).exists() and (run_dir / WEIGHTS_FILE).exists()
+        if done and read_config(run_dir).get("step") == cfg.n_steps:
+            raise InputError(f"--resume: the run in {run_dir} is already complete ({cfg.n_steps} steps). Train a "
+                             "longer config into a new folder to go further.")
+        return "finish", last
+    for _, folder in reversed(found):
+        if has_state(folder):
+            return "continue", folder
+    raise CheckpointError(f"--resume: no checkpoint under {run_dir / CHECKPOINTS_DIR} has optimizer state (it was "
+                          f"removed), so the run cannot continue exactly. Its weights are intact (e.g. {last}); to "
+                          "train further, start a new run with another --out.")
 
 
 def train(cfg: TrainConfig, out: Union[str, Path], *, name: str = "run", resume: bool = False,
-          device: Union[str, torch.device] = "auto", progress: bool = True) -> Path:
-    """Train a model into the run folder `out` and return it. See the module docstring."""
+          device: Union[str, torch.device] = "auto", progress: bool = True,
+          resume_command: Optional[str] = None) -> Path:
+    """Train a model into the run folder `out` and return it. See the module docstring.
+
+    `resume=True` continues the run in `out` from its newest checkpoint (or starts it, if it has
+    none yet). `resume_command` is the exact command a user types to resume; the messages quote it.
+    The folder is locked while this runs: a second process writing it gets a clear error."""
     run_dir = Path(out)
     dev = resolve_device(device)
-    if run_dir.exists() and list_checkpoints(run_dir) and not resume:
-        raise InputError(f"{run_dir} already holds a training run. Pass --resume to continue it, "
-                         "or choose another --out; nothing was overwritten.")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    hint = f"`{resume_command}`" if resume_command else f"train(..., out={str(run_dir)!r}, resume=True)"
+    if not resume:
+        _check_fresh_folder(run_dir, hint)
+    with run_lock(run_dir, "training run"):
+        if not resume:  # again, now that the folder is ours: another process may have started in between
+            _check_fresh_folder(run_dir, hint)
+        return _train(cfg, run_dir, name, resume, dev, progress, hint)
 
-    resume_from: Optional[Path] = None
-    if resume:
-        newest = list_checkpoints(run_dir)
-        if newest and read_config(newest[-1][1]).get("train") != cfg.to_dict():
-            raise ConfigError(f"--resume: the config differs from the one {run_dir} was trained with. "
-                              "Resume with the same preset/config, or start a new run elsewhere.")
-        _, resume_from = _latest_resumable(run_dir, cfg)
-        tokenizer = load_tokenizer(resume_from / TOKENIZER_FILE)
-    else:
-        tokenizer = build_tokenizer(cfg.data)
+
+def _train(cfg: TrainConfig, run_dir: Path, name: str, resume: bool, dev: torch.device, progress: bool,
+           hint: str) -> Path:
+    mode, resume_from = _resume_point(run_dir, cfg) if resume else ("start", None)
+    if resume and mode == "start":
+        print(f"Nothing to resume in {run_dir} yet; starting {name} from step 0.")
+    tokenizer = load_tokenizer(resume_from / TOKENIZER_FILE) if resume_from is not None else build_tokenizer(cfg.data)
+    model = Transformer(cfg.model, tokenizer=TextCodec(tokenizer)).to(dev)
     text = build_text_data(cfg.data, cfg.model.n_ctx, tokenizer) if cfg.data.uses_text else None
     batches = Batches(cfg.data, cfg.model.n_ctx, cfg.batch_size, text, synthetic_vocab=min(256, cfg.model.d_vocab))
     val = batches.validation()
+    if mode == "finish":  # killed after the last checkpoint, before the final save: only that is left
+        model.load_state_dict(read_weights(resume_from, read_config(resume_from)))
+        print(f"The run in {run_dir} reached step {cfg.n_steps}; writing its final model from {resume_from}.")
+        return _finish(cfg, run_dir, name, model, val, 0.0)
 
-    model = Transformer(cfg.model, tokenizer=TextCodec(tokenizer)).to(dev)
     run = _Run(model, _make_optimizer(model, cfg))
     if resume_from is not None:
         model.load_state_dict(read_weights(resume_from, read_config(resume_from)))
-        state = torch.load(resume_from / STATE_FILE, map_location=dev, weights_only=True)
+        state = read_state(resume_from)
         run.optimizer.load_state_dict(state["optimizer"])
-        run.step = state["step"]
-        _truncate_log(run_dir, run.step)
+        run.step = int(state["step"])
+        truncate_log(run_dir / LOG_FILE, run.step)
         print(f"Resuming {name} from step {run.step} ({resume_from})")
     else:
         (run_dir / LOG_FILE).unlink(missing_ok=True)
 
-    ckpt_steps = set(cfg.checkpoint_steps) - ({run.step} if resume_from is not None else set())  # saved already
+    saved_at = run.step if resume_from is not None else -1  # the step of the newest checkpoint on disk
+    last_good = resume_from
+    ckpt_steps = set(cfg.checkpoint_steps)
     bar = tqdm(total=cfg.n_steps, initial=run.step, desc=f"train {name}", disable=not progress,
                unit="step", dynamic_ncols=True)
     model.train()
     t_start = t_last = time.perf_counter()
     tok_since = 0
-    try:
-        while True:
-            if run.step in ckpt_steps:  # checkpoint_steps always ends with n_steps
-                evals = evaluate(model, val, cfg.precision)
-                _append_log(run_dir, {"step": run.step, "tokens": run.step * cfg.tokens_per_step, **evals})
-                _save_checkpoint(run_dir, run, cfg, name, with_state=True, extra=evals)
-            if run.step >= cfg.n_steps:
-                break
-            tokens = batches.train(run.step).to(dev, non_blocking=True)
-            for group in run.optimizer.param_groups:
-                group["lr"] = cfg.lr_at(run.step)
-            with _autocast(cfg.precision, dev):
-                loss = model(tokens, return_type="loss")
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            run.optimizer.step()
-            run.optimizer.zero_grad(set_to_none=True)
-            run.step += 1
-            tok_since += tokens.numel()
-            bar.update(1)
-            if run.step % cfg.log_every == 0:
-                now = time.perf_counter()
-                record = {"step": run.step, "tokens": run.step * cfg.tokens_per_step, "loss": loss.item(),
-                          "lr": cfg.lr_at(run.step - 1), "grad_norm": grad_norm.item(),
-                          "tok_per_s": tok_since / (now - t_last)}
-                if run.step % cfg.eval_every == 0 and run.step not in ckpt_steps:
-                    record.update(evaluate(model, val, cfg.precision))
-                _append_log(run_dir, record)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tok_per_s']:,.0f}")
-                t_last, tok_since = now, 0
-    except KeyboardInterrupt:
+
+    def diverged(what: str) -> TrainingDiverged:
         bar.close()
-        folder = _save_checkpoint(run_dir, run, cfg, name, with_state=True, extra={"interrupted": True})
-        raise TrainingInterrupted(run.step, folder) from None
+        where = f"{last_good} (step {saved_at})" if last_good is not None else "none (no checkpoint was written)"
+        return TrainingDiverged(
+            f"Training stopped: {what} at step {run.step} (lr {cfg.lr_at(run.step):.3g}). The weights were not "
+            f"saved past that point; the last good checkpoint is {where}. Lower TrainConfig.lr (now {cfg.lr:g}) "
+            "or raise warmup_steps, and train into a new --out.")
+
+    try:
+        with StopRequest(f"training {name}") as stop:
+            while True:
+                if run.step in ckpt_steps and run.step != saved_at:  # checkpoint_steps always ends with n_steps
+                    if not _finite_weights(model):
+                        raise diverged("the weights became NaN or inf")
+                    evals = evaluate(model, val, cfg.precision)
+                    append_log(run_dir / LOG_FILE, {"step": run.step, "tokens": run.step * cfg.tokens_per_step,
+                                                    **evals})
+                    last_good, saved_at = _save_checkpoint(run_dir, run, cfg, name, evals), run.step
+                if run.step >= cfg.n_steps:
+                    break
+                if stop.requested:
+                    if saved_at != run.step:
+                        if not _finite_weights(model):
+                            raise diverged("the weights became NaN or inf")
+                        last_good = _save_checkpoint(run_dir, run, cfg, name, {"interrupted": True})
+                    bar.close()
+                    raise TrainingInterrupted(run.step, last_good, hint)
+                tokens = batches.train(run.step).to(dev, non_blocking=True)
+                for group in run.optimizer.param_groups:
+                    group["lr"] = cfg.lr_at(run.step)
+                with _autocast(cfg.precision, dev):
+                    loss = model(tokens, return_type="loss")
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                if not bool(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)):  # before the step: weights kept
+                    run.optimizer.zero_grad(set_to_none=True)
+                    raise diverged(f"the loss was {float(loss):g} and the gradient norm {float(grad_norm):g}")
+                run.optimizer.step()
+                run.optimizer.zero_grad(set_to_none=True)
+                run.step += 1
+                tok_since += tokens.numel()
+                bar.update(1)
+                if run.step % cfg.log_every == 0:
+                    now = time.perf_counter()
+                    record = {"step": run.step, "tokens": run.step * cfg.tokens_per_step, "loss": loss.item(),
+                              "lr": cfg.lr_at(run.step - 1), "grad_norm": grad_norm.item(),
+                              "tok_per_s": tok_since / (now - t_last)}
+                    if run.step % cfg.eval_every == 0 and run.step not in ckpt_steps:
+                        record.update(evaluate(model, val, cfg.precision))
+                    append_log(run_dir / LOG_FILE, record)
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tok_per_s']:,.0f}")
+                    t_last, tok_since = now, 0
+    except KeyboardInterrupt:  # a second Ctrl-C: quit now; the newest checkpoint on disk is consistent
+        bar.close()
+        raise TrainingInterrupted(saved_at, last_good, hint, saved=False) from None
     bar.close()
+    return _finish(cfg, run_dir, name, model, val, time.perf_counter() - t_start)
+
+
+def _finish(cfg: TrainConfig, run_dir: Path, name: str, model: Transformer, val: dict[str, torch.Tensor],
+            seconds: float) -> Path:
+    """The final model at the top of the run folder; then optimizer state is dropped (nothing to resume)."""
+    if not _finite_weights(model):
+        raise TrainingDiverged(f"The final weights of {name} are NaN or inf; nothing was saved at the top of "
+                               f"{run_dir}. Lower TrainConfig.lr and train into a new --out.")
+    save_model(model, run_dir, _final_meta(cfg, name, cfg.n_steps, seconds, evaluate(model, val, cfg.precision)))
     if cfg.keep_optimizer_state == "last":  # a finished run has nothing to resume; keep the folder small
         for _, folder in list_checkpoints(run_dir):
-            (folder / STATE_FILE).unlink(missing_ok=True)
-
-    final_meta = {"name": name, "train": cfg.to_dict(), "step": run.step,
-                  "tokens_seen": run.step * cfg.tokens_per_step,
-                  "train_seconds": round(time.perf_counter() - t_start, 1),  # this process's share, if resumed
-                  **evaluate(model, val, cfg.precision)}
-    save_model(model, run_dir, final_meta)
+            remove_state(folder)
     print(f"Wrote {run_dir}: model.safetensors, config.json, tokenizer.json, {LOG_FILE} and "
-          f"{len(list_checkpoints(run_dir))} checkpoints under {run_dir / 'checkpoints'}")
+          f"{len(list_checkpoints(run_dir))} checkpoints under {run_dir / CHECKPOINTS_DIR}")
     return run_dir

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -24,7 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from workbench.artifacts import atomic_write_json
+from workbench.artifacts import atomic_write_json, write_output_folder
 from workbench.errors import CheckpointError, HookNameError, InputError, unknown_name_message
 
 Batch = dict[str, torch.Tensor]
@@ -35,7 +33,8 @@ def check_hooks(model: Any, hooks: Sequence[str]) -> None:
     """A clear error, with the nearest names, for a hook the model does not have."""
     for hook in hooks:
         if hook not in model.hook_dict:
-            raise HookNameError(unknown_name_message("hook name", hook, model.hook_dict))
+            raise HookNameError(unknown_name_message("hook name", hook, model.hook_dict,
+                                                     listed_by="`workbench info <model>`"))
 
 
 @torch.no_grad()
@@ -138,48 +137,45 @@ class ActivationStore:
     @classmethod
     def write(cls, folder: Union[str, Path], batches: Iterator[Batch], n_tokens: int,
               shard_tokens: int = 262_144) -> "ActivationStore":
-        """Fill a new store with `n_tokens` rows from `batches` (built aside, moved into place)."""
-        folder = Path(folder)
-        tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        shards, pending, have, written = [], [], 0, 0
-        hooks: Optional[list[str]] = None
-        d: dict[str, int] = {}
+        """Fill a new store with `n_tokens` rows from `batches`: built aside, moved into place; an existing
+        folder is replaced only if the workbench wrote it (`artifacts.write_output_folder`)."""
 
-        def flush() -> None:
-            nonlocal pending, have
-            merged = {h: torch.cat([p[h] for p in pending])[:shard_tokens].contiguous().cpu() for h in hooks}
-            name = f"shard_{len(shards):05d}.safetensors"
-            save_file(merged, str(tmp / name))
-            rows = len(next(iter(merged.values())))
-            shards.append({"file": name, "rows": rows, "bytes": (tmp / name).stat().st_size,
-                           "sha256": hashlib.sha256((tmp / name).read_bytes()).hexdigest()})
-            rest = {h: torch.cat([p[h] for p in pending])[shard_tokens:] for h in hooks}
-            pending = [rest] if len(next(iter(rest.values()))) else []
-            have = len(next(iter(rest.values())))
+        def build(tmp: Path) -> None:
+            shards, pending, have, written = [], [], 0, 0
+            hooks: Optional[list[str]] = None
+            d: dict[str, int] = {}
 
-        for batch in batches:
+            def flush() -> None:
+                nonlocal pending, have
+                merged = {h: torch.cat([p[h] for p in pending])[:shard_tokens].contiguous().cpu() for h in hooks}
+                name = f"shard_{len(shards):05d}.safetensors"
+                save_file(merged, str(tmp / name))
+                rows = len(next(iter(merged.values())))
+                shards.append({"file": name, "rows": rows, "bytes": (tmp / name).stat().st_size,
+                               "sha256": hashlib.sha256((tmp / name).read_bytes()).hexdigest()})
+                rest = {h: torch.cat([p[h] for p in pending])[shard_tokens:] for h in hooks}
+                pending = [rest] if len(next(iter(rest.values()))) else []
+                have = len(next(iter(rest.values())))
+
+            for batch in batches:
+                if hooks is None:
+                    hooks, d = list(batch), {h: int(v.shape[-1]) for h, v in batch.items()}
+                take = min(n_tokens - written, len(next(iter(batch.values()))))
+                pending.append({h: v[:take] for h, v in batch.items()})
+                have += take
+                written += take
+                while have >= shard_tokens:
+                    flush()
+                if written >= n_tokens:
+                    break
             if hooks is None:
-                hooks, d = list(batch), {h: int(v.shape[-1]) for h, v in batch.items()}
-            take = min(n_tokens - written, len(next(iter(batch.values()))))
-            pending.append({h: v[:take] for h, v in batch.items()})
-            have += take
-            written += take
-            while have >= shard_tokens:
+                raise InputError("No activations to store: the source was empty.")
+            if have:
                 flush()
-            if written >= n_tokens:
-                break
-        if hooks is None:
-            raise InputError("No activations to store: the source was empty.")
-        if have:
-            flush()
-        atomic_write_json(tmp / MANIFEST, {"kind": "workbench.ActivationStore", "hooks": hooks, "d": d,
-                                           "shards": shards})
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-        return cls(folder)
+            atomic_write_json(tmp / MANIFEST, {"kind": "workbench.ActivationStore", "hooks": hooks, "d": d,
+                                               "shards": shards})
+
+        return cls(write_output_folder(Path(folder), "activation store", build))
 
     def _open(self, shard: dict[str, Any], verify: bool):
         path = self.folder / shard["file"]

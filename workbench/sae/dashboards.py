@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import html
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -18,6 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from workbench.artifacts import write_output_folder
 from workbench.circuits import ln_weight
 from workbench.sae.activations import check_hooks, model_activations
 from workbench.sae.modules import SAE
@@ -193,14 +192,12 @@ def render_dashboards(data: FeatureData, title: str = "SAE features") -> dict[st
 
 
 def write_dashboards(data: FeatureData, folder: Union[str, Path], title: str = "SAE features") -> Path:
-    """Write the site into `folder` (built aside, then moved into place)."""
-    folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name, text in render_dashboards(data, title).items():
-        (tmp / name).write_text(text)
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
-    return folder
+    """Write the site into `folder`: built aside, then moved into place; an existing folder is replaced
+    only if the workbench wrote it (see `artifacts.write_output_folder`)."""
+    pages = render_dashboards(data, title)
+
+    def build(tmp: Path) -> None:
+        for name, text in pages.items():
+            (tmp / name).write_text(text)
+
+    return write_output_folder(Path(folder), "dashboard", build)

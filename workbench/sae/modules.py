@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from workbench.artifacts import atomic_write_json
+from workbench.config import check_types
 from workbench.errors import CheckpointError, ConfigError, InputError, check_field, unknown_name_message
 
 CFG_FILE, WEIGHTS_FILE = "cfg.json", "sae_weights.safetensors"
@@ -65,6 +66,7 @@ class SAEConfig:
     """The model it was trained on (metadata)."""
 
     def __post_init__(self) -> None:
+        check_types(self)
         own = "SAEConfig"
         for name in ("d_in", "d_sae", "k"):
             value = getattr(self, name)

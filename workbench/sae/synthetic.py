@@ -14,6 +14,7 @@ from typing import Union
 import torch
 from safetensors.torch import load_file
 
+from workbench.config import check_types
 from workbench.errors import CheckpointError, check_field
 
 
@@ -31,6 +32,7 @@ class SyntheticFeatures:
     """Seed of the directions (and, offset, of the samples)."""
 
     def __post_init__(self) -> None:
+        check_types(self)
         own = "SyntheticFeatures"
         check_field(self.n_features > 0 and self.d > 0, own, "n_features/d", (self.n_features, self.d), "positive")
         check_field(0 < self.mean_active <= self.n_features, own, "mean_active", self.mean_active,

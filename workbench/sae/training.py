@@ -8,14 +8,17 @@
   sparsity coefficient warms up linearly; gradient-norm clipping.
 - Dead latents: tokens since each last fired; those past `dead_window` feed the AuxK loss.
 - A progress bar with L0, FVU and tokens/s; a JSONL log; log-spaced checkpoints; `resume`.
-- NaN or inf in a batch or in the loss stops training before anything is overwritten, and the
+- NaN or inf in a batch, the loss or the gradient stops training before the step is taken, and the
   error names the last good checkpoint.
+- Ctrl-C is handled between steps (`workbench.runs.StopRequest`), state is safetensors plus JSON
+  (never pickle), and a run folder is locked while a process writes it.
 
 Several SAEs train in lockstep from one source, so one forward pass of the model feeds them all.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -29,17 +32,30 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from workbench.artifacts import atomic_write_json, list_checkpoints, write_checkpoint
-from workbench.errors import CheckpointError, ConfigError, InputError, WorkbenchError, check_field
+from workbench.artifacts import (
+    CHECKPOINTS_DIR,
+    LOG_FILE,
+    append_log,
+    atomic_write_json,
+    list_checkpoints,
+    read_config,
+    read_state,
+    run_lock,
+    truncate_log,
+    write_checkpoint,
+    write_state,
+)
+from workbench.config import check_types, from_dict
+from workbench.errors import CheckpointError, InputError, TrainingDiverged, check_field
+from workbench.runs import StopRequest, TrainingInterrupted, refuse_changed_config, refuse_foreign
 from workbench.sae.activations import Batch
 from workbench.sae.metrics import ReconstructionStats
-from workbench.sae.modules import SAE, SAEConfig, geometric_median, make_sae, save_sae
+from workbench.sae.modules import CFG_FILE, SAE, WEIGHTS_FILE, SAEConfig, geometric_median, make_sae, save_sae
 
-LOG_FILE = "log.jsonl"
-
-
-class TrainingDiverged(WorkbenchError):
-    """The loss or the activations became NaN or inf."""
+__all__ = ["SAETrainConfig", "TrainingDiverged", "train_sae", "train_saes"]
+TRAINING_WEIGHTS = "training_weights.safetensors"
+RUN_FILES = {LOG_FILE, CHECKPOINTS_DIR, CFG_FILE, WEIGHTS_FILE}
+"""What an SAE run writes at the top of its folder."""
 
 
 @dataclass(frozen=True)
@@ -76,6 +92,7 @@ class SAETrainConfig:
     """Seed of the initialisation."""
 
     def __post_init__(self) -> None:
+        check_types(self)
         own = "SAETrainConfig"
         for name in ("n_tokens", "batch_size", "log_every", "dead_window"):
             value = getattr(self, name)
@@ -89,6 +106,7 @@ class SAETrainConfig:
         check_field(self.b_dec_init in ("geometric_median", "mean", "zeros"), own, "b_dec_init", self.b_dec_init,
                     "'geometric_median', 'mean' or 'zeros'")
         check_field(self.n_checkpoints >= 0, own, "n_checkpoints", self.n_checkpoints, "≥ 0")
+        check_field(self.seed >= 0, own, "seed", self.seed, "an integer ≥ 0")
 
     @property
     def n_steps(self) -> int:
@@ -116,14 +134,10 @@ class SAETrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "SAETrainConfig":
-        data = dict(data)
-        data["sae"] = SAEConfig(**data.get("sae", {}))
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"Unknown SAETrainConfig field(s) {unknown}; valid: {sorted(known)}.")
-        return cls(**data)
+    def from_dict(cls, data: Any, where: str = "") -> "SAETrainConfig":
+        """Build from parsed JSON (with its `sae` section); unknown keys and wrong types are errors
+        that name the field."""
+        return from_dict(cls, data, where)
 
 
 class _Trainer:
@@ -145,34 +159,41 @@ class _Trainer:
 
         def write(tmp: Path) -> None:
             save_file({k: v.detach().contiguous().cpu() for k, v in self.sae.state_dict().items()},
-                      str(tmp / "training_weights.safetensors"))
-            torch.save({"optimizer": self.opt.state_dict(), "since_fired": self.since_fired.cpu(),
-                        "scale": self.scale, "step": self.step}, tmp / "training_state.pt")
-            atomic_write_json(tmp / "config.json", {"kind": "workbench.SAECheckpoint", "step": self.step,
-                                                    "train": self.cfg.to_dict()})
+                      str(tmp / TRAINING_WEIGHTS))
+            write_state(tmp, {"optimizer": self.opt.state_dict(), "since_fired": self.since_fired,
+                              "scale": self.scale, "step": self.step})
+            atomic_write_json(tmp / "config.json", {"kind": "workbench.SAECheckpoint", "format_version": 1,
+                                                    "step": self.step, "train": self.cfg.to_dict()})
 
-        return write_checkpoint(self.out, self.step, write)
+        size = 3 * sum(p.numel() * p.element_size() for p in self.sae.parameters())
+        return write_checkpoint(self.out, self.step, write, needed_bytes=size)
 
     def last_checkpoint(self) -> str:
         found = list_checkpoints(self.out) if self.out is not None else []
         return f"{found[-1][1]} (step {found[-1][0]})" if found else "none (no checkpoint was written yet)"
 
-    def resume(self) -> None:
-        found = list_checkpoints(self.out) if self.out is not None else []
-        if not found:
-            raise CheckpointError(f"Nothing to resume in {self.out}: it has no checkpoints.")
-        step, folder = found[-1]
+    def checkpoint_steps(self) -> set[int]:
+        return {s for s, _ in list_checkpoints(self.out)} if self.out is not None else set()
+
+    def resume(self, step: int) -> None:
+        """Load the checkpoint at `step` (weights, optimizer, dead-latent counters, scale)."""
+        folder = dict(list_checkpoints(self.out))[step]
         try:
-            weights = load_file(str(folder / "training_weights.safetensors"))
-            state = torch.load(folder / "training_state.pt", map_location=self.sae.W_dec.device,
-                               weights_only=False)
-        except Exception as err:
-            raise CheckpointError(f"Checkpoint {folder} is damaged ({err}); delete it to resume from the one "
-                                  "before.") from err
+            saved_cfg = read_config(folder).get("train")
+        except CheckpointError:
+            saved_cfg = json.loads((folder / "config.json").read_text()).get("train")
+        refuse_changed_config(saved_cfg, self.cfg.to_dict(), self.out)
+        try:
+            weights = load_file(str(folder / TRAINING_WEIGHTS))
+        except Exception as err:  # safetensors raises its own error types for a damaged file
+            raise CheckpointError(f"{folder / TRAINING_WEIGHTS} is damaged ({err}). Move {folder} out of "
+                                  f"{folder.parent} to resume from the checkpoint before it.") from err
+        state = read_state(folder)
         self.sae.load_state_dict(weights)
         self.opt.load_state_dict(state["optimizer"])
         self.since_fired = state["since_fired"].to(self.sae.W_dec.device)
-        self.scale, self.step = state["scale"], state["step"]
+        self.scale, self.step = state["scale"], int(state["step"])
+        truncate_log(self.out / LOG_FILE, self.step)
 
     # -- one step ---------------------------------------------------------------------------------
     def init_from(self, x: torch.Tensor) -> None:
@@ -204,10 +225,15 @@ class _Trainer:
         if not torch.isfinite(loss):
             raise TrainingDiverged(f"The loss of {self.name} became {float(loss)} at step {self.step}. Nothing was "
                                    f"overwritten; the last good checkpoint is {self.last_checkpoint()}. Lower the "
-                                   "learning rate or the sparsity coefficient, then resume.")
+                                   "learning rate or the sparsity coefficient, and train into a new --out.")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+        if not torch.isfinite(grad_norm):
+            self.opt.zero_grad(set_to_none=True)
+            raise TrainingDiverged(f"The gradient of {self.name} became {float(grad_norm)} at step {self.step}. "
+                                   f"Nothing was overwritten; the last good checkpoint is {self.last_checkpoint()}. "
+                                   "Lower the learning rate, and train into a new --out.")
         self.opt.step()
         sae.after_step()
         fired, l0_sum, l1_sum = out.counts(sae.d_sae)
@@ -243,73 +269,128 @@ def _out_for(out: Optional[Path], name: str, many: bool) -> Optional[Path]:
     return out / name.replace("/", "_") if many else out
 
 
+def _check_fresh(t: _Trainer, hint: str) -> None:
+    if t.out is None or not t.out.exists():
+        return
+    if (t.out / CFG_FILE).exists():
+        raise InputError(f"{t.out} already holds a trained SAE; nothing was overwritten. Choose another --out.")
+    if list_checkpoints(t.out) or (t.out / LOG_FILE).exists():
+        raise InputError(f"{t.out} holds an unfinished SAE run; continue it with {hint}, or choose another --out.")
+    refuse_foreign(t.out, RUN_FILES, "SAE run")
+
+
+def _resume_all(trainers: list[_Trainer]) -> list[_Trainer]:
+    """Resume every unfinished trainer from the newest step all of them saved (a kill can land between
+    two SAEs' checkpoints); trainers whose SAE was already saved get its weights and sit out.
+    Returns the trainers that still train."""
+    from workbench.sae.modules import load_sae
+
+    todo = []
+    for t in trainers:
+        if t.out is not None and (t.out / CFG_FILE).exists():
+            t.sae.load_state_dict(load_sae(t.out, device=t.sae.W_dec.device).state_dict())
+            print(f"SAE {t.name} is already finished in {t.out}; it is not trained again.")
+        else:
+            todo.append(t)
+    if not todo:
+        raise InputError(f"--resume: every SAE in {trainers[0].out} is already finished; nothing to resume. Train "
+                         "into a new --out to go further.")
+    common = set.intersection(*(t.checkpoint_steps() for t in todo))
+    if not common:
+        for t in todo:
+            if t.out is not None:
+                (t.out / LOG_FILE).unlink(missing_ok=True)  # the log of a run that never reached a checkpoint
+        print(f"Nothing to resume in {todo[0].out} yet (no checkpoint was written); starting from step 0.")
+        return todo
+    for t in todo:
+        t.resume(max(common))
+    return todo
+
+
 def train_saes(saes: dict[str, SAE], batches: Iterable[Batch], cfg: SAETrainConfig,
-               out: Optional[Union[str, Path]] = None, resume: bool = False, progress: bool = True
-               ) -> dict[str, list[dict[str, Any]]]:
+               out: Optional[Union[str, Path]] = None, resume: bool = False, progress: bool = True,
+               resume_command: Optional[str] = None) -> dict[str, list[dict[str, Any]]]:
     """Train each SAE on `batch[its hook_name]` (or `batch[name]` when it has none) of every batch from
     `batches`; returns each one's log. Several SAEs on the same or different hooks share each batch,
     so one forward pass of the model feeds them all.
 
     With `out`, each SAE's folder (out itself for one SAE, out/<name> for several) gets log.jsonl,
     checkpoints/ and finally cfg.json + sae_weights.safetensors (normalisation folded in). Nothing
-    there is overwritten: a finished SAE or an unfinished run is an error, and `resume` continues
-    the unfinished run from its newest checkpoint."""
+    there is overwritten: a finished SAE, an unfinished run or someone else's files are an error.
+    `resume` continues the unfinished run from its newest checkpoint, or starts it if it has none;
+    its config must equal the one the run started with. Each folder is locked while training."""
     out = Path(out) if out is not None else None
     many = len(saes) > 1
     trainers = [_Trainer(name, sae, cfg, _out_for(out, name, many)) for name, sae in saes.items()]
-    for t in trainers:
-        if t.out is None:
-            continue
-        if (t.out / "cfg.json").exists():
-            raise InputError(f"{t.out} already holds a trained SAE; choose another --out, or delete it.")
-        if resume:
-            t.resume()
-        elif list_checkpoints(t.out) or (t.out / LOG_FILE).exists():
-            raise InputError(f"{t.out} holds an unfinished run; continue it with --resume (resume=True), or delete "
-                             "the folder to start again.")
-    start = trainers[0].step
+    hint = f"`{resume_command}`" if resume_command else "resume=True"
+    if not resume:
+        for t in trainers:
+            _check_fresh(t, hint)
+    with contextlib.ExitStack() as locks:
+        for t in trainers:
+            if t.out is not None:
+                locks.enter_context(run_lock(t.out, "SAE training run"))
+        if not resume:
+            for t in trainers:
+                _check_fresh(t, hint)  # again under the lock: another process may have started in between
+        active = _resume_all(trainers) if resume and out is not None else trainers
+        return _train_loop(trainers, active, batches, cfg, progress, hint)
+
+
+def _train_loop(trainers: list[_Trainer], active: list[_Trainer], batches: Iterable[Batch], cfg: SAETrainConfig,
+                progress: bool, hint: str) -> dict[str, list[dict[str, Any]]]:
+    start = active[0].step
     logs: dict[str, list[dict[str, Any]]] = {t.name: [] for t in trainers}
     it: Iterator[Batch] = iter(batches)
     for _ in range(start):  # keep the data stream aligned with the resumed steps
         next(it)
     ckpt_steps = cfg.checkpoint_steps()
-    bar = tqdm(range(start, cfg.n_steps), desc="SAE", unit="step", disable=not progress or None, initial=start,
-               total=cfg.n_steps)
+    saved_at = start if start else -1
+    bar = tqdm(total=cfg.n_steps, initial=start, desc="SAE", unit="step", disable=not progress or None)
     t0, tokens0 = time.perf_counter(), 0
+    step = start
     try:
-        for step in bar:
-            try:
-                batch = next(it)
-            except StopIteration:
-                raise InputError(f"The activation source ran out after {step} of {cfg.n_steps} steps; use a "
-                                 "looping source or fewer n_tokens.") from None
-            losses = {}
-            for t in trainers:
-                if t.key not in batch:
-                    raise InputError(f"The activation source gives {sorted(batch)}, not {t.key!r}, which SAE "
-                                     f"{t.name!r} reads.")
-                losses[t.name] = t.train_step(batch[t.key].to(t.sae.W_dec.device))
-            tokens0 += cfg.batch_size
-            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.n_steps:
-                rate = tokens0 / max(time.perf_counter() - t0, 1e-9)
-                for t in trainers:
-                    record = t.log_record(losses[t.name], rate)
-                    logs[t.name].append(record)
-                    if t.out is not None:
-                        t.out.mkdir(parents=True, exist_ok=True)
-                        with open(t.out / LOG_FILE, "a") as fh:
-                            fh.write(json.dumps(record) + "\n")
-                first = logs[trainers[0].name][-1]
-                bar.set_postfix(L0=f"{first['l0']:.1f}", FVU=f"{first['fvu']:.3f}", tok_s=f"{rate:,.0f}")
-            if step + 1 in ckpt_steps:
-                for t in trainers:
-                    t._checkpoint()
-    except KeyboardInterrupt:
-        from workbench.train import TrainingInterrupted
-
-        saved = [t._checkpoint() for t in trainers]
-        raise TrainingInterrupted(trainers[0].step, saved[0] or Path(".")) from None
-    for t in trainers:
+        with StopRequest("SAE training") as stop:
+            while step < cfg.n_steps:
+                if stop.requested:
+                    saved = [t._checkpoint() for t in active] if saved_at != step else [None]
+                    bar.close()
+                    folder = saved[0] or (active[0].out and dict(list_checkpoints(active[0].out)).get(step))
+                    raise TrainingInterrupted(step, folder, hint)
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    raise InputError(f"The activation source ran out after {step} of {cfg.n_steps} steps; use a "
+                                     "looping source or fewer n_tokens.") from None
+                losses = {}
+                for t in active:
+                    if t.key not in batch:
+                        raise InputError(f"The activation source gives {sorted(batch)}, not {t.key!r}, which SAE "
+                                         f"{t.name!r} reads.")
+                    losses[t.name] = t.train_step(batch[t.key].to(t.sae.W_dec.device))
+                step += 1
+                bar.update(1)
+                tokens0 += cfg.batch_size
+                if step % cfg.log_every == 0 or step == cfg.n_steps:
+                    rate = tokens0 / max(time.perf_counter() - t0, 1e-9)
+                    for t in active:
+                        record = t.log_record(losses[t.name], rate)
+                        logs[t.name].append(record)
+                        if t.out is not None:
+                            append_log(t.out / LOG_FILE, record)
+                    first = logs[active[0].name][-1]
+                    bar.set_postfix(L0=f"{first['l0']:.1f}", FVU=f"{first['fvu']:.3f}", tok_s=f"{rate:,.0f}")
+                if step in ckpt_steps:
+                    for t in active:
+                        t._checkpoint()
+                    saved_at = step
+    except KeyboardInterrupt:  # a second Ctrl-C: quit now; the newest checkpoint on disk is consistent
+        bar.close()
+        found = list_checkpoints(active[0].out) if active[0].out is not None else []
+        raise TrainingInterrupted(found[-1][0] if found else 0, found[-1][1] if found else None, hint,
+                                  saved=False) from None
+    bar.close()
+    for t in active:
         path = t.finish()
         if path is not None:
             print(f"Wrote SAE {t.name} ({t.sae.cfg.arch}, d_sae {t.sae.d_sae}) to {path}")
@@ -317,9 +398,9 @@ def train_saes(saes: dict[str, SAE], batches: Iterable[Batch], cfg: SAETrainConf
 
 
 def train_sae(cfg: SAETrainConfig, batches: Iterable[Batch], name: str = "x", out: Optional[Union[str, Path]] = None,
-              device: Union[str, torch.device] = "cpu", resume: bool = False, progress: bool = True
-              ) -> tuple[SAE, list[dict[str, Any]]]:
+              device: Union[str, torch.device] = "cpu", resume: bool = False, progress: bool = True,
+              resume_command: Optional[str] = None) -> tuple[SAE, list[dict[str, Any]]]:
     """Build the SAE of `cfg.sae`, train it on `batch[cfg.sae.hook_name or name]`, return (sae, log)."""
     sae = make_sae(cfg.sae, seed=cfg.seed).to(device)
-    logs = train_saes({name: sae}, batches, cfg, out, resume, progress)
+    logs = train_saes({name: sae}, batches, cfg, out, resume, progress, resume_command)
     return sae, logs[name]
