@@ -21,7 +21,8 @@ import torch
 from tqdm.auto import tqdm
 
 from workbench.attention_scores import induction_score, previous_token_score
-from workbench.attribution import direct_logit_attribution, path_patch
+from workbench.adapter import describe
+from workbench.attribution import direct_logit_attribution, path_patch_many
 from workbench.circuits import (
     FoldedWeights,
     composition_scores,
@@ -38,6 +39,7 @@ from workbench.circuits import (
 )
 from workbench.config import check_types
 from workbench.errors import InputError, check_field
+from workbench.numbers import finite, json_array
 from workbench.plotting import bars, heatmap, heatmap_picker, table
 from workbench.probes import (
     half_losses,
@@ -76,6 +78,10 @@ class CircuitsConfig:
     """Tokens (and positions) shown in the circuit heatmaps."""
     n_random: int = 64
     """Random head pairs averaged for each composition baseline."""
+    max_senders: int = 16
+    """Earlier heads path-patched into the induction head: all of them when there are at most this
+    many, else this many with the highest K-composition into it (the previous-token head always
+    among them). Each costs three forward passes, so a 144-head model needs a bound on 2 CPU cores."""
     text_rows: int = 16
     """Rows of the standard library's source for direct logit attribution on text."""
     text_len: int = 64
@@ -89,7 +95,7 @@ class CircuitsConfig:
         for name in ("seq_len", "plot_tokens", "text_len"):
             value = getattr(self, name)
             check_field(isinstance(value, int) and value >= 2, own, name, value, "an integer ≥ 2")
-        for name in ("n_sequences", "max_rows", "n_random", "text_rows"):
+        for name in ("n_sequences", "max_rows", "n_random", "text_rows", "max_senders"):
             value = getattr(self, name)
             check_field(isinstance(value, int) and value >= 1, own, name, value, "a positive integer")
         for name in ("induction_head", "prev_token_head"):
@@ -145,27 +151,30 @@ class CircuitsResult:
         return None if np.isnan(col).all() else self.heads[int(np.nanargmax(col))]
 
     def metrics(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"induction_head": self.induction_head, "induction_score": self.induction_score,
+        out: dict[str, Any] = {"induction_head": self.induction_head, "induction_score": finite(self.induction_score),
                                "prev_token_head": self.prev_token_head,
-                               "baselines": self.baselines, "direct_path": self.direct_path_stats,
+                               "baselines": {m: finite(v) for m, v in self.baselines.items()},
+                               "direct_path": {k: finite(v) for k, v in self.direct_path_stats.items()},
                                "notes": list(self.notes)}
         for circuit, stats in self.stats.items():
             for stat, arr in stats.items():
-                out[f"{circuit}_{stat}_LH".replace(" ", "_")] = np.round(arr, 4).tolist()
+                out[f"{circuit}_{stat}_LH".replace(" ", "_")] = json_array(arr)
         ind = self.induction_head
-        out["induction_head_ov_copying"] = float(self.stats["OV"]["copying"][self.at(ind)])
+        out["induction_head_ov_copying"] = finite(self.stats["OV"]["copying"][self.at(ind)])
         if self.prev_token_head is not None:
             for mode in MODES:
                 score = self.composition_of(self.prev_token_head, ind, mode)
-                out[f"{mode}_composition_prev_to_induction"] = score
-                out[f"{mode}_composition_ratio_to_baseline"] = score / self.baselines[mode]
+                out[f"{mode}_composition_prev_to_induction"] = finite(score)
+                out[f"{mode}_composition_ratio_to_baseline"] = finite(score / self.baselines[mode])
             out["top_K_composition_sender"] = self.top_sender(ind, "K")
-            out["clean_repeated_loss"] = self.clean_loss
+            out["clean_repeated_loss"] = finite(self.clean_loss)
             i = self.sender_heads.index(self.prev_token_head)
-            out.update({f"path_patch_{c}_repeated_loss": float(self.path_patching[c][i]) for c in COMPONENTS})
+            out.update({f"path_patch_{c}_repeated_loss": finite(self.path_patching[c][i]) for c in COMPONENTS})
+        out["path_patching_senders"] = list(self.sender_heads)
         for mode in MODES:
-            out[f"{mode}_composition"] = np.round(self.composition[mode], 4).tolist()
-        out["dla"] = {k: {c: round(v, 4) for c, v in d.items()} for k, d in self.dla.items()}
+            out[f"{mode}_composition"] = json_array(self.composition[mode])
+        out["composition_note"] = "[L, H, L, H]: null where the second head is not in a later layer than the first"
+        out["dla"] = {k: {c: finite(round(v, 4)) for c, v in d.items()} for k, d in self.dla.items()}
         return out
 
     def headlines(self) -> list[str]:
@@ -245,10 +254,13 @@ def circuit_stats(w: FoldedWeights, cfg: CircuitsConfig) -> tuple[dict[str, dict
         notes.append(f"vocabulary of {V:,} is too large to scan whole: diagonal fractions {note}")
     stats: dict[str, dict[str, list]] = {"OV": {}, "QK": {}}
     for name, make in (("OV", ov_circuit), ("QK", qk_circuit)):
-        per = [make(w, l) for l in range(L)]
-        stats[name]["copying"] = [copying_score(c) for c in per]
-        stats[name]["diagonal"] = [diagonal_fraction(c, rows) for c in per]
-        stats[name]["effective rank"] = [effective_rank(c) for c in per]
+        for stat in ("copying", "diagonal", "effective rank"):
+            stats[name][stat] = []
+        for l in range(L):  # one layer's [H, V, K] factors at a time (150 MB each at GPT-2 small)
+            c = make(w, l)
+            stats[name]["copying"].append(copying_score(c))
+            stats[name]["diagonal"].append(diagonal_fraction(c, rows))
+            stats[name]["effective rank"].append(effective_rank(c))
     if w.W_pos is not None:
         P = w.W_pos.shape[0]
         pos_rows, pos_note = sample_rows(P, cfg.max_rows, cfg.seed)
@@ -275,7 +287,7 @@ def compute(model: Any, cfg: CircuitsConfig) -> CircuitsResult:
     induction, ind_score, prev, notes = pick_heads(model, cfg, rep, prefix)
     w = folded_weights(model)
     stats, stat_notes = circuit_stats(w, cfg)
-    notes += stat_notes
+    notes += stat_notes + list(w.notes)
     d = w.W_E.shape[1]
     dp = direct_path(w)
     rows, _ = sample_rows(w.W_E.shape[0], cfg.max_rows, cfg.seed)
@@ -292,10 +304,19 @@ def compute(model: Any, cfg: CircuitsConfig) -> CircuitsResult:
 
     clean_loss = float(repeated_loss(model(rep)))
     senders = [(l, h) for l in range(induction[0]) for h in range(H)]
-    patching = {c: np.zeros(len(senders)) for c in COMPONENTS}
-    jobs = [(i, s, c) for i, s in enumerate(senders) for c in COMPONENTS]
-    for i, sender, comp in tqdm(jobs, desc="path patching", unit="run", disable=None, leave=False):
-        patching[comp][i] = path_patch(model, rep, other, sender, induction, comp, repeated_loss)
+    if len(senders) > cfg.max_senders:
+        k_in = composition["K"][:, :, induction[0], induction[1]]
+        ranked = sorted(senders, key=lambda s: -k_in[s])
+        keep = ([prev] if prev is not None else []) + [s for s in ranked if s != prev]
+        senders = sorted(keep[: cfg.max_senders])
+        notes.append(f"path patching: {len(senders)} of the {induction[0] * H} earlier heads, those with the highest "
+                     f"K-composition into {names[induction[0] * H + induction[1]]} (max_senders)")
+    if describe(model).grouped:
+        notes.append("path patching into keys or values patches the key/value head that the induction head shares "
+                     "with the other query heads of its group")
+    patching = path_patch_many(model, rep, other, senders, induction, COMPONENTS, repeated_loss,
+                               progress=lambda jobs: tqdm(jobs, desc="path patching", unit="run", disable=None,
+                                                          leave=False))
 
     attribution = direct_logit_attribution(model, rep)
     second_half = torch.zeros_like(attribution.bias_BP, dtype=torch.bool)
@@ -310,13 +331,15 @@ def compute(model: Any, cfg: CircuitsConfig) -> CircuitsResult:
     ids, labels, plot_note = _plot_token_ids(model, cfg.plot_tokens)
     ids = ids.to(w.W_E.device)
 
-    def sub(circuit_fn) -> np.ndarray:
-        return torch.cat([(lambda c: c.A[:, ids] @ c.B[..., ids])(circuit_fn(w, l)) for l in range(L)]).cpu().numpy()
+    def sub(left: torch.Tensor, right: torch.Tensor, out_DN: torch.Tensor) -> np.ndarray:
+        """[L*H, n, n] the circuit between the chosen tokens, from factors sliced to them first."""
+        return torch.cat([(w.W_E[ids] @ left[l]) @ (right[l] @ out_DN) for l in range(L)]).cpu().numpy()
 
     pos_pattern = None
     if w.W_pos is not None:
         P = min(cfg.plot_tokens, w.W_pos.shape[0])
-        scores = torch.cat([pos_qk_circuit(w, l).AB[:, :P, :P] for l in range(L)]) / w.W_Q.shape[-1] ** 0.5
+        scores = torch.cat([(w.W_pos[:P] @ w.W_Q[l]) @ (w.W_K[l].transpose(-1, -2) @ w.W_pos[:P].T)
+                            for l in range(L)]) / w.W_Q.shape[-1] ** 0.5
         mask = torch.ones(P, P, dtype=torch.bool, device=scores.device).triu(1)
         pos_pattern = scores.masked_fill(mask, float("-inf")).softmax(-1).cpu().numpy()
     folder = getattr(model, "folder", None)
@@ -326,7 +349,9 @@ def compute(model: Any, cfg: CircuitsConfig) -> CircuitsResult:
         induction_head=names[induction[0] * H + induction[1]], induction_score=ind_score,
         prev_token_head=names[prev[0] * H + prev[1]] if prev is not None else None,
         path_patching=patching, sender_heads=tuple(names[l * H + h] for l, h in senders), clean_loss=clean_loss,
-        dla=dla, ov_NTT=sub(ov_circuit), qk_NTT=sub(qk_circuit), pos_pattern_NPP=pos_pattern, plot_tokens=labels,
+        dla=dla, ov_NTT=sub(w.W_V, w.W_O, w.W_U[:, ids]),
+        qk_NTT=sub(w.W_Q, w.W_K.transpose(-1, -2), w.W_E[ids].T), pos_pattern_NPP=pos_pattern,
+        plot_tokens=labels,
         plot_note=plot_note, notes=tuple(notes))
 
 

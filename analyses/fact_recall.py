@@ -11,8 +11,6 @@ A facts file is a JSON list of {"prompt", "subject", "target"} (the target a sin
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import json
 import warnings
 from dataclasses import dataclass
@@ -24,11 +22,12 @@ import plotly.graph_objects as go
 import torch
 from tqdm.auto import tqdm
 
+from workbench.adapter import random_control
 from workbench.attribution import direct_logit_attribution
 from workbench.config import check_types
 from workbench.errors import InputError, check_field
 from workbench.facts import KnowledgeBase
-from workbench.model import Transformer
+from workbench.numbers import finite, json_array, ratio
 from workbench.plotting import bars, heatmap, lines
 from workbench.probes import run_collect
 from workbench.report import Analysis
@@ -98,6 +97,11 @@ def _knowledge_base(model: Any) -> Optional[KnowledgeBase]:
     return KnowledgeBase() if data.get("text") == "facts" else None
 
 
+MIN_EFFECT = 0.01
+"""A change of p(target) (or a p(target)) below this, one percentage point, is too small to divide
+by: shares of it are reported as null and left out of the headlines."""
+
+
 @dataclass(frozen=True, eq=False)
 class FactRecallResult:
     name: str
@@ -114,18 +118,41 @@ class FactRecallResult:
     """'subject' / 'other' -> relative drop in p(target) per window start [L]."""
     dla: dict[str, float]
     n_traced: int
+    n_known: int
+    """Facts (of the first set) the model recalls top-1; the traced facts are drawn from these, or,
+    when there are none, from all the facts (and the headlines say so)."""
 
     def total_effect(self) -> float:
         return self.p_clean - self.p_corrupt
 
+    def share_of_total(self) -> Optional[float]:
+        """The last token's residual effect at the last layer as a share of the total effect, or None
+        when the total effect is below MIN_EFFECT."""
+        return ratio(self.traces["resid"]["last token"][-1], self.total_effect(), MIN_EFFECT)
+
+    def knockout_defined(self) -> bool:
+        """Relative knockout drops divide by p(target): only meaningful when that is not noise."""
+        return self.p_clean >= MIN_EFFECT
+
     def metrics(self) -> dict[str, Any]:
-        return {"recall": self.recall, "n_traced": self.n_traced, "p_clean": self.p_clean,
-                "p_corrupt": self.p_corrupt,
-                "traces": {c: {g: (None if v is None else np.round(v, 4).tolist()) for g, v in d.items()}
+        notes = []
+        if self.share_of_total() is None:
+            notes.append(f"share_of_total_effect is null: the corruption changes p(target) by "
+                         f"{self.total_effect():+.4f}, below {MIN_EFFECT}")
+        if not self.knockout_defined():
+            notes.append(f"knockout is null: p(target) is {self.p_clean:.4f} clean, below {MIN_EFFECT}, so a "
+                         "relative drop is noise")
+        if self.n_known == 0:
+            notes.append("the model recalls none of the facts top-1; the traced facts are ones it does not know")
+        return {"recall": {k: finite(v) for k, v in self.recall.items()}, "n_traced": self.n_traced,
+                "n_known": self.n_known, "p_clean": finite(self.p_clean), "p_corrupt": finite(self.p_corrupt),
+                "share_of_total_effect": finite(self.share_of_total()) if self.share_of_total() is not None else None,
+                "traces": {c: {g: (None if v is None else json_array(v)) for g, v in d.items()}
                            for c, d in self.traces.items()},
-                "probes": {k: {p: np.round(v, 4).tolist() for p, v in d.items()} for k, d in self.probes.items()},
-                "knockout": {k: np.round(v, 4).tolist() for k, v in self.knockout.items()},
-                "dla": self.dla, "mlp_peak": self.mlp_peak()}
+                "probes": {k: {p: json_array(v) for p, v in d.items()} for k, d in self.probes.items()},
+                "knockout": ({k: json_array(v) for k, v in self.knockout.items()} if self.knockout_defined()
+                             else {k: None for k in self.knockout}),
+                "dla": {k: finite(v) for k, v in self.dla.items()}, "mlp_peak": self.mlp_peak(), "notes": notes}
 
     def mlp_peak(self) -> dict[str, Any]:
         best = max(((g, int(np.argmax(v)), float(np.max(v))) for g, v in self.traces["mlp"].items() if v is not None),
@@ -133,16 +160,20 @@ class FactRecallResult:
         return {"position": best[0], "layer": best[1], "effect": best[2]}
 
     def headlines(self) -> list[str]:
+        which = (f"{self.n_traced} facts the model gets right" if self.n_known else
+                 f"{self.n_traced} facts although the model recalls none of them (top-1), so these effects are "
+                 "of facts it does not know")
         out = [", ".join(f"recall {k} {v:.1%}" for k, v in self.recall.items()) +
-               f"; traced {self.n_traced} facts the model gets right: p(target) {self.p_clean:.2f} clean, "
-               f"{self.p_corrupt:.2f} with the subject corrupted"]
+               f"; traced {which}: p(target) {self.p_clean:.2f} clean, {self.p_corrupt:.2f} with the subject corrupted"]
         r = self.traces["resid"]
         late = r["last token"]
         early = r["last subject token"]
+        share = self.share_of_total()
+        of_total = (f" ({share:.0%} of the total effect)" if share is not None else
+                    f" (the corruption changes p(target) by only {self.total_effect():+.3f}, too little to give a share of)")
         if early is not None:
             out.append(f"residual stream: at the last subject token the effect peaks at layer {int(np.argmax(early))} "
-                       f"({early.max():.2f}); at the last token it reaches {late[-1]:.2f} by the last layer "
-                       f"({late[-1] / max(self.total_effect(), 1e-9):.0%} of the total effect)")
+                       f"({early.max():.2f}); at the last token it reaches {late[-1]:.2f} by the last layer{of_total}")
         peak = self.mlp_peak()
         out.append(f"MLP effect peaks at layer {peak['layer']}, {peak['position']} ({peak['effect']:.2f})")
         probe, ctrl = self.probes["model"], self.probes["control"]
@@ -152,8 +183,11 @@ class FactRecallResult:
             out.append(f"probe at the {pos}: best layer {best}, held-out accuracy {acc:.0%} "
                        f"(random-init control {base:.0%}, selectivity {acc - base:+.0%})")
         ko = self.knockout["subject"]
-        out.append(f"blocking last-token attention to the subject hurts most from layer {int(np.argmax(ko))} "
-                   f"(p(target) −{ko.max():.0%}); to other tokens at most −{self.knockout['other'].max():.0%}")
+        if self.knockout_defined():
+            out.append(f"blocking last-token attention to the subject hurts most from layer {int(np.argmax(ko))} "
+                       f"(p(target) −{ko.max():.0%}); to other tokens at most −{self.knockout['other'].max():.0%}")
+        else:
+            out.append(f"attention knockout: p(target) is {self.p_clean:.4f} clean, too small for a relative drop")
         return out
 
 
@@ -201,24 +235,6 @@ def _fit_probes(model: Any, encs: list, labels: list[int], subjects: list[str], 
     return out
 
 
-def random_control(model: Any, seed: int) -> Any:
-    """The same architecture with fresh random weights: a workbench model re-initialised as it would
-    be for training; any other model (a TransformerBridge) copied, with every matrix redrawn from
-    N(0, 0.02²), vectors of ones (norm scales) kept at one and the rest zeroed."""
-    if isinstance(model, Transformer):
-        cfg = dataclasses.replace(model.cfg, seed=seed)
-        return Transformer(cfg, tokenizer=model.tokenizer).to(next(model.parameters()).device).eval()
-    control = copy.deepcopy(model)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in control.parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-            elif not torch.all(p == 1):
-                p.zero_()
-    return control.eval()
-
-
 @torch.no_grad()
 def compute(model: Any, cfg: FactRecallConfig) -> FactRecallResult:
     kb = _knowledge_base(model)
@@ -236,6 +252,7 @@ def compute(model: Any, cfg: FactRecallConfig) -> FactRecallResult:
     recall = {names[0]: float(np.mean(correct))}
     if held:
         recall[names[1]] = float(np.mean(top1_hits(model, [encode_fact(model, f, i) for i, f in enumerate(held)])))
+    n_known = sum(correct)
     known = [i for i, ok in enumerate(correct) if ok] or list(range(len(facts)))
     rng = np.random.default_rng(cfg.seed)
     traced = sorted(rng.choice(known, size=min(cfg.n_facts, len(known)), replace=False).tolist())
@@ -277,7 +294,7 @@ def compute(model: Any, cfg: FactRecallConfig) -> FactRecallResult:
     folder = getattr(model, "folder", None)
     return FactRecallResult(folder.name if folder is not None else type(model).__name__, cfg, L, recall, traces,
                             p_clean / n, p_corrupt / n, probes, {k: v / n for k, v in ko_sum.items()},
-                            {k: v / n for k, v in dla_sum.items()}, n)
+                            {k: v / n for k, v in dla_sum.items()}, n, n_known)
 
 
 def figures(r: FactRecallResult) -> dict[str, go.Figure]:

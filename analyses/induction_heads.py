@@ -23,6 +23,7 @@ import plotly.graph_objects as go
 import torch
 from tqdm.auto import tqdm
 
+from workbench.adapter import describe
 from workbench.artifacts import list_checkpoints, load_folder
 from workbench.attention_scores import (
     duplicate_token_score,
@@ -35,6 +36,7 @@ from workbench.circuits import copying_score, folded_weights, ov_circuit
 from workbench.config import check_types
 from workbench.data import Batches, DataConfig, build_text_data
 from workbench.errors import InputError, check_field
+from workbench.numbers import finite
 from workbench.plotting import attention_picker, heatmap, lines, table
 from workbench.probes import (
     half_losses,
@@ -211,7 +213,7 @@ class InductionResult:
             out["checkpoint_steps"] = list(c.steps)
             out["phase_change_interval"] = list(c.phase_change) if c.phase_change else None
             out["repeated_loss_drop_interval"] = list(c.loss_drop) if c.loss_drop else None
-            out["icl_score_final"] = c.icl_score[-1]
+            out["icl_score_final"] = finite(c.icl_score[-1])  # null when there was no validation data
         out["phase_change_note"] = self.phase_note
         return out
 
@@ -362,6 +364,7 @@ def _verdict(scores: dict[str, np.ndarray], ablation: dict[str, np.ndarray], cfg
 def compute(model: Any, cfg: InductionConfig) -> InductionResult:
     """Score, ablate and label every head; follow the induction score over the model's checkpoints."""
     require_attention(model)
+    describe(model).require("z edits", "head ablation at hook_z")
     L, H = model.cfg.n_layers, model.cfg.n_heads
     rep, prefix = probe_tokens(model, cfg.seq_len, 2, cfg.n_sequences, cfg.seed, cfg.prepend_bos)
     pm_rep, pm_prefix = probe_tokens(model, cfg.prefix_seq_len, cfg.prefix_copies, cfg.n_sequences,

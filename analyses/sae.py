@@ -25,7 +25,8 @@ from workbench.probes import text_batch
 from workbench.report import Analysis
 from workbench.sae.activations import TensorSource, check_hooks, model_activations, stream_activations
 from workbench.sae.dashboards import collect_feature_data, render_dashboards
-from workbench.sae.interventions import downstream_metrics
+from workbench.numbers import finite
+from workbench.sae.interventions import MIN_ABLATION_GAP, downstream_metrics
 from workbench.sae.metrics import ReconstructionStats, mmcs
 from workbench.sae.modules import ARCH_ALIASES, ARCHITECTURES, SAEConfig, make_sae
 from workbench.sae.synthetic import SyntheticFeatures
@@ -105,8 +106,15 @@ class SAEResult:
     """SAE name -> MMCS, fraction recovered above 0.9 cosine, L0, FVU and dead fraction."""
 
     def metrics(self) -> dict[str, Any]:
-        return {"hook": self.config.hook, "d_in": self.d_in, "d_sae": self.d_sae, "saes": self.metrics_by_sae,
-                "ground_truth": self.ground_truth}
+        notes = [f"{s}: ce_loss_recovered_{base} is null: {base}-ablating the hook changes the loss by less than "
+                 f"{MIN_ABLATION_GAP} nats/token, so the ratio would be noise"
+                 for s, m in self.metrics_by_sae.items() for base in ("zero", "mean")
+                 if m[f"ce_loss_recovered_{base}"] is None]
+        return {"hook": self.config.hook, "d_in": self.d_in, "d_sae": self.d_sae,
+                "saes": {s: {k: (finite(v) if isinstance(v, float) else v) for k, v in m.items()}
+                         for s, m in self.metrics_by_sae.items()},
+                "ground_truth": {s: {k: finite(v) for k, v in g.items()} for s, g in self.ground_truth.items()},
+                "notes": notes}
 
     def headlines(self) -> list[str]:
         m = self.metrics_by_sae
@@ -114,9 +122,13 @@ class SAEResult:
         out = [f"{len(m)} SAEs of {self.d_sae} latents on {self.config.hook} (d_in {self.d_in}), "
                f"{self.config.n_tokens:,} tokens each"]
         for s in m:
+            rec = m[s]["ce_loss_recovered_zero"]
+            gap = m[s]["ce_zero_ablation"] - m[s]["ce_clean"]
+            recovered = (f"CE loss recovered {rec:.1%} (vs zero ablation)" if rec is not None else
+                         f"CE loss recovered not given (zero-ablating the hook changes the loss by only {gap:+.4f} "
+                         "nats, too little to divide by)")
             out.append(f"{s}: L0 {m[s]['l0']:.1f}, FVU {m[s]['fvu']:.3f}, dead {m[s]['dead_fraction']:.1%}, "
-                       f"CE loss recovered {m[s]['ce_loss_recovered_zero']:.1%} (vs zero ablation), "
-                       f"KL {m[s]['kl_div']:.3f}")
+                       f"{recovered}, KL {m[s]['kl_div']:.3f}")
         out.append(f"lowest FVU: {best}; dashboards for {self.config.dashboard}")
         if self.ground_truth:
             out.append("known features (128 in 64 dimensions), MMCS: " + ", ".join(
@@ -204,7 +216,8 @@ def figures(r: SAEResult) -> dict[str, go.Figure]:
     m = r.metrics_by_sae
     keys = ("l0", "fvu", "explained_variance", "mse", "cosine", "l2_ratio", "dead_fraction", "dense_fraction",
             "ce_loss_recovered_zero", "ce_loss_recovered_mean", "kl_div")
-    figs = {"metrics": table([(s, ", ".join(f"{k} {m[s][k]:.4g}" for k in keys)) for s in m],
+    figs = {"metrics": table([(s, ", ".join(f"{k} {m[s][k]:.4g}" if m[s][k] is not None else f"{k} n/a"
+                                            for k in keys)) for s in m],
                              f"{r.model_name} · {r.config.hook}: evaluation on held-out text")}
     for key, title in (("fvu", "FVU"), ("l0", "L0")):
         figs[f"training {title}"] = lines({s: [x["tokens"] for x in log] for s, log in r.logs.items()},

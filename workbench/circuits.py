@@ -11,21 +11,27 @@ Each is kept factored (inner dimension d_head, or d_model for the direct path) a
 as a V x V matrix: statistics come from the small factors (eigenvalues and singular values) or
 from rows computed a chunk at a time.
 
-LayerNorm is folded in as TransformerLens's fold_ln and center_writing_weights do: each norm's
-learned scale goes into the matrices that read from it, LayerNorm's centring goes into the
-matrices that write to the residual stream (W_E, W_pos, W_O), and the per-token 1/σ, a positive
-scalar, is treated as a constant. Biases are left out of the circuits. Works on workbench models
-and on TransformerBridge models.
+Norms are folded in as TransformerLens's fold_ln and center_writing_weights do: each norm's
+learned scale (w, or 1 + w for Gemma's RMSNorm) goes into the matrices that read from it,
+LayerNorm's centring goes into the matrices that write to the residual stream (W_E, W_pos, W_O),
+and the per-token 1/σ, a positive scalar, is treated as a constant. Biases are left out of the
+circuits. The weights come from `workbench.adapter.folded_weights`, the one place that knows each
+architecture (grouped-query attention expanded, Gemma's embedding scale, BLOOM's embedding norm,
+Gemma 2's post-norms), and that checks the fold reproduces the model's own queries and logits.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
 import torch
 from transformer_lens import FactoredMatrix
 from transformer_lens.utilities import composition_scores as tl_composition_scores
+
+from workbench.adapter import FoldedWeights, folded_weights
+from workbench.errors import InputError
+
+__all__ = ["FoldedWeights", "folded_weights"]  # re-exported: the circuits' input type lives in the adapter
 
 
 def _norm_param(norm: Any, names: tuple[str, ...]) -> Optional[torch.Tensor]:
@@ -38,71 +44,14 @@ def _norm_param(norm: Any, names: tuple[str, ...]) -> Optional[torch.Tensor]:
 
 
 def ln_weight(norm: Any) -> Optional[torch.Tensor]:
-    """The learned scale [D] of a normalization module (workbench or Hugging Face), or None."""
+    """The stored weight [D] of a normalization module, or None. Not the effective scale where
+    RMSNorm scales by 1 + w (Gemma): use `workbench.adapter.norm_scale` for that."""
     return _norm_param(norm, ("w", "weight"))
 
 
 def ln_bias(norm: Any) -> Optional[torch.Tensor]:
     """The learned bias [D] of a normalization module, or None."""
     return _norm_param(norm, ("b", "bias"))
-
-
-def centres(model: Any) -> bool:
-    """Whether the model's normalization subtracts the mean (LayerNorm does; RMSNorm does not)."""
-    return str(getattr(model.cfg, "normalization_type", None) or "").upper().startswith("LN")
-
-
-def _centre(W_ND: torch.Tensor) -> torch.Tensor:
-    return W_ND - W_ND.mean(dim=-1, keepdim=True)
-
-
-@dataclass(frozen=True)
-class FoldedWeights:
-    """A model's weights with its normalization folded in (fp32, detached). Shapes as in TransformerLens."""
-
-    W_E: torch.Tensor
-    """[V, D]"""
-    W_pos: Optional[torch.Tensor]
-    """[P, D], or None for a model without learned positions (e.g. rotary)."""
-    W_Q: torch.Tensor
-    """[L, H, D, K]"""
-    W_K: torch.Tensor
-    """[L, H, D, K]"""
-    W_V: torch.Tensor
-    """[L, H, D, K]"""
-    W_O: torch.Tensor
-    """[L, H, K, D]"""
-    W_U: torch.Tensor
-    """[D, V]"""
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """(n_layers, n_heads)"""
-        return self.W_Q.shape[0], self.W_Q.shape[1]
-
-
-def folded_weights(model: Any) -> FoldedWeights:
-    """Fold each layer's ln1 scale into its W_Q, W_K, W_V, ln_final's scale into W_U, and (for
-    LayerNorm) centre W_E, W_pos and W_O."""
-    def get(name: str) -> torch.Tensor:
-        return getattr(model, name).detach().float()
-
-    W_Q, W_K, W_V, W_O, W_E, W_U = (get(n) for n in ("W_Q", "W_K", "W_V", "W_O", "W_E", "W_U"))
-    try:
-        W_pos: Optional[torch.Tensor] = get("W_pos")
-    except (AttributeError, NotImplementedError, KeyError):
-        W_pos = None
-    scales = [ln_weight(getattr(block, "ln1", None)) for block in model.blocks]
-    if all(s is not None for s in scales):
-        scale_L1D1 = torch.stack([s.detach().float() for s in scales])[:, None, :, None]
-        W_Q, W_K, W_V = W_Q * scale_L1D1, W_K * scale_L1D1, W_V * scale_L1D1
-    final = ln_weight(getattr(model, "ln_final", None))
-    if final is not None:
-        W_U = final.detach().float()[:, None] * W_U
-    if centres(model):
-        W_E, W_O = _centre(W_E), _centre(W_O)
-        W_pos = _centre(W_pos) if W_pos is not None else None
-    return FoldedWeights(W_E, W_pos, W_Q, W_K, W_V, W_O, W_U)
 
 
 # -- circuits ---------------------------------------------------------------------------------------
@@ -114,7 +63,7 @@ def qk_circuit(w: FoldedWeights, layer: int) -> FactoredMatrix:
 def pos_qk_circuit(w: FoldedWeights, layer: int) -> FactoredMatrix:
     """Positional QK circuits of a layer's heads: [H, P, P], query position x key position."""
     if w.W_pos is None:
-        raise ValueError("This model has no learned positional embedding (W_pos), so no positional QK circuit.")
+        raise InputError("This model has no learned positional embedding (W_pos), so no positional QK circuit.")
     return FactoredMatrix(w.W_pos @ w.W_Q[layer], w.W_K[layer].transpose(-1, -2) @ w.W_pos.T)
 
 
@@ -192,16 +141,34 @@ def diagonal_fraction(circuit: FactoredMatrix, rows: torch.Tensor, causal: bool 
 CompositionMode = Literal["Q", "K", "V"]
 
 
+def _frobenius_factors(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R_A [..., K, K], R_B [..., K, K]) with A = Q_A R_A and B^T = Q_B R_B (reduced QR), so that
+    ||A M B||_F = ||R_A M' R_B^T||_F for M' = the product squeezed between them: norms of D x D
+    products computed from K x K matrices."""
+    return torch.linalg.qr(A).R, torch.linalg.qr(B.transpose(-1, -2)).R
+
+
 def composition_scores(w: FoldedWeights, mode: CompositionMode) -> torch.Tensor:
     """[L, H, L, H] ||W_A W_B||_F / (||W_A||_F ||W_B||_F) from every head A (its W_V W_O) into every
     head B of a later layer (its W_Q W_K^T for Q, W_K W_Q^T for K, W_V W_O for V); NaN where B is
-    not in a later layer."""
-    ov = head_ov(w)
-    right = {"Q": head_qk(w), "K": head_qk(w).T, "V": ov}[mode]
-    scores = tl_composition_scores(ov, right, broadcast_dims=True)  # [L, H, L, H]
-    L = w.shape[0]
-    later = torch.arange(L)[None, :] > torch.arange(L)[:, None]  # [L_A, L_B]
-    return scores.masked_fill(~later[:, None, :, None], float("nan"))
+    not in a later layer. The same numbers as TransformerLens's `composition_scores`, computed
+    from d_head x d_head matrices, one sending layer at a time, so no [L, H, L, H, d_head, d_model]
+    product is built (4 GB at GPT-2 small)."""
+    L, H = w.shape
+    left_A, left_B = w.W_V, w.W_O  # [L, H, D, K], [L, H, K, D]
+    right_A, right_B = {"Q": (w.W_Q, w.W_K.transpose(-1, -2)), "K": (w.W_K, w.W_Q.transpose(-1, -2)),
+                        "V": (w.W_V, w.W_O)}[mode]
+    RlA, RlB = _frobenius_factors(left_A, left_B)
+    RrA, RrB = _frobenius_factors(right_A, right_B)
+    norm_left = torch.linalg.matrix_norm(RlA @ RlB.transpose(-1, -2))  # [L, H]
+    norm_right = torch.linalg.matrix_norm(RrA @ RrB.transpose(-1, -2))
+    scores = torch.full((L, H, L, H), float("nan"), device=w.W_Q.device)
+    for la in range(L - 1):  # senders; receivers only in later layers
+        middle = torch.einsum("hkd,lgdj->hlgkj", left_B[la], right_A[la + 1:])  # B_A A_B: [H, L', H, K, K]
+        inner = RlA[la][:, None, None] @ middle @ RrB[la + 1:][None].transpose(-1, -2)
+        product = torch.linalg.matrix_norm(inner)  # [H, L', H]
+        scores[la, :, la + 1:] = product / (norm_left[la][:, None, None] * norm_right[la + 1:][None])
+    return scores
 
 
 def random_composition_baseline(d_model: int, d_head: int, mode: CompositionMode = "K", n_samples: int = 64,

@@ -13,6 +13,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from workbench.data import repeated_sequence, stdlib_files
+from workbench.adapter import DoesNotApplyError, describe
 from workbench.errors import InputError
 from workbench.model import lm_loss
 
@@ -88,6 +89,10 @@ def run_collect(model: Any, tokens: torch.Tensor, keep: Sequence[str] = (), hook
         return save
 
     logits = model.run_with_hooks(tokens, fwd_hooks=[*((n, saver(n)) for n in keep), *hooks])
+    missing = [n for n in keep if n not in store]
+    if missing:  # a registered hook is not a hook that fires (a bridge's hook_pos_embed on a rotary model)
+        raise DoesNotApplyError(f"{describe(model).label}: this needs {', '.join(missing[:3])}, which the model "
+                                "registers but never fires.")
     return logits, store
 
 

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import torch
 
+from workbench import adapter
 from workbench.errors import InputError
 from workbench.probes import run_collect, special_ids
 
@@ -97,8 +98,10 @@ def recall(model: Any, facts: Sequence[Any]) -> list[bool]:
 
 
 def embedding_noise_std(model: Any) -> float:
-    """Standard deviation of the token embeddings' entries (the scale noise is measured in)."""
-    return float(model.W_E.detach().float().std())
+    """Standard deviation of the entries of what the tokens write into the residual stream, i.e. of
+    hook_embed (the scale noise is measured in): W_E, times √d_model on Gemma, through BLOOM's
+    embedding norm."""
+    return adapter.effective_embedding_std(model)
 
 
 @torch.no_grad()
@@ -117,7 +120,8 @@ def causal_trace(model: Any, enc: Encoded, noise: float, components: tuple[str, 
     L = model.cfg.n_layers
     tokens = enc.tokens
     S = tokens.shape[1]
-    components = tuple(c for c in components if f"blocks.0.{COMPONENTS[c]}" in model.hook_dict)  # attn-only: no MLP
+    fired = adapter.describe(model).fired
+    components = tuple(c for c in components if f"blocks.0.{COMPONENTS[c]}" in fired)  # attn-only: no MLP
     names = [f"blocks.{l}.{COMPONENTS[c]}" for c in components for l in range(L)]
     logits, clean = run_collect(model, tokens, names)
     p_clean = float(_prob(logits, enc.target)[0])
@@ -166,26 +170,22 @@ def causal_trace(model: Any, enc: Encoded, noise: float, components: tuple[str, 
 @torch.no_grad()
 def attention_knockout(model: Any, enc: Encoded, positions: list[int], window: int = 1) -> tuple[float, Any]:
     """(p_clean, p [L]): p(target) when the last token cannot attend to `positions` in the layers
-    [l, l + window) (row l)."""
+    [l, l + window) (row l). The knockout is the adapter's, verified to take effect on this
+    architecture (an error where it cannot be)."""
     L = model.cfg.n_layers
     tokens = enc.tokens
     p_clean = float(_prob(model(tokens), enc.target)[0])
     if not positions:
         return p_clean, torch.full((L,), p_clean).numpy()
+    S = tokens.shape[1]
     batch = tokens.expand(L, -1)
-    pos = torch.tensor(positions, device=tokens.device)
-    hooks = []
+    blocked = {}
     for l in range(L):
-        rows = torch.tensor([r for r in range(L) if r <= l < r + window], device=tokens.device)
-
-        def block(scores, hook, rows=rows):
-            scores = scores.clone()
-            scores[rows[:, None], :, -1, pos[None, :]] = float("-inf") if rows.numel() else 0
-            return scores
-
-        if rows.numel():
-            hooks.append((f"blocks.{l}.attn.hook_attn_scores", block))
-    p = _prob(model.run_with_hooks(batch, fwd_hooks=hooks), enc.target).cpu().numpy()
+        rows = [r for r in range(L) if r <= l < r + window]
+        mask = torch.zeros(L, S, S, dtype=torch.bool, device=tokens.device)
+        mask[torch.tensor(rows, device=tokens.device)[:, None], -1, torch.tensor(positions, device=tokens.device)] = True
+        blocked[l] = mask
+    p = _prob(adapter.run_with_knockout(model, batch, blocked), enc.target).cpu().numpy()
     return p_clean, p
 
 

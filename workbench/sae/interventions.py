@@ -18,6 +18,7 @@ import torch
 
 from workbench.errors import InputError
 from workbench.model import lm_loss
+from workbench.numbers import ratio
 from workbench.sae.modules import SAE
 
 Hook = Callable[[torch.Tensor, Any], torch.Tensor]
@@ -69,12 +70,17 @@ def logit_change(model: Any, tokens: torch.Tensor, hook_name: str, hook: Hook, t
             "down": list(zip(names(down.indices.cpu()), (-down.values).tolist()))}
 
 
+MIN_ABLATION_GAP = 0.01
+"""CE loss recovered divides by CE_ablated − CE_clean; below this many nats per token the gap is
+noise (an ablation the model hardly notices) and the ratio is reported as None."""
+
+
 @torch.no_grad()
 def downstream_metrics(model: Any, sae: SAE, tokens: torch.Tensor, hook_name: Optional[str] = None
-                       ) -> dict[str, float]:
+                       ) -> dict[str, Optional[float]]:
     """Next-token loss clean, with the SAE spliced in, with the hook zero-ablated and mean-ablated;
-    CE loss recovered against each ablation, (CE_ablated − CE_sae) / (CE_ablated − CE_clean); and
-    the mean KL(clean ‖ spliced) per token."""
+    CE loss recovered against each ablation, (CE_ablated − CE_sae) / (CE_ablated − CE_clean), None
+    when that gap is below MIN_ABLATION_GAP; and the mean KL(clean ‖ spliced) per token."""
     hook_name = hook_name or sae.cfg.hook_name
     if hook_name not in model.hook_dict:
         raise InputError(f"The model has no hook {hook_name!r} for this SAE (cfg.hook_name).")
@@ -95,9 +101,8 @@ def downstream_metrics(model: Any, sae: SAE, tokens: torch.Tensor, hook_name: Op
     logp, logq = clean_logits.log_softmax(-1), sae_logits.log_softmax(-1)
     kl = float((logp.exp() * (logp - logq)).sum(-1).mean())
 
-    def recovered(base: float) -> float:
-        gap = ce[base] - ce["clean"]
-        return (ce[base] - ce["sae"]) / gap if abs(gap) > 1e-9 else float("nan")
+    def recovered(base: str) -> Optional[float]:
+        return ratio(ce[base] - ce["sae"], ce[base] - ce["clean"], MIN_ABLATION_GAP)
 
     return {"ce_clean": ce["clean"], "ce_sae": ce["sae"], "ce_zero_ablation": ce["zero"],
             "ce_mean_ablation": ce["mean"], "ce_loss_recovered_zero": recovered("zero"),

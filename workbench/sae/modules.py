@@ -447,12 +447,57 @@ def load_sae(folder: Union[str, Path], device: Union[str, torch.device] = "cpu")
         if key not in weights or tuple(weights[key].shape) != shape:
             got = tuple(weights[key].shape) if key in weights else "missing"
             raise CheckpointError(f"{folder / WEIGHTS_FILE}: {key} should have shape {shape}, got {got}.")
+    weights = _fold_saelens_options(folder / CFG_FILE, cfg, known[arch], weights)
     with torch.no_grad():
         for key in ("W_enc", "b_enc", "W_dec", "b_dec"):
             getattr(sae, key).copy_(weights[key])
         if known[arch] == "jumprelu":
             sae.threshold.copy_(weights["threshold"])
     return sae.to(device).eval()
+
+
+def _fold_saelens_options(path: Path, cfg: dict[str, Any], arch: str, weights: dict[str, torch.Tensor]
+                          ) -> dict[str, torch.Tensor]:
+    """SAELens options this module has no switch for, folded into the weights so that encode and
+    decode give exactly what SAELens gives, or refused with an error that names the option:
+
+    apply_b_dec_to_input false         pre = x W_enc + b_enc: b_enc absorbs b_dec W_enc
+    rescale_acts_by_decoder_norm true  (topk) pre scaled by ‖W_dec,i‖ before the top k, and f divided
+                                       by it before decoding: W_enc and b_enc absorb the norms and
+                                       W_dec's rows become unit-norm
+    normalize_activations              'none'; 'expected_average_only_in' with a `norm_scaling_factor`
+                                       in cfg.json (folded as SAELens's fold_activation_norm_scaling_factor);
+                                       anything else (a per-token rescale) is refused
+    """
+    W_enc, b_enc, W_dec, b_dec = (weights[k].double() for k in ("W_enc", "b_enc", "W_dec", "b_dec"))
+    if not cfg.get("apply_b_dec_to_input", True):
+        b_enc = b_enc + b_dec @ W_enc
+    if cfg.get("rescale_acts_by_decoder_norm", False):
+        if arch != "topk":
+            raise CheckpointError(f"{path}: rescale_acts_by_decoder_norm is true, which SAELens defines for TopK SAEs "
+                                  f"only; this one is {cfg.get('architecture')!r}, so the file is refused.")
+        norms = W_dec.norm(dim=1)
+        if bool((norms == 0).any()):
+            raise CheckpointError(f"{path}: rescale_acts_by_decoder_norm is true but {int((norms == 0).sum())} decoder "
+                                  "rows have zero norm, so the activations cannot be rescaled by them.")
+        W_enc, b_enc, W_dec = W_enc * norms, b_enc * norms, W_dec / norms[:, None]
+    mode = cfg.get("normalize_activations", "none") or "none"
+    if mode == "expected_average_only_in":
+        factor = cfg.get("norm_scaling_factor")
+        if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not factor > 0:
+            raise CheckpointError(f"{path}: normalize_activations is 'expected_average_only_in', which needs the "
+                                  "scaling factor the SAE was trained with, and the file has no positive "
+                                  "'norm_scaling_factor'. Fold it into the weights (SAELens: "
+                                  "sae.fold_activation_norm_scaling_factor(factor)) and save with 'none', or add it "
+                                  "to cfg.json.")
+        W_enc, W_dec, b_dec = W_enc * factor, W_dec / factor, b_dec / factor
+    elif mode != "none":
+        raise CheckpointError(f"{path}: normalize_activations {mode!r} rescales each token at run time, which this "
+                              "loader does not do; only 'none' and 'expected_average_only_in' (with "
+                              "'norm_scaling_factor') load.")
+    dtype = weights["W_enc"].dtype
+    return {**weights, "W_enc": W_enc.to(dtype), "b_enc": b_enc.to(dtype), "W_dec": W_dec.to(dtype),
+            "b_dec": b_dec.to(dtype)}
 
 
 def geometric_median(points: torch.Tensor, iters: int = 50, eps: float = 1e-6) -> torch.Tensor:
