@@ -206,7 +206,8 @@ def compute(model: Any, cfg: SAEAnalysisConfig) -> SAEResult:
     dash = saes[cfg.dashboard]
     features = np.linspace(0, dash.d_sae - 1, min(cfg.dashboard_features, dash.d_sae)).round().astype(int).tolist()
     data = collect_feature_data(model, dash, eval_rows, cfg.hook, features=features)
-    pages = render_dashboards(data, f"{cfg.dashboard} SAE on {cfg.hook}")
+    pages = render_dashboards(data, f"{cfg.dashboard} SAE on {cfg.hook}",
+                              selection=f"{len(features)} evenly spaced latent ids from 0 to {dash.d_sae - 1}")
     name = getattr(getattr(model, "folder", None), "name", type(model).__name__)
     truth = score_on_known_features(cfg) if cfg.ground_truth else {}
     return SAEResult(name, cfg, d_in, dash.d_sae, metrics, logs, density, pages, truth)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from types import SimpleNamespace
 
 import pytest
@@ -70,6 +71,23 @@ def tiny_gpt2(tmp_path_factory):
     transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
                                          eos_token="<|endoftext|>").save_pretrained(folder)
     return folder
+
+
+def signal_on_call(monkeypatch, owner, attr: str, call: int, after: bool = False, sig=signal.SIGINT) -> None:
+    """Patch `owner.attr` so that its `call`-th call (1-based) sends `sig` to this process, before the real
+    call or, with `after`, right after it returns: a Ctrl-C landing in a chosen phase of a step."""
+    real, count = getattr(owner, attr), [0]
+
+    def wrapped(*args, **kwargs):
+        count[0] += 1
+        if count[0] == call and not after:
+            os.kill(os.getpid(), sig)
+        out = real(*args, **kwargs)
+        if count[0] == call and after:
+            os.kill(os.getpid(), sig)
+        return out
+
+    monkeypatch.setattr(owner, attr, wrapped)
 
 
 class NoAttention(HookedRootModule):

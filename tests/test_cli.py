@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import workbench
-from tests.conftest import tiny_config
+from tests.conftest import signal_on_call, tiny_config, tiny_train_config
 from workbench.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,11 +38,72 @@ def test_run_writes_a_report(model_dir, tmp_path, capsys):
 
 def test_errors_are_messages_not_tracebacks(capsys):
     assert main(["run", "no-such-analysis"]) == 2
-    assert "Unknown analysis" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "Unknown analysis" in err and "`workbench list` lists them" in err and "workbench info" not in err
     assert main(["info", "no-such-model"]) == 2
-    assert "Presets" in capsys.readouterr().err
+    assert "Valid names: attn-only-1l" in capsys.readouterr().err
     assert main(["train", "no-such-preset"]) == 2
-    assert "No preset" in capsys.readouterr().err
+    assert "Unknown preset or config file" in capsys.readouterr().err
+
+
+def test_typos_get_a_did_you_mean(capsys):
+    assert main(["info", "attn-only-2"]) == 2
+    assert "Did you mean: attn-only-2l" in capsys.readouterr().err
+    assert main(["train", "gelu2l"]) == 2
+    assert "Did you mean: gelu-2l" in capsys.readouterr().err
+    assert main(["run", "induction-head"]) == 2
+    assert "Did you mean: induction-heads" in capsys.readouterr().err
+
+
+def test_help_says_what_it_does(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["list", "--help"])
+    assert done.value.code == 0 and "usage: workbench list" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["run", "induction-heads", "--help"])
+    assert "(default: attn-only-2l)" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("out", [".", "..", "a file"])
+def test_run_refuses_an_out_that_would_lose_files(model_dir, tmp_path, monkeypatch, capsys, out):
+    sub = tmp_path / "project" / "sub"
+    sub.mkdir(parents=True)
+    (sub / "notes.txt").write_text("mine")
+    (tmp_path / "project" / "more.txt").write_text("mine too")
+    monkeypatch.chdir(sub)
+    target = "notes.txt" if out == "a file" else out
+    assert main(["run", "model-card", "--model", str(model_dir), "--out", target, "--repeat-len", "6"]) == 2
+    assert "Refusing" in capsys.readouterr().err
+    assert (sub / "notes.txt").read_text() == "mine" and (tmp_path / "project" / "more.txt").read_text() == "mine too"
+    assert sorted(p.name for p in (tmp_path / "project").iterdir()) == ["more.txt", "sub"]
+
+
+def test_ctrl_c_prints_the_exact_command_that_resumes(tmp_path, monkeypatch, capsys):
+    from workbench.data import Batches
+
+    cfg = tiny_train_config(n_steps=24).to_dict()
+    (tmp_path / "my config.json").write_text(json.dumps(cfg))
+    signal_on_call(monkeypatch, Batches, "train", 10)
+    argv = ["train", str(tmp_path / "my config.json"), "--no-progress", "--seed", "0"]
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    expected = shlex.join(["workbench", *argv, "--out", "runs/my config", "--resume"])
+    assert f"Continue with `{expected}`" in err
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    assert main(shlex.split(expected)[1:]) == 0  # and that command does resume it
+
+
+def test_sae_train_config_with_an_unknown_key_is_an_error(model_dir, tmp_path, capsys):
+    (tmp_path / "sae.json").write_text(json.dumps({"n_tokens": 4096, "sae": {"architecture": "topk", "kk": 4}}))
+    assert main(["sae", "train", "--model", str(model_dir), "--hook", "blocks.0.hook_resid_post", "--config",
+                 str(tmp_path / "sae.json"), "--out", str(tmp_path / "s"), "--no-progress"]) == 2
+    assert "Unknown SAEConfig field(s) ['kk']" in capsys.readouterr().err
+    (tmp_path / "sae.json").write_text(json.dumps({"n_tokens": 4096, "learning_rate": 1e-3}))
+    assert main(["sae", "train", "--model", str(model_dir), "--hook", "blocks.0.hook_resid_post", "--config",
+                 str(tmp_path / "sae.json"), "--out", str(tmp_path / "s"), "--no-progress"]) == 2
+    assert "Unknown SAETrainConfig field(s) ['learning_rate']" in capsys.readouterr().err
 
 
 def test_list_shows_presets_and_analyses(capsys):
@@ -73,6 +135,7 @@ def test_analysis_modules_run_as_scripts(model_dir, tmp_path, module, args):
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "r" / "index.html").exists() and str(tmp_path / "r") in proc.stdout
+    assert "RuntimeWarning" not in proc.stderr  # the module is not imported twice
 
 
 def test_settings_help_comes_from_the_config_docstrings(capsys):

@@ -91,6 +91,7 @@ def _resume_command(prog: str, argv: list[str], out: Path) -> str:
 
 
 def cmd_run(argv: list[str]) -> int:
+    from workbench.artifacts import check_output_folder
     from workbench.report import default_report_dir, get_analysis, make_config, registry, run_analysis, write_report
 
     if not argv or argv[0].startswith("-"):
@@ -108,12 +109,14 @@ def cmd_run(argv: list[str]) -> int:
     _add_config_args(parser, analysis.config_cls)
     args = parser.parse_args(argv[1:])
     cfg = make_config(analysis, _overrides(args, analysis.config_cls))
-    section = run_analysis(analysis.name, getattr(args, "model", None), cfg, device=args.device)
     out = args.out or default_report_dir().with_name(f"{analysis.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    check_output_folder(out, "report")  # refuse a bad --out before the work, not after
+    section = run_analysis(analysis.name, getattr(args, "model", None), cfg, device=args.device)
     path = write_report(out, [section], title=f"{analysis.name} · {section.model}")
     print(f"Wrote {path}/index.html, metrics.json and {len(section.figures)} figures in {path}/figures")
     for line in section.headlines:
         print(f"  {line}")
+    print(f"Open {path / 'index.html'}")
     return 0
 
 

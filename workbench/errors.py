@@ -60,6 +60,11 @@ def unknown_name_message(kind: str, name: str, known: Iterable[str], n: int = 5,
     if not close:  # fall back to names sharing the last component, e.g. 'hook_pattern'
         tail = name.rsplit(".", 1)[-1]
         close = [k for k in known if k.endswith(tail)][:n]
-    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    if close:
+        hint = f" Did you mean: {', '.join(close)}?"
+    elif len(known) <= 12:
+        hint = f" Valid names: {', '.join(sorted(known))}."
+    else:
+        hint = ""
     where = f"; {listed_by} lists them" if listed_by else ""
     return f"Unknown {kind} {name!r}.{hint} ({len(known)} valid names{where}.)"

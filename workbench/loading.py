@@ -23,7 +23,7 @@ from workbench.artifacts import (
     write_model_folder,
 )
 from workbench.data import require_hub
-from workbench.errors import CheckpointError, InputError
+from workbench.errors import CheckpointError, InputError, unknown_name_message
 from workbench.model import ModelConfig, Transformer
 from workbench.tokenizer import TextCodec, load_tokenizer
 
@@ -70,8 +70,11 @@ def resolve_model_path(name_or_path: Union[str, Path]) -> Path:
     if str(name_or_path) in preset_names():
         raise CheckpointError(f"Preset {str(name_or_path)!r} is not trained yet (no {shipped}); run "
                               f"`workbench train {name_or_path} --out {shipped}`.")
-    raise CheckpointError(f"No model folder or preset named {str(name_or_path)!r}. Presets: "
-                          f"{', '.join(preset_names()) or '(none found in ' + str(models_dir()) + ')'}.")
+    if not preset_names():
+        raise CheckpointError(f"No model folder or preset named {str(name_or_path)!r}, and no presets were found "
+                              f"in {models_dir()}.")
+    raise CheckpointError(unknown_name_message("model folder or preset", str(name_or_path), preset_names(),
+                                               listed_by="`workbench list`") + " A folder path or hf:<name> also works.")
 
 
 def save_model(model: Transformer, folder: Path, meta: Optional[dict[str, Any]] = None) -> None:

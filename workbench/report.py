@@ -216,14 +216,22 @@ def report_all(out: Optional[Union[str, Path]] = None, device: str = "auto", pro
     if not jobs:
         raise InputError("No shipped models found to report on; train them with `workbench train <preset>`.")
     jobs += [(a, None) for a in registry().values() if not a.uses_model]
+    out = Path(out) if out is not None else default_report_dir()
+    check_output_folder(out, "report")  # refuse a bad --out before minutes of work, not after
     sections, models = [], {}
-    for analysis, model_name in tqdm(jobs, desc="report", disable=not progress, unit="analysis"):
+    bar = tqdm(jobs, desc="report", disable=not progress, unit="analysis", dynamic_ncols=True)
+    for analysis, model_name in bar:
+        bar.set_description(f"report: {analysis.name} on {model_name or 'toy models'}")
         if model_name is not None and model_name not in models:
             models[model_name] = load(model_name, device=device)
         sections.append(run_analysis(analysis.name, models.get(model_name), device=device, model_label=model_name))
-    path = write_report(out or default_report_dir(), sections, title="workbench report: shipped models")
+    bar.close()
+    path = write_report(out, sections, title="workbench report: shipped models")
     print(f"Wrote report to {path}/index.html ({len(sections)} sections, metrics.json, figures/)")
     for s in sections:
         for line in s.headlines[:3]:
             print(f"  [{s.analysis} · {s.model}] {line}")
+        if len(s.headlines) > 3:
+            print(f"  [{s.analysis} · {s.model}] ... and {len(s.headlines) - 3} more in the report")
+    print(f"Open {path / 'index.html'}")
     return path

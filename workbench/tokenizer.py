@@ -6,10 +6,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from workbench.errors import CheckpointError
 
 EOS = "<|endoftext|>"
 
@@ -70,8 +75,12 @@ def save_tokenizer(tok: Tokenizer, path: Path) -> None:
 
 
 def load_tokenizer(path: Path) -> Tokenizer:
-    """Read a `tokenizer.json`."""
-    return Tokenizer.from_file(str(path))
+    """Read a `tokenizer.json`; a missing or damaged file is a CheckpointError that names it."""
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as err:  # tokenizers raises a bare Exception for a file it cannot parse
+        raise CheckpointError(f"{path} is not a valid tokenizer file ({str(err)[:200]}). Restore it from the run's "
+                              "checkpoints (each holds a copy) or re-train the model.") from err
 
 
 class TextCodec:
@@ -89,3 +98,49 @@ class TextCodec:
     @property
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size()
+
+
+# -- tokens for people to read ----------------------------------------------------------------------
+_CONTROL = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
+_SENTENCEPIECE_BYTE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+@lru_cache(maxsize=1)
+def _byte_of_char() -> dict[str, int]:
+    return {ch: b for b, ch in enumerate(_byte_alphabet())}
+
+
+def _escape(data: bytes) -> str:
+    """UTF-8 text with control characters as escapes (\\n, \\x1b); invalid bytes as \\xNN."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "".join(chr(b) if 32 <= b < 127 else f"\\x{b:02x}" for b in data)
+    return "".join(_CONTROL.get(c, f"\\x{ord(c):02x}" if ord(c) < 32 or 127 <= ord(c) < 160 else c) for c in text)
+
+
+def readable_tokens(tokenizer: Any, ids: Sequence[int]) -> list[str]:
+    """Each token id as a one-line string a person can read: its text, with newlines and other control
+    characters as escapes (`\\n`, `\\x1b`), and a token that is part of a multi-byte character (a
+    lone byte 0x8f, which decodes to '�') as `\\x8f`. `tokenizer` is a workbench `TextCodec` or a
+    Hugging Face tokenizer; byte-level BPE (GPT-2 style) and SentencePiece byte tokens (`<0x0A>`)
+    both map back to their bytes."""
+    byte_of = _byte_of_char()
+    if isinstance(tokenizer, TextCodec):
+        pieces = [tokenizer.tok.id_to_token(int(i)) for i in ids]
+    else:
+        pieces = list(tokenizer.convert_ids_to_tokens([int(i) for i in ids]))
+    out = []
+    for i, piece in zip(ids, pieces):
+        if piece is None:
+            out.append(f"<id {int(i)}>")
+        elif piece in (EOS,) or (piece.startswith("<") and piece.endswith(">") and len(piece) > 2
+                                 and not _SENTENCEPIECE_BYTE.match(piece)):
+            out.append(piece)  # a special token: shown as it is named
+        elif m := _SENTENCEPIECE_BYTE.match(piece):
+            out.append(_escape(bytes([int(m.group(1), 16)])))
+        elif all(c in byte_of for c in piece):  # byte-level BPE: every character stands for one byte
+            out.append(_escape(bytes(byte_of[c] for c in piece)))
+        else:  # SentencePiece and other vocabularies: '▁' marks a space
+            out.append(_escape(piece.replace("▁", " ").encode()))
+    return out

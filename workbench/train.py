@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from workbench.artifacts import (
     CHECKPOINTS_DIR,
     CONFIG_FILE,
+    LEGACY_STATE_FILE,
     LOG_FILE,
     TOKENIZER_FILE,
     WEIGHTS_FILE,
@@ -274,7 +275,7 @@ def _resume_point(run_dir: Path, cfg: TrainConfig) -> tuple[str, Optional[Path]]
                              "longer config into a new folder to go further.")
         return "finish", last
     for _, folder in reversed(found):
-        if has_state(folder):
+        if has_state(folder) or (folder / LEGACY_STATE_FILE).exists():  # read_state refuses a legacy pickle
             return "continue", folder
     raise CheckpointError(f"--resume: no checkpoint under {run_dir / CHECKPOINTS_DIR} has optimizer state (it was "
                           f"removed), so the run cannot continue exactly. Its weights are intact (e.g. {last}); to "
@@ -371,7 +372,7 @@ def _train(cfg: TrainConfig, run_dir: Path, name: str, resume: bool, dev: torch.
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 if not bool(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)):  # before the step: weights kept
                     run.optimizer.zero_grad(set_to_none=True)
-                    raise diverged(f"the loss was {float(loss):g} and the gradient norm {float(grad_norm):g}")
+                    raise diverged(f"the loss was {float(loss.detach()):g} and the gradient norm {float(grad_norm):g}")
                 run.optimizer.step()
                 run.optimizer.zero_grad(set_to_none=True)
                 run.step += 1

@@ -56,7 +56,7 @@ def test_missing_and_corrupt_files_are_clear_errors(saved, tmp_path):
     (saved / CONFIG_FILE).unlink()
     with pytest.raises(CheckpointError, match="no config.json"):
         workbench.load(saved)
-    with pytest.raises(CheckpointError, match="Presets: .*attn-only-2l"):
+    with pytest.raises(CheckpointError, match="Valid names: .*attn-only-2l"):
         workbench.load("no-such-model")
 
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import plotly.graph_objects as go
 import pytest
 from plotly.offline import get_plotlyjs
 
 from workbench.errors import InputError
-from workbench.report import Section, get_analysis, make_config, registry, run_analysis, write_report
+from workbench.report import Analysis, Section, get_analysis, make_config, registry, run_analysis, write_report
 
 
 def _section(name="demo", model="m"):
@@ -53,3 +54,30 @@ def test_model_card_on_a_tiny_model(attn_model):
     assert m["n_params"] == attn_model.n_params and 0 <= m["max_induction_score"] <= 1
     assert len(m["induction_LH"]) == 2 and len(m["induction_LH"][0]) == 4
     assert any("parameters" in h for h in section.headlines)
+
+
+def test_metrics_json_is_strict_json(tmp_path):
+    section = Section("demo", "m", {}, {"ok": 1.0, "undefined": float("nan"), "nested": [float("inf")]}, [], 0.1)
+    out = write_report(tmp_path / "r", [section])
+    text = (out / "metrics.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    metrics = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert metrics["demo--m"]["metrics"] == {"ok": 1.0, "undefined": None, "nested": [None]}
+
+
+def test_the_report_names_the_running_analysis_and_counts_the_headlines_it_leaves_out(tmp_path, monkeypatch,
+                                                                                      capsys, attn_model):
+    import workbench.report as report
+
+    def compute(model, cfg):
+        return SimpleNamespace(metrics=lambda: {"n": 1}, headlines=lambda: [f"finding {i}" for i in range(7)])
+
+    fake = Analysis("fake-study", "a test study", make_config(get_analysis("model-card")).__class__, compute,
+                    lambda r: {}, default_models=("tiny",))
+    monkeypatch.setattr(report, "registry", lambda: {"fake-study": fake})
+    monkeypatch.setattr("workbench.loading.shipped_models", lambda: ["tiny"])
+    monkeypatch.setattr("workbench.loading.load", lambda name, device="auto": attn_model)
+    report.report_all(tmp_path / "r", device="cpu", progress=True)
+    captured = capsys.readouterr()
+    assert "report: fake-study on tiny" in captured.err  # the progress bar says what is running
+    assert "... and 4 more in the report" in captured.out and f"Open {tmp_path / 'r' / 'index.html'}" in captured.out

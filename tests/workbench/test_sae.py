@@ -5,8 +5,13 @@ and dashboards."""
 from __future__ import annotations
 
 import json
+import os
+import pickle
+import shutil
+import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,7 +19,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import workbench
+from tests.conftest import signal_on_call
+from workbench.artifacts import read_log
 from workbench.errors import CheckpointError, ConfigError, HookNameError, InputError
+from workbench.runs import TrainingInterrupted
 from workbench.sae import (
     ActivationStore,
     ReconstructionStats,
@@ -31,10 +39,11 @@ from workbench.sae import (
     train_sae,
     train_saes,
 )
+from workbench.sae import training as sae_training
 from workbench.sae.dashboards import collect_feature_data, render_dashboards
 from workbench.sae.interventions import downstream_metrics, feature_hook, splice_hook
 from workbench.sae.metrics import cosine, explained_variance, fvu, l0, l1, l2_ratio, mse_per_token
-from workbench.train import TrainingInterrupted
+from workbench.sae.modules import TopKSAE
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -240,26 +249,115 @@ def test_nan_activations_stop_training_and_keep_the_last_checkpoint(tmp_path):
     assert not (tmp_path / "run" / "cfg.json").exists()  # no half-trained SAE presented as finished
 
 
-def test_interrupt_then_resume_is_bit_identical(tmp_path, monkeypatch):
-    x = torch.randn(8192, 8, generator=torch.Generator().manual_seed(3))
-    cfg = SAETrainConfig(sae=SAEConfig(d_in=8, d_sae=32, architecture="topk", k=4), n_tokens=60 * 256,
-                         batch_size=256, n_checkpoints=4, dead_window=1000)
-    straight, _ = train_sae(cfg, TensorSource(x, 256), out=tmp_path / "a", progress=False)
+def _sae_cfg(**kw):
+    base = dict(sae=SAEConfig(d_in=8, d_sae=32, architecture="topk", k=4), n_tokens=60 * 256, batch_size=256,
+                n_checkpoints=4, dead_window=1000)
+    return SAETrainConfig(**{**base, **kw})
 
-    def interrupted():
-        for step, batch in enumerate(TensorSource(x, 256)):
-            if step == 20:
-                raise KeyboardInterrupt
-            yield batch
 
-    with pytest.raises(TrainingInterrupted):
-        train_sae(cfg, interrupted(), out=tmp_path / "b", progress=False)
-    with pytest.raises(InputError, match="unfinished run"):  # a fresh start would lose the checkpoints
-        train_sae(cfg, TensorSource(x, 256), out=tmp_path / "b", progress=False)
-    resumed, _ = train_sae(cfg, TensorSource(x, 256), out=tmp_path / "b", resume=True, progress=False)
+def _signal_at(source, step: int):
+    """The batches of `source`, with a Ctrl-C sent while batch `step` is being produced."""
+    for i, batch in enumerate(source):
+        if i == step:
+            os.kill(os.getpid(), signal.SIGINT)
+        yield batch
+
+
+SAE_X = torch.randn(8192, 8, generator=torch.Generator().manual_seed(3))
+SAE_PHASES = {  # where in a step the Ctrl-C lands (see the LM trainer's test of the same)
+    "data": None,
+    "after optimizer.step": (torch.optim.Adam, "step", 21, True),
+    "forward": (TopKSAE, "train_forward", 17, False),
+    "checkpoint write": (sae_training, "write_state", 2, False),
+}
+
+
+@pytest.mark.parametrize("phase", list(SAE_PHASES))
+def test_ctrl_c_in_any_phase_then_resume_is_bit_identical(tmp_path, monkeypatch, phase):
+    cfg = _sae_cfg()
+    straight, _ = train_sae(cfg, TensorSource(SAE_X, 256), out=tmp_path / "a", progress=False)
+    source = TensorSource(SAE_X, 256)
+    with monkeypatch.context() as m:
+        if SAE_PHASES[phase] is None:
+            source = _signal_at(source, 20)
+        else:
+            signal_on_call(m, *SAE_PHASES[phase])
+        with pytest.raises(TrainingInterrupted) as stop:
+            train_sae(cfg, source, out=tmp_path / "b", progress=False)
+    assert stop.value.saved and stop.value.folder is not None
+    with pytest.raises(InputError, match="unfinished SAE run"):  # a fresh start would lose the checkpoints
+        train_sae(cfg, TensorSource(SAE_X, 256), out=tmp_path / "b", progress=False)
+    resumed, _ = train_sae(cfg, TensorSource(SAE_X, 256), out=tmp_path / "b", resume=True, progress=False)
     assert torch.equal(straight.W_dec, resumed.W_dec) and torch.equal(straight.b_enc, resumed.b_enc)
+    log_a = [{k: v for k, v in r.items() if k != "tok_per_s"} for r in read_log(tmp_path / "a" / "log.jsonl")]
+    log_b = [{k: v for k, v in r.items() if k != "tok_per_s"} for r in read_log(tmp_path / "b" / "log.jsonl")]
+    assert log_a == log_b  # no duplicated or missing records after the resume
     with pytest.raises(InputError, match="already holds"):
-        train_sae(cfg, TensorSource(x, 256), out=tmp_path / "a", progress=False)
+        train_sae(cfg, TensorSource(SAE_X, 256), out=tmp_path / "a", progress=False)
+
+
+def test_resume_with_a_different_config_names_the_fields(tmp_path):
+    cfg = _sae_cfg()
+    with pytest.raises(TrainingInterrupted):
+        train_sae(cfg, _signal_at(TensorSource(SAE_X, 256), 20), out=tmp_path / "b", progress=False)
+    changed = replace(cfg, lr=3e-3, sae=replace(cfg.sae, k=8))
+    with pytest.raises(ConfigError, match=r"lr \(0.001 → 0.003\).*sae.k \(4 → 8\)|sae.k \(4 → 8\).*lr"):
+        train_sae(changed, TensorSource(SAE_X, 256), out=tmp_path / "b", resume=True, progress=False)
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start(tmp_path, capsys):
+    cfg = _sae_cfg(log_every=5)
+    with pytest.raises(TrainingInterrupted):  # the first checkpoint is at step 1: a kill before it leaves a log
+        train_sae(cfg, _signal_at(TensorSource(SAE_X, 256), 0), out=tmp_path / "b", progress=False)
+    for folder in (tmp_path / "b" / "checkpoints").iterdir():  # as if killed -9 before the checkpoint
+        shutil.rmtree(folder)
+    (tmp_path / "b" / "log.jsonl").write_text('{"step": 5, "loss": 1.0}\n')
+    with pytest.raises(InputError, match="--resume|resume=True"):
+        train_sae(cfg, TensorSource(SAE_X, 256), out=tmp_path / "b", progress=False)
+    resumed, _ = train_sae(cfg, TensorSource(SAE_X, 256), out=tmp_path / "b", resume=True, progress=False)
+    assert "starting from step 0" in capsys.readouterr().out
+    straight, _ = train_sae(cfg, TensorSource(SAE_X, 256), out=tmp_path / "a", progress=False)
+    assert torch.equal(straight.W_dec, resumed.W_dec)
+
+
+def test_a_crafted_pickle_in_an_sae_checkpoint_is_never_run(tmp_path):
+    cfg = _sae_cfg()
+    with pytest.raises(TrainingInterrupted) as stop:
+        train_sae(cfg, _signal_at(TensorSource(SAE_X, 256), 20), out=tmp_path / "b", progress=False)
+    for name in ("training_state.safetensors", "training_state.json"):
+        (stop.value.folder / name).unlink()
+    marker = tmp_path / "pwned"
+    (stop.value.folder / "training_state.pt").write_bytes(pickle.dumps(_Exploit(str(marker))))
+    with pytest.raises(CheckpointError, match="not loaded"):
+        train_sae(cfg, TensorSource(SAE_X, 256), out=tmp_path / "b", resume=True, progress=False)
+    assert not marker.exists()
+
+
+class _Exploit:
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):  # what an attacker's os.system would be
+        return (open, (self.path, "w"))
+
+
+def test_several_saes_resume_from_the_step_all_of_them_saved(tmp_path, monkeypatch):
+    """A kill between two SAEs' checkpoints leaves them at different steps; resume must realign them."""
+    cfgs = {"a": make_sae(SAEConfig(d_in=8, d_sae=32, k=4, hook_name="x"), seed=1),
+            "b": make_sae(SAEConfig(d_in=8, d_sae=32, architecture="relu", hook_name="x"), seed=2)}
+    cfg = _sae_cfg(sae=cfgs["a"].cfg)
+    train_saes({k: make_sae(v.cfg, seed=i + 1) for i, (k, v) in enumerate(cfgs.items())},
+               TensorSource(SAE_X, 256, name="x"), cfg, out=tmp_path / "s", progress=False)
+    with pytest.raises(TrainingInterrupted):
+        train_saes({k: make_sae(v.cfg, seed=i + 1) for i, (k, v) in enumerate(cfgs.items())},
+                   _signal_at(TensorSource(SAE_X, 256, name="x"), 40), cfg, out=tmp_path / "r", progress=False)
+    newest = sorted((tmp_path / "r" / "b" / "checkpoints").iterdir())[-1]
+    shutil.rmtree(newest)  # b's newest checkpoint never made it to disk
+    saes = {k: make_sae(v.cfg, seed=i + 1) for i, (k, v) in enumerate(cfgs.items())}
+    train_saes(saes, TensorSource(SAE_X, 256, name="x"), cfg, out=tmp_path / "r", resume=True, progress=False)
+    for name in ("a", "b"):
+        ref = load_sae(tmp_path / "s" / name)
+        assert torch.equal(ref.W_dec, load_sae(tmp_path / "r" / name).W_dec)
 
 
 def test_several_saes_train_from_one_forward_pass(attn_model, monkeypatch):

@@ -2,17 +2,33 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import pickle
+import signal
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
 import torch
 
 import workbench
-from tests.conftest import tiny_config, tiny_train_config
-from workbench.artifacts import STATE_FILE, list_checkpoints
+import workbench.train as train_module
+from tests.conftest import signal_on_call, tiny_config, tiny_train_config
+from workbench.artifacts import (
+    LEGACY_STATE_FILE,
+    STATE_FILE,
+    STATE_META_FILE,
+    has_state,
+    list_checkpoints,
+    read_config,
+    remove_state,
+)
+from workbench.cli import main as cli_main
 from workbench.data import Batches, DataConfig
-from workbench.errors import ConfigError, InputError
+from workbench.errors import ConfigError, InputError, OutOfSpaceError, RunLockedError, TrainingDiverged
+from workbench.model import Transformer
 from workbench.train import TrainConfig, TrainingInterrupted, load_train_config, train
 
 
@@ -40,7 +56,7 @@ def test_checkpoints_are_log_spaced_and_a_finished_run_keeps_no_optimizer_state(
     gaps = [b - a for a, b in zip(cfg.checkpoint_steps[1:], cfg.checkpoint_steps[2:])]
     assert gaps == sorted(gaps)  # spacing grows: log-spaced
     ckpts = list_checkpoints(out)
-    assert not any((p / STATE_FILE).exists() for _, p in ckpts)  # complete: nothing left to resume
+    assert not any(has_state(p) for _, p in ckpts)  # complete: nothing left to resume
     with pytest.raises(InputError, match="already complete"):
         train(cfg, out, resume=True, progress=False)
     assert not list((out / "checkpoints").glob(".*"))  # no temporary folders left behind
@@ -57,50 +73,76 @@ def test_checkpoint_every_adds_regular_steps_to_the_log_spaced_ones():
         tiny_train_config(checkpoint_every=-5)
 
 
-@pytest.mark.parametrize("stop_at", [13, 8])  # 8 is also a log-spaced checkpoint step
-def test_ctrl_c_saves_a_checkpoint_and_resume_is_bit_identical(tmp_path, monkeypatch, stop_at):
+# A Ctrl-C (SIGINT) sent in every phase of a step: while the batch is built, during the forward pass,
+# right after optimizer.step() (before the step counter moves: the window that used to save new weights
+# under the old step number), during an evaluation, and while a checkpoint is being written.
+PHASES = {
+    "data": (Batches, "train", 14, False),
+    "forward": (Transformer, "forward", 10, False),
+    "after optimizer.step": (torch.optim.AdamW, "step", 8, True),  # 8 is a checkpoint step: it must not be
+    "after optimizer.step, off-schedule": (torch.optim.AdamW, "step", 13, True),  # replaced by later weights
+    "evaluation": (train_module, "evaluate", 3, False),
+    "checkpoint write": (train_module, "save_model", 3, False),
+}
+
+
+def _strip(log):
+    return [{k: v for k, v in r.items() if k != "tok_per_s"} for r in log]
+
+
+@pytest.mark.parametrize("phase", list(PHASES))
+def test_ctrl_c_in_any_phase_of_a_step_resumes_bit_identical(tmp_path, monkeypatch, phase):
     cfg = tiny_train_config(n_steps=24, eval_every=4)
     assert 8 in cfg.checkpoint_steps and 13 not in cfg.checkpoint_steps
     straight = train(cfg, tmp_path / "straight", progress=False)
 
-    real_train = Batches.train
-
-    def interrupt(self, step):
-        if step == stop_at:
-            raise KeyboardInterrupt
-        return real_train(self, step)
-
-    monkeypatch.setattr(Batches, "train", interrupt)
-    with pytest.raises(TrainingInterrupted) as stop:
-        train(cfg, tmp_path / "resumed", progress=False)
-    assert stop.value.step == stop_at and (stop.value.folder / STATE_FILE).exists()
-    states = [(p / STATE_FILE).exists() for _, p in list_checkpoints(tmp_path / "resumed")]
+    owner, attr, call, after = PHASES[phase]
+    with monkeypatch.context() as m:
+        signal_on_call(m, owner, attr, call, after)
+        with pytest.raises(TrainingInterrupted) as stop:
+            train(cfg, tmp_path / "resumed", progress=False)
+    step = stop.value.step
+    assert 0 < step < cfg.n_steps and stop.value.saved and has_state(stop.value.folder)
+    assert read_config(stop.value.folder)["step"] == step  # the weights saved are those of that step
+    states = [has_state(p) for _, p in list_checkpoints(tmp_path / "resumed")]
     assert states == [False] * (len(states) - 1) + [True]  # only the newest keeps optimizer state
-    monkeypatch.setattr(Batches, "train", real_train)
 
     resumed = train(cfg, tmp_path / "resumed", resume=True, progress=False)
     a = workbench.load(straight, device="cpu").state_dict()
     b = workbench.load(resumed, device="cpu").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _strip(_log(straight)) == _strip(_log(resumed))
+    for s, folder in list_checkpoints(straight):  # every scheduled checkpoint holds the same weights
+        other = tmp_path / "resumed" / "checkpoints" / folder.name
+        assert read_config(other)["weights_sha256"] == read_config(folder)["weights_sha256"], s
 
-    def strip(log):
-        return [{k: v for k, v in r.items() if k != "tok_per_s"} for r in log]
 
-    assert strip(_log(straight)) == strip(_log(resumed))
+def test_a_second_ctrl_c_quits_without_saving_and_names_the_last_checkpoint(tmp_path, monkeypatch):
+    cfg = tiny_train_config(n_steps=24)
+    with monkeypatch.context() as m:
+        signal_on_call(m, Batches, "train", 14)
+        signal_on_call(m, train_module, "save_model", 5)  # the second lands while the interrupt checkpoint is written
+        with pytest.raises(TrainingInterrupted) as stop:
+            train(cfg, tmp_path / "run", progress=False)
+    assert not stop.value.saved and "quit without saving" in str(stop.value)
+    newest = list_checkpoints(tmp_path / "run")[-1]
+    assert stop.value.folder == newest[1] and has_state(newest[1])
+    train(cfg, tmp_path / "run", resume=True, progress=False)  # and the run still resumes
 
 
 def test_an_existing_run_is_never_overwritten(tmp_path):
     cfg = tiny_train_config(n_steps=4, n_checkpoints=2)
     train(cfg, tmp_path / "run", progress=False)
-    with pytest.raises(InputError, match="--resume"):
+    with pytest.raises(InputError, match="already holds a training run"):
         train(cfg, tmp_path / "run", progress=False)
-    with pytest.raises(ConfigError, match="differs"):
+    with pytest.raises(ConfigError, match=r"differs.*lr \(0.001 → 0.5\)"):  # names the field (defect 7's twin)
         train(replace(cfg, lr=0.5), tmp_path / "run", resume=True, progress=False)
 
 
-def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(workbench.CheckpointError, match="no checkpoint"):
-        train(tiny_train_config(), tmp_path / "empty", resume=True, progress=False)
+def test_resume_of_a_run_with_no_checkpoint_yet_starts_it(tmp_path, capsys):
+    out = train(tiny_train_config(n_steps=4, n_checkpoints=2), tmp_path / "new", resume=True, progress=False)
+    assert "Nothing to resume" in capsys.readouterr().out
+    assert workbench.load(out, device="cpu").meta["step"] == 4
 
 
 def test_training_is_deterministic_for_a_seed(tmp_path):
@@ -148,3 +190,206 @@ def test_text_and_synthetic_mixture_trains(tmp_path):
                             n_checkpoints=2)
     out = train(cfg, tmp_path / "mix", progress=False)
     assert {"val_loss_text", "val_loss_synthetic"} <= set(_log(out)[-1])
+
+
+# -- trust: defects found by attacking the trainer (issue "Trust") ------------------------------------
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
+    cfg = tiny_train_config(n_steps=30, lr=1e30, warmup_steps=1, grad_clip=1e30)
+    with pytest.raises(TrainingDiverged) as err:
+        train(cfg, tmp_path / "run", progress=False)
+    msg = str(err.value)
+    assert "last good checkpoint is" in msg and "Lower TrainConfig.lr" in msg
+    assert not (tmp_path / "run" / "model.safetensors").exists()  # no NaN final model
+    found = list_checkpoints(tmp_path / "run")
+    assert found and str(found[-1][1]) in msg
+    for _, folder in found:  # every checkpoint on disk is finite
+        assert all(torch.isfinite(t).all() for t in workbench.load(folder, device="cpu").state_dict().values())
+
+
+def test_the_cli_exits_non_zero_on_divergence(tmp_path, capsys):
+    cfg = tiny_train_config(n_steps=30, lr=1e30, warmup_steps=1, grad_clip=1e30).to_dict()
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    assert cli_main(["train", str(tmp_path / "c.json"), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    assert "last good checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), 0.0, -1.0])
+def test_lr_must_be_finite_and_positive(value):
+    with pytest.raises(ConfigError, match="TrainConfig.lr"):
+        tiny_train_config(lr=value)
+
+
+LOCK_HOLDER = """
+import sys, time
+from workbench.artifacts import run_lock
+with run_lock(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_second_training_into_a_locked_folder_is_refused_and_a_killed_holder_leaves_no_lock(tmp_path):
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(run_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunLockedError, match=f"process {holder.pid}"):
+            train(tiny_train_config(n_steps=4, n_checkpoints=2), run_dir, progress=False)
+        assert not list_checkpoints(run_dir)  # nothing was written by the refused run
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    out = train(tiny_train_config(n_steps=4, n_checkpoints=2), run_dir, progress=False)  # the lock died with it
+    assert workbench.load(out, device="cpu").meta["step"] == 4
+
+
+@pytest.mark.parametrize("contents", [
+    {"config.json": '{"my": "own settings"}'},  # a user's own config.json
+    {"notes.txt": "my notes"},
+    "model folder",  # like models/facts: a shipped model with no checkpoints/
+])
+def test_training_refuses_a_folder_that_is_not_a_workbench_run(tmp_path, contents):
+    folder = tmp_path / "target"
+    if contents == "model folder":
+        workbench.save_model(workbench.Transformer(tiny_config(n_ctx=32)), folder)
+        contents = {p.name: p.read_bytes() for p in folder.iterdir()}
+    else:
+        folder.mkdir()
+        for name, text in contents.items():
+            (folder / name).write_text(text)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(InputError, match="Nothing was overwritten|Nothing was changed"):
+        train(tiny_train_config(n_steps=4, n_checkpoints=2), folder, progress=False)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_a_kill_between_the_last_checkpoint_and_the_final_save_is_finished_by_resume(tmp_path, monkeypatch):
+    cfg = tiny_train_config(n_steps=12, n_checkpoints=3)
+    straight = train(cfg, tmp_path / "straight", progress=False)
+
+    class Killed(BaseException):
+        pass
+
+    def killed(*args, **kwargs):
+        raise Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(train_module, "_finish", killed)
+        with pytest.raises(Killed):
+            train(cfg, tmp_path / "run", progress=False)
+    assert list_checkpoints(tmp_path / "run")[-1][0] == 12 and not (tmp_path / "run" / "model.safetensors").exists()
+    with pytest.raises(InputError, match="already holds a training run"):  # a fresh run is refused ...
+        train(cfg, tmp_path / "run", progress=False)
+    out = train(cfg, tmp_path / "run", resume=True, progress=False)  # ... and resume finishes the final save
+    a, b = workbench.load(straight, device="cpu"), workbench.load(out, device="cpu")
+    assert b.meta["step"] == 12 and all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
+    with pytest.raises(InputError, match="already complete"):
+        train(cfg, tmp_path / "run", resume=True, progress=False)
+
+
+def _interrupted_run(tmp_path, monkeypatch, cfg, call=10):
+    with monkeypatch.context() as m:
+        signal_on_call(m, Batches, "train", call)
+        with pytest.raises(TrainingInterrupted) as stop:
+            train(cfg, tmp_path / "run", progress=False)
+    return stop.value
+
+
+def test_a_checkpoint_without_optimizer_state_gives_one_way_out(tmp_path, monkeypatch):
+    cfg = tiny_train_config(n_steps=24)
+    stop = _interrupted_run(tmp_path, monkeypatch, cfg)
+    remove_state(stop.folder)
+    with pytest.raises(workbench.CheckpointError) as err:
+        train(cfg, tmp_path / "run", resume=True, progress=False)
+    assert "another --out" in str(err.value) and "--resume" not in str(err.value).replace("--resume:", "")
+
+
+def test_a_half_written_last_log_line_is_dropped_on_resume(tmp_path, monkeypatch, capsys):
+    cfg = tiny_train_config(n_steps=24, eval_every=4)
+    straight = train(cfg, tmp_path / "straight", progress=False)
+    _interrupted_run(tmp_path, monkeypatch, cfg)
+    with open(tmp_path / "run" / "log.jsonl", "a") as f:
+        f.write('{"step": 99, "lo')  # a kill in the middle of a write
+    train(cfg, tmp_path / "run", resume=True, progress=False)
+    assert "dropped the half-written last line" in capsys.readouterr().err
+    assert _strip(_log(straight)) == _strip(_log(tmp_path / "run"))
+
+
+def test_a_garbage_tokenizer_is_an_error_naming_the_file(tmp_path):
+    folder = tmp_path / "m"
+    workbench.save_model(workbench.Transformer(tiny_config()), folder)
+    (folder / "tokenizer.json").write_text("this is not a tokenizer")
+    with pytest.raises(workbench.CheckpointError, match=r"tokenizer.json is not a valid tokenizer file"):
+        workbench.load(folder, device="cpu")
+
+
+@pytest.mark.parametrize("corrupt", ["tensors", "json"])
+def test_a_corrupt_training_state_is_an_error_naming_the_file(tmp_path, monkeypatch, corrupt):
+    cfg = tiny_train_config(n_steps=24)
+    stop = _interrupted_run(tmp_path, monkeypatch, cfg)
+    name = STATE_FILE if corrupt == "tensors" else STATE_META_FILE
+    data = bytearray((stop.folder / name).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (stop.folder / name).write_bytes(bytes(data[: len(data) - 7]))
+    with pytest.raises(workbench.CheckpointError, match=name.replace(".", r"\.")):
+        train(cfg, tmp_path / "run", resume=True, progress=False)
+
+
+def test_a_pickle_in_a_checkpoint_is_never_unpickled(tmp_path, monkeypatch):
+    cfg = tiny_train_config(n_steps=24)
+    stop = _interrupted_run(tmp_path, monkeypatch, cfg)
+    remove_state(stop.folder)
+    marker = tmp_path / "pwned"
+    (stop.folder / LEGACY_STATE_FILE).write_bytes(pickle.dumps(_Exploit(str(marker))))
+    with pytest.raises(workbench.CheckpointError, match="not loaded"):
+        train(cfg, tmp_path / "run", resume=True, progress=False)
+    assert not marker.exists()
+
+
+class _Exploit:
+    """A pickle that creates a file when loaded (a stand-in for os.system)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_full_disk_during_a_checkpoint_says_how_much_space_and_leaves_no_partial_folder(tmp_path, monkeypatch):
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(train_module, "write_state", full_disk)
+    with pytest.raises(OutOfSpaceError, match=r"needs about [\d.,]+ MB and [\d.,]+ MB are free"):
+        train(tiny_train_config(n_steps=4, n_checkpoints=2), tmp_path / "run", progress=False)
+    assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir()]  # no partial checkpoint, no temp folder
+
+
+BAD_CONFIGS = [
+    ({"data": {"synthetic_fraction": 1.0, "txet": "stdlib"}}, r"Unknown DataConfig field\(s\) \['txet'\]"),
+    ({"lr": "1e-3"}, "TrainConfig.lr must be a finite number"),
+    ({"weight_decay": "0.1"}, "TrainConfig.weight_decay must be a finite number"),
+    ({"model": {"seed": "0"}}, "ModelConfig.seed must be an integer"),
+    ({"data": {"seed": -1}}, "DataConfig.seed must be an integer ≥ 0"),
+    ({"model": None}, "ModelConfig .*must be a JSON object"),
+    ({"model": {"n_layers": 2.5}}, "ModelConfig.n_layers must be an integer"),
+    ({"lr": 1e400}, "TrainConfig.lr must be a finite number"),
+]
+
+
+@pytest.mark.parametrize("patch,message", BAD_CONFIGS)
+def test_config_type_holes_are_errors_naming_the_field(tmp_path, patch, message):
+    cfg = tiny_train_config().to_dict()
+    for key, value in patch.items():
+        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) else value
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=message):
+        load_train_config(path)
+
+
+def test_a_config_file_that_is_not_an_object_is_an_error(tmp_path):
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="must be a JSON object"):
+        load_train_config(tmp_path / "list.json")

@@ -20,6 +20,7 @@ from workbench.artifacts import write_output_folder
 from workbench.circuits import ln_weight
 from workbench.sae.activations import check_hooks, model_activations
 from workbench.sae.modules import SAE
+from workbench.tokenizer import readable_tokens
 
 
 @dataclass(frozen=True, eq=False)
@@ -43,6 +44,8 @@ class FeatureData:
     token_strings: list[list[str]]
     acts_lookup: dict[int, np.ndarray]
     """row -> [seq_len, F] activations of the rows that appear in any example (for highlighting)."""
+    d_sae: int
+    """Latents in the SAE (`features` may be a sample of them)."""
 
 
 @torch.no_grad()
@@ -85,7 +88,10 @@ def collect_feature_data(model: Any, sae: SAE, token_rows: torch.Tensor, hook_na
     if w is not None:
         W_U = w.detach().float()[:, None] * W_U
     effects = sae.W_dec[feats].detach().float() @ W_U.to(dev)  # [F, V]
-    names = (model.to_str_tokens if model.tokenizer is not None else (lambda ids: [str(t) for t in ids.tolist()]))
+    def names(ids: torch.Tensor) -> list[str]:  # one readable line per token: bytes and newlines escaped
+        return readable_tokens(model.tokenizer, ids.tolist()) if model.tokenizer is not None else [
+            str(t) for t in ids.tolist()]
+
     up_v, up_i = effects.topk(10, dim=1)
     dn_v, dn_i = (-effects).topk(10, dim=1)
     logit_up = [list(zip(names(up_i[j].cpu()), up_v[j].tolist())) for j in range(F_)]
@@ -100,7 +106,7 @@ def collect_feature_data(model: Any, sae: SAE, token_rows: torch.Tensor, hook_na
     strings = [list(names(token_rows[r].cpu())) if r in lookup else [] for r in range(len(token_rows))]
     return FeatureData(feats.numpy(), (fired / (len(token_rows) * (S - 1))).cpu().numpy(), top_v.cpu().numpy(),
                        top_i.cpu().numpy(), smp_v.cpu().numpy(), smp_i.cpu().numpy(), logit_up, logit_down,
-                       token_rows.cpu().numpy(), strings, lookup)
+                       token_rows.cpu().numpy(), strings, lookup, sae.d_sae)
 
 
 # -- rendering ------------------------------------------------------------------------------------------
@@ -163,7 +169,7 @@ def feature_page(data: FeatureData, j: int, title: str) -> str:
             f"<h2>Logit effects (W_dec W_U)</h2>{logits}</body></html>")
 
 
-def index_page(data: FeatureData, title: str) -> str:
+def index_page(data: FeatureData, title: str, selection: str) -> str:
     rows = "".join(
         f"<tr><td><a href='feature_{int(f):05d}.html'>{int(f)}</a></td><td>{data.density[j]:.6f}</td>"
         f"<td>{max(float(data.top_values[j, 0]), 0.0):.4f}</td>"
@@ -176,25 +182,35 @@ def index_page(data: FeatureData, title: str) -> str:
               "return (isNaN(nx)?x.localeCompare(y):nx-ny)*d});r.forEach(e=>t.tBodies[0].appendChild(e));}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{STYLE}</style><script>{script}</script></head><body><h1>{html.escape(title)}</h1>"
-            f"<p>{len(data.features)} features; click a column to sort.</p>"
+            f"<p>{_coverage(data, selection)} Click a column to sort.</p>"
             "<table id='f'><thead><tr><th onclick='sortBy(0)'>feature</th><th onclick='sortBy(1)'>density</th>"
             "<th onclick='sortBy(2)'>max activation</th><th onclick='sortBy(3)'>top logits</th></tr></thead>"
             f"<tbody>{rows}</tbody></table></body></html>")
 
 
-def render_dashboards(data: FeatureData, title: str = "SAE features") -> dict[str, str]:
-    """{file name: HTML} for the index and every feature page."""
-    pages = {"index.html": index_page(data, title)}
+def _coverage(data: FeatureData, selection: str) -> str:
+    n = len(data.features)
+    if n == data.d_sae:
+        return f"All {n} latents of the SAE."
+    return f"A sample of {n} of the SAE's {data.d_sae} latents ({selection})."
+
+
+def render_dashboards(data: FeatureData, title: str = "SAE features", selection: str = "chosen by the caller"
+                      ) -> dict[str, str]:
+    """{file name: HTML} for the index and every feature page. `selection` says how `data.features` were
+    chosen when they are a sample of the SAE's latents (e.g. 'evenly spaced ids'); the index shows it."""
+    pages = {"index.html": index_page(data, title, selection)}
     pages.update({f"feature_{int(f):05d}.html": feature_page(data, j, title) for j, f in enumerate(data.features)})
     pages["features.json"] = json.dumps({"features": data.features.tolist(), "density": data.density.tolist(),
                                          "max_activation": data.top_values[:, 0].tolist()})
     return pages
 
 
-def write_dashboards(data: FeatureData, folder: Union[str, Path], title: str = "SAE features") -> Path:
+def write_dashboards(data: FeatureData, folder: Union[str, Path], title: str = "SAE features",
+                     selection: str = "chosen by the caller") -> Path:
     """Write the site into `folder`: built aside, then moved into place; an existing folder is replaced
     only if the workbench wrote it (see `artifacts.write_output_folder`)."""
-    pages = render_dashboards(data, title)
+    pages = render_dashboards(data, title, selection)
 
     def build(tmp: Path) -> None:
         for name, text in pages.items():

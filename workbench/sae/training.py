@@ -161,7 +161,8 @@ class _Trainer:
             save_file({k: v.detach().contiguous().cpu() for k, v in self.sae.state_dict().items()},
                       str(tmp / TRAINING_WEIGHTS))
             write_state(tmp, {"optimizer": self.opt.state_dict(), "since_fired": self.since_fired,
-                              "scale": self.scale, "step": self.step})
+                              "scale": self.scale, "step": self.step,
+                              "stats": dict(vars(self.stats))})  # the log's running sums, so it resumes exactly
             atomic_write_json(tmp / "config.json", {"kind": "workbench.SAECheckpoint", "format_version": 1,
                                                     "step": self.step, "train": self.cfg.to_dict()})
 
@@ -193,6 +194,8 @@ class _Trainer:
         self.opt.load_state_dict(state["optimizer"])
         self.since_fired = state["since_fired"].to(self.sae.W_dec.device)
         self.scale, self.step = state["scale"], int(state["step"])
+        self.stats = ReconstructionStats(**{k: v.to(self.sae.W_dec.device) if isinstance(v, torch.Tensor) else v
+                                            for k, v in state["stats"].items()})
         truncate_log(self.out / LOG_FILE, self.step)
 
     # -- one step ---------------------------------------------------------------------------------

@@ -1,0 +1,97 @@
+"""The shape of the code: data flows one way, and no user's file is ever unpickled.
+
+Both are read from the source (every import, including those inside functions), so a cycle or a
+pickle load is caught where it is written, not only when some test happens to reach it."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("workbench", "analyses")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module of this project that `path` imports, at any depth of its code."""
+    me = _module_name(path)
+    package = me if path.name == "__init__.py" else me.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: climb node.level - 1 packages up from this one
+                up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(up + ([base] if base else []))
+            found.add(base)
+            found |= {f"{base}.{a.name}" for a in node.names}
+    return {m for m in found if m.split(".")[0] in PACKAGES}
+
+
+def _graph() -> dict[str, set[str]]:
+    files = {_module_name(p): p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
+    return {name: {m for m in _imports(path) if m in files and m != name} for name, path in files.items()}
+
+
+def test_the_engine_never_imports_the_analyses():
+    offenders = {m: sorted(d for d in deps if d.startswith("analyses"))
+                 for m, deps in _graph().items() if m.startswith("workbench")}
+    assert not {m: d for m, d in offenders.items() if d}, "workbench/ must find analyses through entry points"
+
+
+def test_the_workbench_package_has_no_import_cycles():
+    graph = {m: {d for d in deps if d.startswith("workbench")} for m, deps in _graph().items()
+             if m.startswith("workbench")}
+    graph = {m: deps - {"workbench"} for m, deps in graph.items() if m != "workbench"}  # the re-exporting __init__
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        stack.append(m)
+        for d in sorted(graph.get(m, ())):
+            if state.get(d) == 1:
+                raise AssertionError("import cycle: " + " → ".join(stack[stack.index(d):] + [d]))
+            if d not in state:
+                visit(d)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+
+
+def test_data_sources_know_nothing_of_analyses():
+    graph = _graph()
+    reach, todo = set(), ["workbench.data"]
+    while todo:
+        for d in graph.get(todo.pop(), ()):
+            if d not in reach:
+                reach.add(d)
+                todo.append(d)
+    engines = {"workbench.tracing", "workbench.probes", "workbench.circuits", "workbench.attribution",
+               "workbench.report"}
+    assert not reach & engines, f"workbench.data reaches {sorted(reach & engines)}"
+
+
+UNSAFE = re.compile(r"weights_only\s*=\s*False|pickle\.loads?\(|torch\.load\(|trust_remote_code\s*=\s*True|"
+                    r"np\.load\([^)]*allow_pickle\s*=\s*True|joblib\.load\(")
+
+
+def test_nothing_unpickles_or_runs_remote_code():
+    hits = []
+    for pkg in (*PACKAGES, "benchmarks"):
+        for path in (ROOT / pkg).rglob("*.py"):
+            for i, line in enumerate(path.read_text().splitlines(), 1):
+                if UNSAFE.search(line):
+                    hits.append(f"{path.relative_to(ROOT)}:{i}: {line.strip()}")
+    assert not hits, "loads that can run code from a user's file:\n" + "\n".join(hits)
