@@ -21,6 +21,7 @@ never fires it), and checks five things on that run:
     residual      the last residual stream is the embedding plus every attention and MLP output, and
                   each attention output is its heads' z W_O (through Gemma 2's post-norm) plus bias
     z edits       an edit at hook_z reaches the attention output (head ablation works)
+    qkv edits     edits at hook_q, hook_k and hook_v change the heads' z (path patching works)
     knockout      which edit blocks attention: -inf at hook_attn_scores where that takes effect; on
                   OPT and GPT-J bridges the pattern is only reported after the fact, so there z is
                   recomputed from the reported pattern and values, once that identity is verified
@@ -33,6 +34,7 @@ unverified fold or edit.
 from __future__ import annotations
 
 import copy
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Sequence
@@ -46,7 +48,7 @@ from workbench.model import Transformer
 NormKind = Literal["LN", "RMS", "none"]
 Positional = Literal["learned", "rotary", "alibi", "none"]
 KnockoutMethod = Literal["attn_scores", "recompute_z"]
-Piece = Literal["fold", "embedding", "residual", "z edits", "knockout", "control"]
+Piece = Literal["fold", "embedding", "residual", "z edits", "qkv edits", "knockout"]
 
 
 class DoesNotApplyError(WorkbenchError):
@@ -543,7 +545,7 @@ def random_control(model: Any, seed: int) -> Any:
     if hf is None or not hasattr(hf, "_init_weights"):
         raise DoesNotApplyError(f"{arch.label}: a random-weights control does not apply: the model has no "
                                 "initialisation of its own (a Hugging Face `_init_weights`) to draw it from.")
-    control = copy.deepcopy(model)
+    control = _copy(model)
     hf = control.original_model
     before = {n: p.clone() for n, p in hf.named_parameters() if p.ndim >= 2}
     device = _device(control)
@@ -556,6 +558,18 @@ def random_control(model: Any, seed: int) -> Any:
         raise DoesNotApplyError(f"{arch.label}: a random-weights control does not apply: the model's own "
                                 f"initialisation left {len(kept)} weight matrices unchanged (e.g. {kept[0]}).")
     return control.eval()
+
+
+def _copy(model: Any) -> Any:
+    """A deep copy of a model. A bridge's attention keeps its last pattern, which still carries its
+    autograd graph after a run with gradients; deepcopy refuses such tensors, so they are copied
+    detached (they are overwritten on the next forward anyway)."""
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, torch.Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(model, memo)
 
 
 # -- describe ---------------------------------------------------------------------------------------------
@@ -643,7 +657,7 @@ def _probe(model: Any) -> Architecture:
     missing = [n for n in need if n not in acts]
     if missing:
         why = f"the model never fires {', '.join(missing[:3])}"
-        for piece in ("fold", "embedding", "residual", "z edits", "knockout"):
+        for piece in ("fold", "embedding", "residual", "z edits", "qkv edits", "knockout"):
             problems[piece] = why
         return Architecture(**{**arch.__dict__, "problems": tuple(problems.items())})
 
@@ -716,6 +730,16 @@ def _probe(model: Any) -> Architecture:
         got = edited["blocks.0.hook_attn_out"].float()
         check("z edits", torch.allclose(want, got, atol=_tolerance(model, got)),
               "an edit at hook_z does not reach the attention output")
+
+        # q, k and v edits change the heads' outputs
+        z_clean = acts["blocks.0.attn.hook_z"].float()
+        for name in ("q", "k", "v"):
+            model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.0.attn.hook_{name}", perturb),
+                                                    ("blocks.0.attn.hook_z",
+                                                     lambda a, hook: edited.__setitem__("z", a.detach()) or a)])
+            check("qkv edits", not torch.allclose(edited["z"].float()[:, 1:], z_clean[:, 1:],
+                                                  atol=_tolerance(model, z_clean)),
+                  f"an edit at hook_{name} does not change the heads' outputs")
     finally:
         _CACHE.pop(model, None)
     arch = Architecture(**{**arch.__dict__, "problems": tuple(problems.items())})
@@ -751,9 +775,11 @@ def _verify_knockout(model: Any, arch: Architecture, tokens: torch.Tensor, acts:
             seen[name] = a.detach()
             return a
 
-        run_with_knockout(model, tokens, blocked, method=method,
-                          fwd_hooks=[(n, lambda a, hook, n=n: keep(a, hook, n))
-                                     for n in ("blocks.0.attn.hook_z", "blocks.0.attn.hook_v")])
+        with warnings.catch_warnings():  # a bridge warns when a scores edit is discarded: that is what we test
+            warnings.simplefilter("ignore", UserWarning)
+            run_with_knockout(model, tokens, blocked, method=method,
+                              fwd_hooks=[(n, lambda a, hook, n=n: keep(a, hook, n))
+                                         for n in ("blocks.0.attn.hook_z", "blocks.0.attn.hook_v")])
         v = seen["blocks.0.attn.hook_v"].float()
         v = v.repeat_interleave(H // v.shape[2], dim=2)
         z = seen["blocks.0.attn.hook_z"].float()

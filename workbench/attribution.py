@@ -105,7 +105,7 @@ def path_patch_many(model: Any, tokens: torch.Tensor, other_tokens: torch.Tensor
     """{component: [sender]} `path_patch` for many senders into one receiver: the clean and other runs
     happen once, then one run per (sender, component). `progress` wraps the job list (e.g. tqdm)."""
     arch = adapter.describe(model)
-    arch.require("z edits", "path patching")
+    arch.require("qkv edits", "path patching")
     lr, hr = receiver
     for ls, hs in senders:
         if lr <= ls:
