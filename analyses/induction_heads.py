@@ -36,7 +36,7 @@ from workbench.circuits import copying_score, folded_weights, ov_circuit
 from workbench.config import check_types
 from workbench.data import Batches, DataConfig, build_text_data
 from workbench.errors import InputError, check_field
-from workbench.numbers import finite
+from workbench.numbers import finite, json_array
 from workbench.plotting import attention_picker, heatmap, lines, table
 from workbench.probes import (
     half_losses,
@@ -90,6 +90,11 @@ class InductionConfig:
     """Run the probe at every checkpoint of the model's folder (when it has checkpoints)."""
     top_heads: int = 6
     """Heads shown in the attention-pattern picker."""
+    max_ablated_heads: int = 24
+    """Heads ablated one at a time (zero and mean: two forward passes each). All of them when the model
+    has at most this many; otherwise every head whose induction and prefix-matching scores both reach
+    induction_threshold (the only heads the verdict can label induction), then the highest induction
+    scores, up to this many. The others are not measured (null in metrics.json)."""
     seed: int = 0
     """Seed of the random sequences."""
 
@@ -99,7 +104,7 @@ class InductionConfig:
         for name in ("seq_len", "prefix_seq_len", "prefix_copies"):
             value = getattr(self, name)
             check_field(isinstance(value, int) and value >= 2, own, name, value, "an integer ≥ 2")
-        for name in ("n_sequences", "icl_rows", "top_heads"):
+        for name in ("n_sequences", "icl_rows", "top_heads", "max_ablated_heads"):
             value = getattr(self, name)
             check_field(isinstance(value, int) and value >= 1, own, name, value, "a positive integer")
         for name in ("induction_threshold", "prev_token_threshold", "duplicate_threshold"):
@@ -202,9 +207,13 @@ class InductionResult:
         for score, arr in self.scores.items():
             key = score.replace(" ", "_")
             out[f"max_{key}"], out[f"max_{key}_head"] = float(arr.max()), self.heads[int(arr.argmax())]
-            out[f"{key}_LH"] = np.round(arr, 4).tolist()
+            out[f"{key}_LH"] = json_array(arr)
         for k, arr in self.ablation.items():
-            out[f"ablation_{k.replace(' ', '_')}_LH"] = np.round(arr, 4).tolist()
+            out[f"ablation_{k.replace(' ', '_')}_LH"] = json_array(arr)
+        if np.isnan(self.ablation["mean repeated"]).any():
+            out["ablation_note"] = (f"null: heads not ablated (max_ablated_heads = {self.config.max_ablated_heads} of "
+                                    f"{self.ablation['mean repeated'].size}); every head that could be labelled "
+                                    "induction was")
         out["clean_loss_first_half"], out["clean_loss_repeated_half"] = self.clean_first_loss, self.clean_repeated_loss
         out["joint_ablation_heads"] = list(self.joint_heads)
         out.update({f"joint_ablation_{k.replace(' ', '_')}": v for k, v in self.joint_ablation.items()})
@@ -336,6 +345,18 @@ def checkpoint_curves(model: Any, cfg: InductionConfig, rep: torch.Tensor, prefi
 
 
 # -- the analysis -------------------------------------------------------------------------------------
+def ablated_heads(scores: dict[str, np.ndarray], cfg: InductionConfig) -> list[tuple[int, int]]:
+    """The heads ablated one at a time (see InductionConfig.max_ablated_heads), in (layer, head) order."""
+    L, H = scores["induction"].shape
+    if L * H <= cfg.max_ablated_heads:
+        return [(l, h) for l in range(L) for h in range(H)]
+    ind, pm = scores["induction"].ravel(), scores["prefix matching"].ravel()
+    candidates = [i for i in range(L * H) if ind[i] >= cfg.induction_threshold and pm[i] >= cfg.induction_threshold]
+    rest = [i for i in np.argsort(-ind).tolist() if i not in candidates]
+    chosen = candidates + rest[: max(0, cfg.max_ablated_heads - len(candidates))]
+    return [divmod(i, H) for i in sorted(chosen)]
+
+
 def _verdict(scores: dict[str, np.ndarray], ablation: dict[str, np.ndarray], cfg: InductionConfig
              ) -> tuple[dict[str, tuple[str, ...]], dict[str, str]]:
     labels, evidence = {}, {}
@@ -393,8 +414,8 @@ def compute(model: Any, cfg: InductionConfig) -> InductionResult:
         first, second = half_losses(ablated, prefix, cfg.seq_len)
         return first - clean_first, second - clean_second, ablated
 
-    ablation = {f"{m} {half}": np.zeros((L, H)) for m in ("zero", "mean") for half in ("first", "repeated")}
-    jobs = [(l, h, m) for l in range(L) for h in range(H) for m in ("zero", "mean")]
+    ablation = {f"{m} {half}": np.full((L, H), np.nan) for m in ("zero", "mean") for half in ("first", "repeated")}
+    jobs = [(l, h, m) for l, h in ablated_heads(scores, cfg) for m in ("zero", "mean")]
     for l, h, mode in tqdm(jobs, desc="ablations", unit="run", disable=None, leave=False):
         d_first, d_second, _ = ablation_effect([(l, h)], mode)
         ablation[f"{mode} first"][l, h], ablation[f"{mode} repeated"][l, h] = d_first, d_second
