@@ -90,6 +90,18 @@ def signal_on_call(monkeypatch, owner, attr: str, call: int, after: bool = False
     monkeypatch.setattr(owner, attr, wrapped)
 
 
+def assert_colorbars_titled(figs: dict) -> None:
+    """Every colour scale shown in these figures has a title naming what it measures."""
+    for name, fig in figs.items():
+        for trace in fig.data:
+            shown = trace.type == "heatmap" and trace.showscale is not False
+            if trace.type == "bar" and trace.marker is not None and trace.marker.showscale:
+                shown, trace = True, trace.marker
+            if shown:
+                title = trace.colorbar.title.text if trace.colorbar and trace.colorbar.title else None
+                assert title, f"figure {name!r}: a colour bar with no title"
+
+
 class NoAttention(HookedRootModule):
     """An embedding and an unembedding: a model with no attention layers."""
 

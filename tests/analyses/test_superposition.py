@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 
 from analyses.superposition import SuperpositionConfig, compute, figures
+from tests.conftest import assert_colorbars_titled
 from workbench.errors import ConfigError
 from workbench.report import run_analysis, write_report
 
@@ -30,6 +32,9 @@ def test_every_figure_is_drawn(quick):
     assert "n=8, m=3: geometry" not in figs  # geometry is drawn for m = 2 only
     assert len(figs["n=5, m=2: geometry"].data) == 3 * 5  # an arrow per feature per instance
     assert {t.name for t in figs["n=5, m=2: dimensionality"].data} >= {"feature dimensionality Dᵢ"}
+    assert_colorbars_titled(figs)
+    titles = [a.text for f in figs.values() for a in f.layout.annotations if a.text and "1−S = " in a.text]
+    assert titles and all(len(re.match(r"1−S = ([^:]*)", t).group(1)) <= 5 for t in titles), titles  # not 0.00999999
 
 
 def test_metrics_and_measures_are_consistent(quick):

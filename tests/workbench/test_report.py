@@ -9,6 +9,7 @@ import plotly.graph_objects as go
 import pytest
 from plotly.offline import get_plotlyjs
 
+from tests.conftest import assert_colorbars_titled
 from workbench.errors import InputError
 from workbench.report import Analysis, Section, get_analysis, make_config, registry, run_analysis, write_report
 
@@ -54,6 +55,7 @@ def test_model_card_on_a_tiny_model(attn_model):
     assert m["n_params"] == attn_model.n_params and 0 <= m["max_induction_score"] <= 1
     assert len(m["induction_LH"]) == 2 and len(m["induction_LH"][0]) == 4
     assert any("parameters" in h for h in section.headlines)
+    assert_colorbars_titled(section.figures)
 
 
 def test_metrics_json_is_strict_json(tmp_path):

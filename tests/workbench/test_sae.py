@@ -483,3 +483,19 @@ def test_dashboards_collect_the_right_top_activations(attn_model):
     assert {"index.html", "feature_00005.html", "features.json"} <= set(pages)
     assert "sortBy" in pages["index.html"] and "<script src" not in pages["index.html"]  # sortable, offline
     assert "Top activations" in pages["feature_00009.html"]
+    assert "A sample of 3 of the SAE's 64 latents (chosen by the caller)" in pages["index.html"]
+
+
+def test_dashboards_show_bytes_and_newlines_as_escapes(attn_model):
+    """Byte tokens used to show as '�' and a newline broke the row of a context."""
+    hook = "blocks.1.hook_resid_post"
+    sae = make_sae(SAEConfig(d_in=32, d_sae=8, architecture="relu", hook_name=hook)).eval()
+    with torch.no_grad():
+        sae.b_enc.fill_(1.0)  # every latent fires everywhere: every token shows up in some context
+    rows = torch.tensor([[256, 10, 0x8F, 65, 9, 0xC3, 0xA9, 66] * 3])
+    data = collect_feature_data(attn_model, sae, rows, features=list(range(8)), top_n=24, progress=False)
+    strings = data.token_strings[0]
+    assert strings[:8] == ["<|endoftext|>", "\\n", "\\x8f", "A", "\\t", "\\xc3", "\\xa9", "B"]
+    page = render_dashboards(data, "bytes")["feature_00003.html"]
+    assert "\ufffd" not in page and "\\x8f" in page and "\n</span>" not in page
+    assert "All 8 latents of the SAE." in render_dashboards(data, "bytes")["index.html"]
