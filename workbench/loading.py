@@ -73,8 +73,9 @@ def resolve_model_path(name_or_path: Union[str, Path]) -> Path:
     if not preset_names():
         raise CheckpointError(f"No model folder or preset named {str(name_or_path)!r}, and no presets were found "
                               f"in {models_dir()}.")
-    raise CheckpointError(unknown_name_message("model folder or preset", str(name_or_path), preset_names(),
-                                               listed_by="`workbench list`") + " A folder path or hf:<name> also works.")
+    message = unknown_name_message("model folder or preset", str(name_or_path), preset_names(),
+                                   listed_by="`workbench list`")
+    raise CheckpointError(f"{message} A folder path or hf:<name> also works.")
 
 
 def save_model(model: Transformer, folder: Path, meta: Optional[dict[str, Any]] = None) -> None:

@@ -14,6 +14,20 @@ import plotly.graph_objects as go
 LAYOUT = dict(template="plotly_white", margin=dict(l=60, r=20, t=60, b=50))
 
 
+def captioned(fig: go.Figure, caption: str) -> go.Figure:
+    """`fig` with a caption: one or two sentences on what it shows and what to look for. The report
+    prints it under the figure (it travels in `layout.meta`, which plotly does not draw)."""
+    meta = fig.layout.meta if isinstance(fig.layout.meta, dict) else {}
+    fig.update_layout(meta={**meta, "caption": caption})
+    return fig
+
+
+def caption_of(fig: go.Figure) -> str:
+    """The caption set by `captioned`, or '' if there is none."""
+    meta = fig.layout.meta
+    return str(meta.get("caption", "")) if isinstance(meta, dict) else ""
+
+
 def heatmap(z: np.ndarray, x: Sequence, y: Sequence, title: str, x_title: str = "", y_title: str = "", *,
             colorbar: str, colorscale: str = "Blues", zmid: Optional[float] = None,
             text_fmt: Optional[str] = ".2f") -> go.Figure:

@@ -4,16 +4,16 @@ Analyses are found through the `workbench.analyses` entry-point group (pyproject
 studies in `analyses/`; another installed package can add its own), plus any registered at run
 time with `register(Analysis(...))`. The engine never imports the `analyses` package itself, so
 data flows one way: analyses depend on the engine, not the reverse. `run_analysis` runs one;
-`write_report` writes a folder that opens offline in a browser:
+`write_report` writes a folder that opens offline in a browser (see `workbench.pages`):
 
-    index.html       every figure and the key numbers, plotly.js embedded once
-    metrics.json     the numbers, by section
-    figures/*.html   one file per figure (sharing figures/plotly.min.js)
+    index.html       the overview: the models, every study's headline, the reading order
+    <study>.html     one page per analysis, with a sidebar; every figure has a caption
+    assets/          plotly.min.js and the widgets' script, loaded from here by every page
+    metrics.json     the numbers, by section (strict JSON)
 """
 
 from __future__ import annotations
 
-import html
 import json
 import re
 import time
@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import Any, Optional, Protocol, Union
 
 import plotly.graph_objects as go
-from plotly.offline import get_plotlyjs
 from tqdm.auto import tqdm
 
 from workbench.artifacts import check_output_folder, strict_json, write_output_folder
 from workbench.errors import InputError, unknown_name_message
+from workbench.pages import PageSpec, metrics_json, render_pages
+from workbench.widgets import Widget
 
 
 class Result(Protocol):
@@ -52,13 +53,25 @@ class Analysis:
     """Frozen dataclass of its settings; every field has a default."""
     compute: Callable[[Any, Any], Result]
     """(model, config) -> Result; (device, config) -> Result when `uses_model` is False."""
-    figures: Callable[[Any], dict[str, go.Figure]]
-    """Result -> named figures (pure)."""
+    figures: Callable[[Any], dict[str, Union[go.Figure, Widget]]]
+    """Result -> named figures (pure), each with a caption (`workbench.plotting.captioned`), or widgets."""
     default_models: tuple[str, ...] = ()
     """Shipped models `workbench report` runs it on."""
     uses_model: bool = True
     """False for studies that train their own toy models (they get a torch.device, not a model,
     and `workbench report` runs them once)."""
+    title: str = ""
+    """The title of its report page, e.g. 'Induction heads' (default: the name)."""
+    order: int = 100
+    """Its place in the report's reading order (lower first)."""
+    intro: str = ""
+    """The idea, in a few sentences of HTML, with the papers it follows: the start of its page."""
+    key_figure: str = ""
+    """The figure the overview page shows at a glance, if this study is the first to name one."""
+
+    @property
+    def page(self) -> PageSpec:
+        return PageSpec(self.name, self.title or self.name, self.order, self.intro, self.key_figure)
 
 
 ENTRY_POINT_GROUP = "workbench.analyses"
@@ -112,7 +125,7 @@ class Section:
 
     analysis: str
     model: str
-    figures: dict[str, go.Figure]
+    figures: dict[str, Union[go.Figure, Widget]]
     metrics: dict[str, Any]
     headlines: list[str]
     seconds: float
@@ -150,59 +163,38 @@ def default_report_dir() -> Path:
     return Path.cwd() / "reports" / time.strftime("%Y%m%d-%H%M%S")
 
 
-def _page(title: str, sections: list[Section]) -> str:
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             f"<script type='text/javascript'>{get_plotlyjs()}</script>",
-             "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-             "table{border-collapse:collapse}td,th{border:1px solid #ddd;padding:2px 8px;text-align:left}"
-             "nav a{margin-right:1em}</style></head><body>", f"<h1>{html.escape(title)}</h1><nav>"]
-    parts += [f"<a href='#{s.slug}'>{html.escape(s.analysis)} · {html.escape(s.model)}</a>" for s in sections]
-    parts.append("</nav>")
-    for s in sections:
-        parts.append(f"<h2 id='{s.slug}'>{html.escape(s.analysis)} · {html.escape(s.model)}</h2>")
-        parts.append("<ul>" + "".join(f"<li>{html.escape(h)}</li>" for h in s.headlines) + "</ul>")
-        entries = sorted(p for p in s.files if p.endswith("index.html"))
-        if entries:
-            links = [f"<a href='{html.escape(s.slug)}/{html.escape(p)}'>{html.escape(p[:-11] or 'pages')}</a>"
-                     for p in entries]
-            parts.append("<p>Linked pages (offline): " + " · ".join(links) + "</p>")
-        rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(_fmt(v))}</td></tr>"
-                       for k, v in s.metrics.items() if not isinstance(v, (dict, list)))
-        parts.append(f"<details><summary>key numbers ({s.seconds:.1f} s)</summary><table>{rows}</table></details>")
-        for fig_name, fig in s.figures.items():
-            parts.append(f"<h3>{html.escape(fig_name)}</h3>")
-            parts.append(fig.to_html(full_html=False, include_plotlyjs=False))
-    parts.append("</body></html>")
-    return "\n".join(parts)
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
+def _specs(sections: list[Section]) -> list[PageSpec]:
+    """The pages of these sections, in reading order (an unregistered analysis goes last)."""
+    try:
+        known = registry()
+    except InputError:  # nothing installed: pages from the sections alone
+        known = {}
+    names = list(dict.fromkeys(s.analysis for s in sections))
+    specs = [known[n].page if n in known else PageSpec(n, n, 1000, "") for n in names]
+    return sorted(specs, key=lambda p: (p.order, names.index(p.analysis)))
 
 
 def write_report(out: Union[str, Path], sections: list[Section], title: str = "workbench report") -> Path:
-    """Write index.html, metrics.json (strict JSON: NaN and inf become null) and figures/ into `out`.
+    """Write the overview, one page per study, assets/ and metrics.json (strict JSON: NaN and inf become
+    null) into `out`.
 
     The report is built in a fresh temporary folder beside `out` and moved into place. An existing
     `out` is replaced only if the workbench wrote it and nothing was added to it; `.`, `..`, the
     home folder, the checkout and the models folder are refused (`artifacts.check_output_folder`)."""
     check_output_folder(Path(out), "report")  # fail before any work
+    pages = render_pages(_specs(sections), sections, title)
+    metrics = json.dumps(strict_json(metrics_json(sections)), indent=2, allow_nan=False) + "\n"
 
     def build(tmp: Path) -> None:
-        (tmp / "figures").mkdir()
-        for s in sections:
-            for fig_name, fig in s.figures.items():
-                fig.write_html(tmp / "figures" / f"{s.slug}--{re.sub(r'[^A-Za-z0-9_.-]+', '_', fig_name)}.html",
-                               include_plotlyjs="directory")
-        metrics = {s.slug: {"analysis": s.analysis, "model": s.model, "metrics": s.metrics,
-                            "headlines": s.headlines} for s in sections}
-        (tmp / "metrics.json").write_text(json.dumps(strict_json(metrics), indent=2, allow_nan=False) + "\n")
+        for rel, text in pages.items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / rel).write_text(text)
+        (tmp / "metrics.json").write_text(metrics)
         for s in sections:
             for rel, text in s.files.items():
                 path = tmp / s.slug / rel
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(text)
-        (tmp / "index.html").write_text(_page(title, sections))
 
     return write_output_folder(Path(out), "report", build)
 
