@@ -11,25 +11,29 @@ from plotly.offline import get_plotlyjs
 
 from tests.conftest import assert_colorbars_titled
 from workbench.errors import InputError
+from workbench.plotting import captioned
 from workbench.report import Analysis, Section, get_analysis, make_config, registry, run_analysis, write_report
 
 
 def _section(name="demo", model="m"):
-    fig = go.Figure(go.Scatter(x=[0, 1], y=[1, 0]))
+    fig = captioned(go.Figure(go.Scatter(x=[0, 1], y=[1, 0])), "A line.")
     return Section(name, model, {"a line": fig, "b/line": fig}, {"score": 0.5, "grid": [[1, 2]]}, ["found it"], 0.1)
 
 
 def test_report_folder_works_offline(tmp_path):
-    out = write_report(tmp_path / "r", [_section(), _section(model="n")])
-    page = (out / "index.html").read_text()
-    assert page.count(get_plotlyjs()[:300]) == 1  # plotly.js inlined exactly once
-    assert "<script src=" not in page  # nothing fetched from a network
-    assert page.count('class="plotly-graph-div"') == 4 and "found it" in page
+    out = write_report(tmp_path / "r", [_section(), _section(model="n"), _section(name="other")])
+    assert (out / "assets" / "plotly.min.js").read_text() == get_plotlyjs()  # plotly.js once, as a file
+    pages = {p.name: p.read_text() for p in out.glob("*.html")}
+    assert set(pages) == {"index.html", "demo.html", "other.html"}  # an overview and one page per study
+    for page in pages.values():
+        assert "src='assets/plotly.min.js'" in page and "https://" not in page and "http://" not in page
+        assert "href='demo.html'" in page and "href='other.html'" in page  # the sidebar
+        assert get_plotlyjs()[:300] not in page
+    demo = pages["demo.html"]
+    assert demo.count('class="plotly-graph-div"') == 4 and "found it" in demo and "A line." in demo  # captions
+    assert "found it" in pages["index.html"]  # every study's headline on the overview
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["demo--m"]["metrics"]["score"] == 0.5
-    figures = sorted(p.name for p in (out / "figures").iterdir())
-    assert "plotly.min.js" in figures and len([f for f in figures if f.endswith(".html")]) == 4
-    assert 'src="plotly.min.js"' in (out / "figures" / "demo--m--a_line.html").read_text()
 
 
 def test_rewriting_a_report_replaces_it_whole(tmp_path):
