@@ -1,15 +1,15 @@
-"""Model card: config, parameter count, training and validation curves, and attention patterns on
-a repeated random sequence and on a text sample, with each head's induction and previous-token
-scores. Runs on workbench models and on TransformerBridge models.
+"""Model card: config, parameter count, training and validation curves, each head's induction and
+previous-token scores, an attention viewer on a few prompts (and one of your own, `--prompt`), and
+the logit lens on the same prompts. Runs on workbench models and on TransformerBridge models.
 
-    python -m analyses.model_card --model attn-only-2l
+    python -m analyses.model_card --model attn-only-2l --prompt "The cat sat on the mat. The cat sat"
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional, Union
 
 import numpy as np
 import plotly.graph_objects as go
@@ -19,8 +19,17 @@ from workbench.artifacts import LOG_FILE
 from workbench.attention_scores import induction_score, previous_token_score
 from workbench.config import check_types
 from workbench.data import repeated_sequence
-from workbench.plotting import attention_picker, heatmap, lines, table
+from workbench.errors import check_field
+from workbench.lens import LensMismatchError, LogitLens, logit_lens
+from workbench.plotting import captioned, heatmap, lines, table, token_heatmap
 from workbench.report import Analysis
+from workbench.tokenizer import readable_tokens
+from workbench.widgets import Widget, attention_viewer
+
+DEFAULT_PROMPTS = (
+    "def greet(name):\n    return 'Hello, ' + name\n\nprint(greet('world'))\n",
+    "The quick brown fox jumps over the lazy dog. The quick brown fox jumps over the lazy dog.",
+)
 
 
 @dataclass(frozen=True)
@@ -28,18 +37,36 @@ class ModelCardConfig:
     """Settings of the model card."""
 
     repeat_len: int = 24
-    """Length of the random token sequence that is repeated once for the attention sample."""
+    """Length of the random token sequence that is repeated once for the head scores and a viewer."""
     n_repeats: int = 16
     """Random sequences averaged over for the head scores."""
-    text: str = "def greet(name):\n    return 'Hello, ' + name\n\nprint(greet('world'))\n"
-    """Text sample whose attention patterns are shown."""
+    prompt: str = ""
+    """Your own prompt for the attention viewer and the logit lens, shown first (at most n_ctx tokens)."""
+    prompts: tuple[str, ...] = DEFAULT_PROMPTS
+    """The default prompts for the attention viewer and the logit lens."""
+    lens_positions: int = 48
+    """The logit lens shows at most this many positions of each prompt (the first ones)."""
     seed: int = 0
     """Seed of the random sequences."""
 
     def __post_init__(self) -> None:
         check_types(self)
-        if self.repeat_len < 2 or self.n_repeats < 1:
-            raise ValueError("ModelCardConfig.repeat_len must be ≥ 2 and n_repeats ≥ 1.")
+        own = "ModelCardConfig"
+        check_field(self.repeat_len >= 2, own, "repeat_len", self.repeat_len, "≥ 2")
+        check_field(self.n_repeats >= 1, own, "n_repeats", self.n_repeats, "≥ 1")
+        check_field(self.lens_positions >= 2, own, "lens_positions", self.lens_positions, "≥ 2")
+
+
+@dataclass(frozen=True, eq=False)
+class PromptView:
+    """One prompt as the model sees it: its tokens, every head's pattern, and its logit lens."""
+
+    label: str
+    tokens: tuple[str, ...]
+    patterns_LHSS: np.ndarray
+    lens: Optional[LogitLens]
+    lens_tokens: tuple[tuple[str, ...], ...]
+    """[R][S'] the lens's top-1 prediction at each readout and shown position, as readable text."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -50,14 +77,12 @@ class ModelCardResult:
     config: dict[str, Any]
     n_params: int
     train_log: tuple[dict[str, Any], ...]
-    head_names: tuple[str, ...]
-    repeat_tokens: tuple[str, ...]
-    repeat_patterns_NSS: np.ndarray
-    text_tokens: tuple[str, ...]
-    text_patterns_NSS: np.ndarray
     induction_LH: np.ndarray
     prev_token_LH: np.ndarray
     repeat_len: int
+    views: tuple[PromptView, ...]
+    lens_note: str
+    """Why no logit lens is shown, when none is ('' otherwise)."""
 
     def metrics(self) -> dict[str, Any]:
         L, H = self.induction_LH.shape
@@ -70,6 +95,9 @@ class ModelCardResult:
                                "max_prev_token_head": f"L{prev[0]}H{prev[1]}",
                                "induction_LH": self.induction_LH.round(4).tolist(),
                                "prev_token_LH": self.prev_token_LH.round(4).tolist()}
+        for v in self.views:
+            if v.lens is not None:
+                out[f"lens_final_next_token_prob: {v.label}"] = float(np.nanmean(v.lens.next_prob_RS[-1]))
         evals = [r for r in self.train_log if any(k.startswith("val_loss") for k in r)]
         if evals:
             out.update({k: v for k, v in evals[-1].items() if k.startswith("val_loss")})
@@ -79,11 +107,15 @@ class ModelCardResult:
     def headlines(self) -> list[str]:
         m = self.metrics()
         layers = f"{m['n_layers']} layer{'s' if m['n_layers'] != 1 else ''}"
-        lines_ = [f"{self.n_params:,} parameters, {layers} × {m['n_heads']} heads"]
+        mlp = self.config.get("d_mlp")
+        kind = "attention only" if mlp in (None, 0) else f"MLPs of width {mlp}"
+        lines_ = [f"{self.n_params:,} parameters, {layers} × {m['n_heads']} heads, {kind}"]
         if "val_loss_text" in m:
             lines_.append(f"validation loss {m['val_loss_text']:.3f} on text after {m['tokens_trained']:,} tokens")
         lines_.append(f"strongest induction head {m['max_induction_head']} (score {m['max_induction_score']:.2f}); "
                       f"strongest previous-token head {m['max_prev_token_head']} ({m['max_prev_token_score']:.2f})")
+        if self.lens_note:
+            lines_.append(self.lens_note)
         return lines_
 
 
@@ -104,42 +136,86 @@ def _train_log(model: Any) -> tuple[dict[str, Any], ...]:
     return tuple(json.loads(line) for line in (folder / LOG_FILE).read_text().splitlines() if line.strip())
 
 
+def _tokens(model: Any, ids: torch.Tensor) -> tuple[str, ...]:
+    if model.tokenizer is None:
+        return tuple(str(t) for t in ids.tolist())
+    return tuple(readable_tokens(model.tokenizer, ids.tolist()))
+
+
+def _view(model: Any, label: str, tokens_1S: torch.Tensor, cfg: ModelCardConfig, with_lens: bool
+          ) -> tuple[PromptView, str]:
+    L = model.cfg.n_layers
+    _, cache = model.run_with_cache(tokens_1S, names_filter=lambda n: n.endswith("attn.hook_pattern"))
+    patterns = torch.stack([cache[f"blocks.{l}.attn.hook_pattern"][0].float() for l in range(L)]).cpu().numpy()
+    lens, lens_tokens, note = None, (), ""
+    if with_lens:
+        try:
+            lens = logit_lens(model, tokens_1S[:, : cfg.lens_positions])
+            lens_tokens = tuple(tuple(readable_tokens(model.tokenizer, row.tolist())) if model.tokenizer is not None
+                                else tuple(str(t) for t in row.tolist()) for row in lens.top_ids_RSK[..., 0])
+        except LensMismatchError as err:
+            note = f"no logit lens: {err}"
+    return PromptView(label, _tokens(model, tokens_1S[0].cpu()), patterns, lens, lens_tokens), note
+
+
 @torch.no_grad()
 def compute(model: Any, cfg: ModelCardConfig) -> ModelCardResult:
-    """Run the model on repeated random sequences and a text sample; collect patterns and scores."""
-    L, H = model.cfg.n_layers, model.cfg.n_heads
+    """Head scores on repeated random sequences; patterns and the logit lens on each prompt."""
+    L = model.cfg.n_layers
     device = next(model.parameters()).device
-    is_pattern = lambda name: name.endswith("attn.hook_pattern")  # noqa: E731
     vocab = min(model.cfg.d_vocab, 256)
     rep = repeated_sequence(cfg.n_repeats, cfg.repeat_len, vocab, cfg.seed).to(device)
-    _, cache = model.run_with_cache(rep, names_filter=is_pattern)
+    _, cache = model.run_with_cache(rep, names_filter=lambda n: n.endswith("attn.hook_pattern"))
     pats = [cache[f"blocks.{l}.attn.hook_pattern"].float() for l in range(L)]  # each [B, H, S, S]
     induction = torch.stack([induction_score(p, cfg.repeat_len) for p in pats]).cpu().numpy()
     prev = torch.stack([previous_token_score(p) for p in pats]).cpu().numpy()
-    rep_NSS = torch.cat([p[0] for p in pats]).cpu().numpy()
 
-    if model.tokenizer is not None:  # a model saved without a tokenizer gets no text sample
-        text = model.to_tokens(cfg.text)[:, : model.cfg.n_ctx].to(device)
-        _, tcache = model.run_with_cache(text, names_filter=is_pattern)
-        text_NSS = torch.cat([tcache[f"blocks.{l}.attn.hook_pattern"][0].float() for l in range(L)]).cpu().numpy()
-        text_tokens = tuple(model.to_str_tokens(text[0].cpu()))
-    else:
-        text_NSS, text_tokens = np.zeros((L * H, 0, 0)), ()
+    prompts = [("your prompt", cfg.prompt)] if cfg.prompt else []
+    prompts += [(f"prompt {i + 1}", p) for i, p in enumerate(cfg.prompts)]
+    views, notes = [], []
+    if model.tokenizer is not None:  # a model saved without a tokenizer gets no text prompts
+        for label, text in prompts:
+            tokens = model.to_tokens(text)[:, : model.cfg.n_ctx].to(device)
+            view, note = _view(model, label, tokens, cfg, with_lens=L > 1)
+            views.append(view)
+            notes.append(note)
+    view, _ = _view(model, f"a random sequence of {cfg.repeat_len} tokens, repeated", rep[:1], cfg, with_lens=False)
+    views.append(view)
 
     folder = getattr(model, "folder", None)
     return ModelCardResult(
         name=folder.name if folder is not None else type(model).__name__,
         config=_config_dict(model), n_params=sum(p.numel() for p in model.parameters()),
-        train_log=_train_log(model), head_names=tuple(f"L{l}H{h}" for l in range(L) for h in range(H)),
-        repeat_tokens=tuple(model.to_str_tokens(rep[0].cpu())), repeat_patterns_NSS=rep_NSS,
-        text_tokens=text_tokens, text_patterns_NSS=text_NSS,
-        induction_LH=induction, prev_token_LH=prev, repeat_len=cfg.repeat_len)
+        train_log=_train_log(model), induction_LH=induction, prev_token_LH=prev, repeat_len=cfg.repeat_len,
+        views=tuple(views), lens_note=next((n for n in notes if n), ""))
 
 
-def figures(r: ModelCardResult) -> dict[str, go.Figure]:
-    """Config table, training curves, head-score heatmaps and attention pickers."""
-    figs = {"config": table([(k, str(v)) for k, v in {**r.config, "parameters": f"{r.n_params:,}"}.items()],
-                            f"{r.name}: configuration")}
+def _lens_figure(name: str, v: PromptView) -> go.Figure:
+    lens = v.lens
+    R, S = lens.next_prob_RS.shape
+    tokens = v.tokens[:S]
+    hover = [[f"predicts: {', '.join(repr(t) for t in [v.lens_tokens[r][s]])} (p {lens.top_probs_RSK[r, s, 0]:.2f})"
+              f"<br>p(next token {tokens[s + 1] if s + 1 < S else '—'!r}) = "
+              f"{'—' if np.isnan(lens.next_prob_RS[r, s]) else f'{lens.next_prob_RS[r, s]:.2f}'}"
+              for s in range(S)] for r in range(R)]
+    z = np.nan_to_num(lens.top_probs_RSK[..., 0])
+    fig = token_heatmap(z, tokens, lens.readouts, [list(row) for row in v.lens_tokens], hover,
+                        f"{name}: logit lens on {v.label} (cell: the top prediction for the next token)",
+                        colorbar="probability of the top prediction", y_title="residual stream read after")
+    return captioned(fig, "Each row reads the residual stream after one more layer through the final norm and "
+                     "unembedding, as if the model stopped there; each cell is the next token it would predict, "
+                     "shaded by its probability. The last row is the model's real prediction. Look for where a "
+                     "correct prediction first appears: on the repeated half of a prompt, an induction model gets "
+                     "it only after its second layer.")
+
+
+def figures(r: ModelCardResult) -> dict[str, Union[go.Figure, Widget]]:
+    """Config table, training curves, head-score heatmaps, attention viewers and logit lenses."""
+    figs: dict[str, Union[go.Figure, Widget]] = {"config": captioned(
+        table([(k, str(v)) for k, v in {**r.config, "parameters": f"{r.n_params:,}"}.items()],
+              f"{r.name}: configuration"),
+        "The architecture in TransformerLens's names: layers, residual width, heads and their width, MLP width "
+        "(None: attention only), context length and vocabulary size.")}
     train = [x for x in r.train_log if "loss" in x]
     evals = [x for x in r.train_log if any(k.startswith("val_loss") for k in x)]
     if train or evals:
@@ -149,27 +225,49 @@ def figures(r: ModelCardResult) -> dict[str, go.Figure]:
         for key in sorted({k for x in evals for k in x if k.startswith("val_loss")}):
             pts = [x for x in evals if key in x and x["tokens"] > 0]
             xs[key], ys[key] = [x["tokens"] for x in pts], [x[key] for x in pts]
-        figs["training curves"] = lines(xs, ys, f"{r.name}: loss during training", "training tokens",
-                                        "loss (nats/token)", log_x=True)
+        figs["training curves"] = captioned(
+            lines(xs, ys, f"{r.name}: loss during training", "training tokens (log scale)", "loss (nats/token)",
+                  log_x=True),
+            "Training loss and validation loss on held-out text and on fresh synthetic rows. A sudden drop in the "
+            "synthetic loss late in training is the induction-head phase change.")
     L, H = r.induction_LH.shape
-    figs["induction scores"] = heatmap(r.induction_LH, [f"H{h}" for h in range(H)], [f"L{l}" for l in range(L)],
-                                       f"Induction score (random length-{r.repeat_len} sequence repeated once)",
-                                       "head", "layer", colorbar="score (attention probability)")
-    figs["previous-token scores"] = heatmap(r.prev_token_LH, [f"H{h}" for h in range(H)], [f"L{l}" for l in range(L)],
-                                            "Previous-token score", "head", "layer",
-                                            colorbar="score (attention probability)")
-    figs["attention on a repeated sequence"] = attention_picker(r.repeat_patterns_NSS, r.head_names,
-                                                                r.repeat_tokens, "Attention, repeated random tokens")
-    if r.text_tokens:
-        figs["attention on text"] = attention_picker(r.text_patterns_NSS, r.head_names, r.text_tokens,
-                                                     "Attention, text sample")
+    figs["induction scores"] = captioned(heatmap(
+        r.induction_LH, [f"H{h}" for h in range(H)], [f"L{l}" for l in range(L)],
+        f"Induction score (random length-{r.repeat_len} sequence repeated once)", "head", "layer",
+        colorbar="score (attention probability)"),
+        "How much each head attends, on the repeated half, to the token right after the earlier copy of the current "
+        "token. Near 1: an induction head. They need a head in an earlier layer to build on, so a 1-layer model "
+        "has none.")
+    figs["previous-token scores"] = captioned(heatmap(
+        r.prev_token_LH, [f"H{h}" for h in range(H)], [f"L{l}" for l in range(L)], "Previous-token score", "head",
+        "layer", colorbar="score (attention probability)"),
+        "How much each head attends to the token just before the current one. A previous-token head in layer 0 is "
+        "the first half of the induction circuit.")
+    for v in r.views:
+        S = len(v.tokens)
+        figs[f"attention: {v.label}"] = attention_viewer(
+            v.tokens, v.patterns_LHSS, f"{r.name}: {v.label} ({S} tokens)",
+            "The prompt as the model reads it, token by token. Hover a token (or click to pin it) to shade the "
+            "earlier tokens by how much the chosen head attends to them from there; the strip lists every head's "
+            "strongest key. On a repeated sequence, an induction head attends to the token after the earlier copy.")
+    for v in r.views:
+        if v.lens is not None:
+            figs[f"logit lens: {v.label}"] = _lens_figure(r.name, v)
     return figs
 
 
 ANALYSIS = Analysis(
-    name="model-card", description="Config, size, training curves and attention patterns of a model.",
+    name="model-card", description="Config, size, training curves, head scores, an attention viewer and the logit "
+                                   "lens of a model.",
     config_cls=ModelCardConfig, compute=compute, figures=figures,
     default_models=("attn-only-1l", "attn-only-2l", "gelu-2l"),
+    title="The models", order=10, key_figure="",
+    intro="What each model is and how it was trained, then what its heads do. A transformer's residual stream is "
+          "a sum that every attention head and MLP reads from and writes to (Elhage et al., <i>A Mathematical "
+          "Framework for Transformer Circuits</i>, 2021). Attention heads move information between positions: the "
+          "attention viewer shows, for any token of a prompt, where each head looks from it. The logit lens "
+          "(nostalgebraist, 2020) reads the residual stream after each layer as if the model stopped there, showing "
+          "when its prediction forms.",
 )
 
 if __name__ == "__main__":

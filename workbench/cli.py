@@ -127,8 +127,10 @@ def cmd_report(argv: list[str]) -> int:
                                      description="Run every analysis on the shipped toy models.")
     parser.add_argument("--out", type=Path, default=None, help="report folder (default ./reports/<time>)")
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    parser.add_argument("--prompt", default="", help="your own prompt for the attention viewer and the logit lens "
+                                                     "(shown first on the models' page)")
     args = parser.parse_args(argv)
-    report_all(args.out, device=args.device)
+    report_all(args.out, device=args.device, settings={"model-card": {"prompt": args.prompt}} if args.prompt else None)
     return 0
 
 

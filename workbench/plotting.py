@@ -43,6 +43,22 @@ def heatmap(z: np.ndarray, x: Sequence, y: Sequence, title: str, x_title: str = 
     return fig
 
 
+def token_heatmap(z_RS: np.ndarray, tokens: Sequence[str], rows: Sequence[str], cell_text: Sequence[Sequence[str]],
+                  hover: Sequence[Sequence[str]], title: str, *, colorbar: str, x_title: str = "position: token",
+                  y_title: str = "") -> go.Figure:
+    """A heatmap over token positions (x) whose cells carry their own text (e.g. a predicted token) and
+    hover text; the logit lens uses it."""
+    labels = [f"{i}: {t}" for i, t in enumerate(tokens)]
+    fig = go.Figure(go.Heatmap(z=np.asarray(z_RS, dtype=float), x=labels, y=list(rows), text=cell_text,
+                               texttemplate="%{text}", textfont=dict(size=10), customdata=hover,
+                               hovertemplate="%{y}, %{x}<br>%{customdata}<extra></extra>", colorscale="Blues",
+                               zmin=0, zmax=1, colorbar=dict(title=dict(text=colorbar, side="right"))))
+    fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y_title,
+                      height=max(260, 90 + 34 * len(rows)), **LAYOUT)
+    fig.update_xaxes(tickangle=-60, tickfont=dict(size=9))
+    return fig
+
+
 def lines(x_by_name: dict[str, Sequence[float]], y_by_name: dict[str, Sequence[float]], title: str,
           x_title: str, y_title: str, log_x: bool = False, vlines: Sequence[tuple[float, str]] = ()) -> go.Figure:
     """One line per name; optional labelled vertical markers."""

@@ -199,8 +199,10 @@ def write_report(out: Union[str, Path], sections: list[Section], title: str = "w
     return write_output_folder(Path(out), "report", build)
 
 
-def report_all(out: Optional[Union[str, Path]] = None, device: str = "auto", progress: bool = True) -> Path:
-    """Run every registered analysis on its default shipped models and write one report."""
+def report_all(out: Optional[Union[str, Path]] = None, device: str = "auto", progress: bool = True,
+               settings: Optional[dict[str, dict[str, Any]]] = None) -> Path:
+    """Run every registered analysis on its default shipped models and write one report. `settings` maps
+    an analysis name to overrides of its config, e.g. {"model-card": {"prompt": "..."}}."""
     from workbench.loading import load, shipped_models
 
     available = set(shipped_models())
@@ -208,6 +210,7 @@ def report_all(out: Optional[Union[str, Path]] = None, device: str = "auto", pro
     if not jobs:
         raise InputError("No shipped models found to report on; train them with `workbench train <preset>`.")
     jobs += [(a, None) for a in registry().values() if not a.uses_model]
+    jobs.sort(key=lambda job: job[0].order)  # run in reading order
     out = Path(out) if out is not None else default_report_dir()
     check_output_folder(out, "report")  # refuse a bad --out before minutes of work, not after
     sections, models = [], {}
@@ -216,7 +219,9 @@ def report_all(out: Optional[Union[str, Path]] = None, device: str = "auto", pro
         bar.set_description(f"report: {analysis.name} on {model_name or 'toy models'}")
         if model_name is not None and model_name not in models:
             models[model_name] = load(model_name, device=device)
-        sections.append(run_analysis(analysis.name, models.get(model_name), device=device, model_label=model_name))
+        cfg = make_config(analysis, (settings or {}).get(analysis.name))
+        sections.append(run_analysis(analysis.name, models.get(model_name), cfg, device=device,
+                                     model_label=model_name))
     bar.close()
     path = write_report(out, sections, title="workbench report: shipped models")
     print(f"Wrote report to {path}/index.html ({len(sections)} sections, metrics.json, figures/)")

@@ -11,7 +11,8 @@ from plotly.offline import get_plotlyjs
 
 from tests.conftest import assert_colorbars_titled
 from workbench.errors import InputError
-from workbench.plotting import captioned
+from workbench.plotting import caption_of, captioned
+from workbench.widgets import Widget
 from workbench.report import Analysis, Section, get_analysis, make_config, registry, run_analysis, write_report
 
 
@@ -52,9 +53,13 @@ def test_registry_and_unknown_analysis():
 
 
 def test_model_card_on_a_tiny_model(attn_model):
-    section = run_analysis("model-card", attn_model, make_config(get_analysis("model-card"), {"repeat_len": 8}))
-    assert {"config", "induction scores", "previous-token scores", "attention on a repeated sequence",
-            "attention on text"} <= set(section.figures)
+    cfg = make_config(get_analysis("model-card"), {"repeat_len": 8, "prompt": "ab ab ab"})
+    section = run_analysis("model-card", attn_model, cfg)
+    assert {"config", "induction scores", "previous-token scores", "attention: your prompt", "attention: prompt 1",
+            "attention: a random sequence of 8 tokens, repeated", "logit lens: your prompt"} <= set(section.figures)
+    viewer = section.figures["attention: your prompt"]
+    assert isinstance(viewer, Widget) and "ab ab ab" not in viewer.html  # tokens travel as JSON, one by one
+    assert all(caption_of(f) if not isinstance(f, Widget) else f.caption for f in section.figures.values())
     m = section.metrics
     assert m["n_params"] == attn_model.n_params and 0 <= m["max_induction_score"] <= 1
     assert len(m["induction_LH"]) == 2 and len(m["induction_LH"][0]) == 4
