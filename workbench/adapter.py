@@ -447,17 +447,18 @@ def uncap_logits(model: Any, logits: torch.Tensor) -> torch.Tensor:
 def run_with_knockout(model: Any, tokens_BS: torch.Tensor, blocked: dict[int, torch.Tensor],
                       fwd_hooks: Sequence = (), method: Optional[KnockoutMethod] = None) -> torch.Tensor:
     """Logits [B, S, V] of a run in which, at each layer l of `blocked`, query s does not attend to key
-    t where blocked[l][b, s, t] is True: the rest of each row is renormalised, exactly as if those
+    t where `blocked[l][b, s, t]` is True: the rest of each row is renormalised, exactly as if those
     scores were -inf. `fwd_hooks` run after the knockout's own. An error where no knockout edit
     could be verified on this architecture."""
     arch = describe(model)
     method = method or arch.knockout
     if method is None:
         arch.require("knockout", "attention knockout")
+    B, S = tokens_BS.shape
     for l, mask in blocked.items():
-        if mask.dim() != 3 or mask.all(-1).any():
-            raise InputError(f"Knockout mask of layer {l} must be [batch, query, key] and leave every query at "
-                             "least one key.")
+        if tuple(mask.shape) != (B, S, S) or mask.all(-1).any():
+            raise InputError(f"The knockout mask of layer {l} must be [batch, query, key] = {(B, S, S)} and leave "
+                             f"every query at least one key; got shape {tuple(mask.shape)}.")
     if method == "attn_scores":
         def block(scores, hook, mask):
             return scores.masked_fill(mask[:, None].to(scores.device), float("-inf"))
@@ -718,7 +719,7 @@ def _probe(model: Any) -> Architecture:
 
         # z edits reach the attention output
         edited: dict[str, torch.Tensor] = {}
-        post = ([f"blocks.0.ln1_post.hook_scale"] if arch.post_norms else [])
+        post = (["blocks.0.ln1_post.hook_scale"] if arch.post_norms else [])
 
         def perturb(z, hook):
             return -z + 0.5
