@@ -20,8 +20,8 @@ import plotly.graph_objects as go
 import torch
 from tqdm.auto import tqdm
 
-from workbench.attention_scores import induction_score, previous_token_score
 from workbench.adapter import describe
+from workbench.attention_scores import induction_score, previous_token_score
 from workbench.attribution import direct_logit_attribution, path_patch_many
 from workbench.circuits import (
     FoldedWeights,

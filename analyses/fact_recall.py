@@ -170,7 +170,8 @@ class FactRecallResult:
         early = r["last subject token"]
         share = self.share_of_total()
         of_total = (f" ({share:.0%} of the total effect)" if share is not None else
-                    f" (the corruption changes p(target) by only {self.total_effect():+.3f}, too little to give a share of)")
+                    f" (the corruption changes p(target) by only {self.total_effect():+.3f}, too little to give "
+                    "a share of)")
         if early is not None:
             out.append(f"residual stream: at the last subject token the effect peaks at layer {int(np.argmax(early))} "
                        f"({early.max():.2f}); at the last token it reaches {late[-1]:.2f} by the last layer{of_total}")

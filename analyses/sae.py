@@ -20,12 +20,12 @@ import torch
 
 from workbench.config import check_types
 from workbench.errors import InputError, check_field
+from workbench.numbers import finite
 from workbench.plotting import bars, histograms, lines, table
 from workbench.probes import text_batch
 from workbench.report import Analysis
 from workbench.sae.activations import TensorSource, check_hooks, model_activations, stream_activations
 from workbench.sae.dashboards import collect_feature_data, render_dashboards
-from workbench.numbers import finite
 from workbench.sae.interventions import MIN_ABLATION_GAP, downstream_metrics
 from workbench.sae.metrics import ReconstructionStats, mmcs
 from workbench.sae.modules import ARCH_ALIASES, ARCHITECTURES, SAEConfig, make_sae

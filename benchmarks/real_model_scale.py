@@ -44,13 +44,18 @@ TINY = {"gpt2-small": dict(n_embd=64, n_layer=2, n_head=4), "pythia-160m": dict(
                                                                               num_attention_heads=4,
                                                                               intermediate_size=256)}
 ANALYSES = ("model-card", "induction-heads", "circuits", "sae", "fact-recall", "superposition")
-FACTS = [("In Python the constant for nothing is", "nothing", " None"), ("The opposite of False is", "False", " True"),
-         ("A method's first argument is called", "first argument", " self"), ("The sky on a clear day is", "sky", " blue"),
-         ("To bring in a module you write", "module", " import"), ("A mapping of keys to values is a", "mapping", " dict"),
-         ("A function hands back a result with", "result", " return"), ("Ice melts into", "Ice", " water"),
-         ("A sequence of characters is a", "characters", " string"), ("The number before one is", "one", " zero"),
-         ("A program that answers requests is a", "requests", " server"), ("The count of days in a year is one", "days",
-                                                                         " year")]
+FACTS = [("In Python the constant for nothing is", "nothing", " None"),
+         ("The opposite of False is", "False", " True"),
+         ("A method's first argument is called", "first argument", " self"),
+         ("The sky on a clear day is", "sky", " blue"),
+         ("To bring in a module you write", "module", " import"),
+         ("A mapping of keys to values is a", "mapping", " dict"),
+         ("A function hands back a result with", "result", " return"),
+         ("Ice melts into", "Ice", " water"),
+         ("A sequence of characters is a", "characters", " string"),
+         ("The number before one is", "one", " zero"),
+         ("A program that answers requests is a", "requests", " server"),
+         ("The count of days in a year is one", "days", " year")]
 """Prompts with a single-token target under the benchmark's tokenizer (a BPE trained on Python's
 source); rows whose target is not one token are dropped when the file is written."""
 GOAL_SECONDS, GOAL_GB = 600.0, 8.0

@@ -489,7 +489,7 @@ def _knockout_by_recomputing_z(model: Any, tokens_BS: torch.Tensor, blocked: dic
             store[l] = act.detach()
             return act
 
-        def recompute(z_BSHK, hook, l):
+        def recompute(z_BSHK, hook, l, values):
             rows = done[l] & rows_of[l]
             if not rows.any():
                 return z_BSHK
@@ -507,9 +507,9 @@ def _knockout_by_recomputing_z(model: Any, tokens_BS: torch.Tensor, blocked: dic
 
         hooks = []
         for l in layers:
-            hooks += [(f"blocks.{l}.attn.hook_v", lambda a, hook, l=l: keep(a, hook, values, l)),
-                      (f"blocks.{l}.attn.hook_z", lambda z, hook, l=l: recompute(z, hook, l)),
-                      (f"blocks.{l}.attn.hook_pattern", lambda a, hook, l=l: keep(a, hook, seen, l))]
+            hooks += [(f"blocks.{l}.attn.hook_v", lambda a, hook, l=l, store=values: keep(a, hook, store, l)),
+                      (f"blocks.{l}.attn.hook_z", lambda z, hook, l=l, store=values: recompute(z, hook, l, store)),
+                      (f"blocks.{l}.attn.hook_pattern", lambda a, hook, l=l, store=seen: keep(a, hook, store, l))]
         pending = [l for l in layers if not bool(done[l][rows_of[l]].all())]
         logits = model.run_with_hooks(tokens_BS, fwd_hooks=[*hooks, *(fwd_hooks if not pending else [])])
         if not pending:
@@ -772,7 +772,7 @@ def _verify_knockout(model: Any, arch: Architecture, tokens: torch.Tensor, acts:
                 continue  # the reported pattern is not the one that made z
         seen: dict[str, torch.Tensor] = {}
 
-        def keep(a, hook, name):
+        def keep(a, hook, name, seen=seen):
             seen[name] = a.detach()
             return a
 

@@ -183,7 +183,8 @@ def attention_knockout(model: Any, enc: Encoded, positions: list[int], window: i
     for l in range(L):
         rows = [r for r in range(L) if r <= l < r + window]
         mask = torch.zeros(L, S, S, dtype=torch.bool, device=tokens.device)
-        mask[torch.tensor(rows, device=tokens.device)[:, None], -1, torch.tensor(positions, device=tokens.device)] = True
+        rows_t, keys_t = torch.tensor(rows, device=tokens.device), torch.tensor(positions, device=tokens.device)
+        mask[rows_t[:, None], -1, keys_t] = True
         blocked[l] = mask
     p = _prob(adapter.run_with_knockout(model, batch, blocked), enc.target).cpu().numpy()
     return p_clean, p

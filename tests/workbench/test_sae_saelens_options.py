@@ -40,7 +40,8 @@ def _write(folder, arch: str, weights: dict[str, torch.Tensor], **options) -> No
 
 def saelens_forward(arch: str, w: dict[str, torch.Tensor], x: torch.Tensor, **options) -> torch.Tensor:
     """SAELens's encode then decode, written out from its definition, for the options under test."""
-    scale = options.get("norm_scaling_factor", 1.0) if options.get("normalize_activations") == "expected_average_only_in" else 1.0
+    folded = options.get("normalize_activations") == "expected_average_only_in"
+    scale = options.get("norm_scaling_factor", 1.0) if folded else 1.0
     sae_in = x * scale - w["b_dec"] * options.get("apply_b_dec_to_input", True)
     pre = sae_in @ w["W_enc"] + w["b_enc"]
     norms = w["W_dec"].norm(dim=-1)
