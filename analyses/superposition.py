@@ -23,7 +23,7 @@ from plotly.subplots import make_subplots
 
 from workbench.config import check_types
 from workbench.errors import check_field
-from workbench.plotting import LAYOUT, heatmap
+from workbench.plotting import LAYOUT, captioned, heatmap
 from workbench.report import Analysis
 from workbench.toy_models import (
     PHASES,
@@ -386,21 +386,41 @@ def computation_figure(r: SuperpositionResult) -> go.Figure:
 
 
 def figures(r: SuperpositionResult) -> dict[str, go.Figure]:
+    """Per sweep: WᵀW and norms, geometry (m = 2), dimensionality, superposition per feature; then the
+    phase diagram and computation in superposition. Each with its caption."""
     figs: dict[str, go.Figure] = {}
     for s in r.sweeps:
         key = f"n={s.n}, m={s.m}"
-        figs[f"{key}: WᵀW, b and feature norms"] = wtw_figure(s)
+        figs[f"{key}: WᵀW, b and feature norms"] = captioned(wtw_figure(s), (
+            f"Each column is one model with {s.n} features in {s.m} dimensions, at the feature density 1−S in its "
+            "title. Top: WᵀW, the features' dot products (off-diagonal colour is interference). Middle: the bias b. "
+            "Bottom: each feature's norm ‖Wᵢ‖, coloured by how much it shares its direction. As features get "
+            f"sparser, more than {s.m} get a non-zero norm: superposition."))
         if s.m == 2:
-            figs[f"{key}: geometry"] = geometry_figure(s)
-        figs[f"{key}: dimensionality"] = dimensionality_figure(s)
-        figs[f"{key}: superposition per feature"] = heatmap(
+            figs[f"{key}: geometry"] = captioned(geometry_figure(s), (
+                "Each feature's direction Wᵢ in the 2-dimensional hidden space, one panel per density. Dense: two "
+                "orthogonal features and the rest dropped. Sparse: all of them, spread evenly around the circle (a "
+                "pentagon for five), as in Toy Models of Superposition's first figure."))
+        figs[f"{key}: dimensionality"] = captioned(dimensionality_figure(s), (
+            "Feature dimensionality Dᵢ (the share of a dimension feature i gets) and the dimensions per feature "
+            "against 1/(1−S), with dashed lines at the paper's sticky fractions (1, 3/4, 2/3, 1/2, 2/5, 3/8). "
+            "Points pile up on those lines: features settle into regular geometric configurations."))
+        figs[f"{key}: superposition per feature"] = captioned(heatmap(
             s.superposition, list(range(s.n)), [f"{d:.3g}" for d in s.density],
             "Σ_{j≠i}(Ŵᵢ·Wⱼ)² per feature and density", "feature", "density 1−S",
-            colorbar="Σ_{j≠i}(Ŵᵢ·Wⱼ)² (squared length)", colorscale="Viridis")
+            colorbar="Σ_{j≠i}(Ŵᵢ·Wⱼ)² (squared length)", colorscale="Viridis"), (
+            "How much each feature's direction overlaps the others (0: it has a dimension to itself). Rows go from "
+            "dense (top) to sparse; overlap appears as features get sparser, first among the least important."))
     if r.phase_relu is not None:
-        figs["phase diagram"] = phase_figure(r)
+        figs["phase diagram"] = captioned(phase_figure(r), (
+            "Two features in one dimension, over the extra feature's relative importance and its density: whether "
+            "it is dropped, gets the dimension, or shares it in superposition. The ReLU model superposes sparse "
+            "features; the linear model never does (right)."))
     if r.abs_W1 is not None:
-        figs["computation in superposition"] = computation_figure(r)
+        figs["computation in superposition"] = captioned(computation_figure(r), (
+            "The |x| task: W₁ (neuron × feature), neurons sorted by their main feature. Dense: most neurons read "
+            "one feature (monosemantic). Sparse: neurons read several features at once (polysemantic), computing "
+            "in superposition."))
     return figs
 
 
@@ -409,6 +429,12 @@ ANALYSIS = Analysis(
     description="Toy models of superposition: sparsity sweeps (batched), WᵀW, geometry, dimensionality, the "
                 "phase diagram and computation in superposition.",
     config_cls=SuperpositionConfig, compute=compute, figures=figures, uses_model=False,
+    title="Superposition", order=40,
+    intro="Models can represent more features than they have dimensions, by giving sparse features directions "
+          "that overlap: superposition (Elhage et al., <i>Toy Models of Superposition</i>, 2022). These toy models "
+          "compress n features into m &lt; n dimensions and reconstruct them through a ReLU; as features get "
+          "sparser, more of them are represented, in regular geometric arrangements. This is why single neurons "
+          "are often polysemantic, and what sparse autoencoders try to undo.",
 )
 
 if __name__ == "__main__":
