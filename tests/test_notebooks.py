@@ -22,3 +22,14 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
 
 def test_there_are_notebooks():
     assert NOTEBOOKS
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_stored_notebooks_show_their_figures_and_stay_small(path):
+    """Browsing the repository shows every figure (as a PNG: `python notebooks/render_outputs.py`)."""
+    nb = nbformat.read(path, as_version=4)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert outputs, f"{path.name} is stored without outputs; run python notebooks/render_outputs.py {path.stem}"
+    assert any("image/png" in o.get("data", {}) for o in outputs), f"{path.name} shows no figure"
+    assert not any("application/vnd.plotly.v1+json" in o.get("data", {}) for o in outputs)  # PNG only: small
+    assert path.stat().st_size < 1_000_000
