@@ -90,7 +90,7 @@ class InductionConfig:
     """Run the probe at every checkpoint of the model's folder (when it has checkpoints)."""
     top_heads: int = 6
     """Heads shown in the attention-pattern picker."""
-    max_ablated_heads: int = 24
+    max_ablated_heads: int = 12
     """Heads ablated one at a time (zero and mean: two forward passes each). All of them when the model
     has at most this many; otherwise every head whose induction and prefix-matching scores both reach
     induction_threshold (the only heads the verdict can label induction), then the highest induction

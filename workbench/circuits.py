@@ -127,7 +127,7 @@ def sample_rows(n: int, max_rows: int, seed: int = 0) -> tuple[torch.Tensor, Opt
 
 
 def diagonal_fraction(circuit: FactoredMatrix, rows: torch.Tensor, causal: bool = False, offset: int = 0,
-                      chunk_elems: int = 1 << 24) -> torch.Tensor:
+                      chunk_elems: int = 1 << 26) -> torch.Tensor:
     """[...] fraction of the given rows whose argmax column is row - offset (offset 0: the diagonal).
 
     Rows are computed a chunk at a time from the factors (at most `chunk_elems` numbers at once),

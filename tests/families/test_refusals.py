@@ -54,3 +54,12 @@ def test_a_hook_that_is_registered_but_never_fires_is_a_clear_error(family_folde
     assert "hook_pos_embed" in model.hook_dict  # registered ...
     with pytest.raises(adapter.DoesNotApplyError, match="llama .*hook_pos_embed.*never fires"):
         run_collect(model, model.to_tokens("def main"), ["hook_pos_embed"])  # ... but a rotary model never fires it
+
+
+def test_sae_activations_from_a_hook_that_never_fires_are_a_clear_error(family_folders):
+    import workbench
+    from workbench.sae.activations import model_activations
+
+    model = workbench.load(f"hf:{family_folders['gemma']}", device="cpu")
+    with pytest.raises(adapter.DoesNotApplyError, match="gemma .*hook_pos_embed"):
+        model_activations(model, model.to_tokens("def main"), ["hook_pos_embed"])

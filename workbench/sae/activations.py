@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 from workbench.artifacts import atomic_write_json, write_output_folder
 from workbench.errors import CheckpointError, HookNameError, InputError, unknown_name_message
+from workbench.probes import run_collect
 
 Batch = dict[str, torch.Tensor]
 MANIFEST = "manifest.json"
@@ -40,15 +41,9 @@ def check_hooks(model: Any, hooks: Sequence[str]) -> None:
 @torch.no_grad()
 def model_activations(model: Any, tokens: torch.Tensor, hooks: Sequence[str], skip_first: int = 1) -> Batch:
     """{hook: [rows * (positions - skip_first), d]} from one forward pass over `tokens` [rows, S].
-    The first `skip_first` positions (the BOS, whose activations are outliers) are left out."""
-    store: Batch = {}
-
-    def saver(name: str):
-        def save(act, hook):
-            store[name] = act.detach()
-        return save
-
-    model.run_with_hooks(tokens, fwd_hooks=[(h, saver(h)) for h in hooks])
+    The first `skip_first` positions (the BOS, whose activations are outliers) are left out; a hook
+    that the model registers but never fires is a DoesNotApplyError naming the model."""
+    _, store = run_collect(model, tokens, hooks)
     out = {}
     for h in hooks:
         act = store[h]
