@@ -54,13 +54,13 @@ class DataConfig:
     synthetic_fraction: float = 0.5
     """Share of each batch made of synthetic rows in which segments recur (1.0: no plain text)."""
     synthetic_uniform: float = 1.0
-    """Share of the synthetic rows filled with tokens drawn uniformly from the vocabulary (bytes
-    0–255 for byte models). The three synthetic_* shares sum to 1."""
+    """Weight of synthetic rows filled with tokens drawn uniformly from the vocabulary (bytes 0–255
+    for byte models). The three synthetic_* weights share out the synthetic rows in proportion."""
     synthetic_unigram: float = 0.0
-    """Share of the synthetic rows filled with tokens drawn from the training text's own token
+    """Weight of synthetic rows filled with tokens drawn at the training text's own token
     frequencies (mostly printable characters, for byte models)."""
     synthetic_text: float = 0.0
-    """Share of the synthetic rows that are rows of the training text with some of their own spans
+    """Weight of synthetic rows that are rows of the training text with some of their own spans
     repeated later in the row."""
     repeat_len_min: int = 4
     """Shortest repeated segment."""
@@ -78,12 +78,11 @@ class DataConfig:
         check_field(0.0 < self.val_fraction < 0.5, own, "val_fraction", self.val_fraction, "in (0, 0.5)")
         check_field(0.0 <= self.synthetic_fraction <= 1.0, own, "synthetic_fraction",
                     self.synthetic_fraction, "in [0, 1]")
-        for name in SYNTHETIC_KINDS:
-            share = getattr(self, f"synthetic_{name}")
-            check_field(0.0 <= share <= 1.0, own, f"synthetic_{name}", share, "in [0, 1]")
-        shares = self.synthetic_shares
-        check_field(abs(sum(shares.values()) - 1.0) < 1e-6, own, "synthetic_uniform/unigram/text", shares,
-                    "shares that sum to 1")
+        weights = {name: getattr(self, f"synthetic_{name}") for name in SYNTHETIC_KINDS}
+        for name, weight in weights.items():
+            check_field(weight >= 0, own, f"synthetic_{name}", weight, "≥ 0 (a weight)")
+        check_field(sum(weights.values()) > 0, own, "synthetic_uniform + synthetic_unigram + synthetic_text",
+                    sum(weights.values()), "positive (they share out the synthetic rows)")
         check_field(self.max_text_mb is None or self.max_text_mb > 0, own, "max_text_mb",
                     self.max_text_mb, "positive or None")
         check_field(self.seed >= 0, own, "seed", self.seed, "an integer ≥ 0")
@@ -92,13 +91,15 @@ class DataConfig:
 
     @property
     def synthetic_shares(self) -> dict[str, float]:
-        """{kind: share of the synthetic rows} for each kind in SYNTHETIC_KINDS."""
-        return {name: getattr(self, f"synthetic_{name}") for name in SYNTHETIC_KINDS}
+        """{kind: share of the synthetic rows} for each kind in SYNTHETIC_KINDS; the shares sum to 1."""
+        weights = {name: getattr(self, f"synthetic_{name}") for name in SYNTHETIC_KINDS}
+        total = sum(weights.values())
+        return {name: w / total for name, w in weights.items()}
 
     @property
     def uses_text(self) -> bool:
-        """False when every row is synthetic random tokens, so no corpus is read."""
-        return self.synthetic_fraction < 1.0 or self.synthetic_uniform < 1.0
+        """False when every row is synthetic uniform random tokens, so no corpus is read."""
+        return self.synthetic_fraction < 1.0 or self.synthetic_unigram > 0 or self.synthetic_text > 0
 
     @property
     def d_vocab(self) -> int:

@@ -128,8 +128,40 @@ def test_batches_depend_only_on_seed_and_step(corpus):
     assert set(val) == {"text", "synthetic"} and torch.equal(val["synthetic"], b.validation(4)["synthetic"])
 
 
+def test_synthetic_rows_can_come_from_the_text_itself(corpus):
+    cfg = DataConfig(text=str(corpus), synthetic_fraction=0.75, val_fraction=0.1, synthetic_uniform=1,
+                     synthetic_unigram=1, synthetic_text=2)
+    text = build_text_data(cfg, 64, byte_tokenizer())
+    batches = Batches(cfg, 64, 16, text, synthetic_vocab=256)
+    rows = batches.train(3)
+    assert torch.equal(rows, Batches(cfg, 64, 16, text, synthetic_vocab=256).train(3))  # a function of (seed, step)
+    uniform, unigram, from_text = rows[4:7], rows[7:10], rows[10:]  # 4 text rows, then 12 synthetic: 3, 3, 6
+    in_text = set(np.unique(text.train).tolist())
+    assert (uniform >= 128).any()  # bytes the corpus never uses
+    assert set(unigram.unique().tolist()) <= in_text and set(from_text.unique().tolist()) <= in_text
+    assert (unigram == ord(" ")).float().mean() > 0.1  # drawn at the text's frequencies: many spaces
+    for row in from_text.tolist():  # real text in which some 4-gram recurs
+        grams = [tuple(row[i:i + 4]) for i in range(61)]
+        assert len(set(grams)) < len(grams)
+    val = batches.validation(4)
+    assert set(val) == {"text", "synthetic", "synthetic_uniform", "synthetic_unigram", "synthetic_text"}
+    assert torch.equal(val["synthetic_text"], batches.validation(4)["synthetic_text"])
+
+
+def test_default_synthetic_rows_are_uniform_random_segments(corpus):
+    cfg = DataConfig(text=str(corpus), synthetic_fraction=1.0)
+    assert not cfg.uses_text and cfg.synthetic_shares == {"uniform": 1.0, "unigram": 0.0, "text": 0.0}
+    rows = Batches(cfg, 32, 4, None, synthetic_vocab=256).train(2)
+    gen = torch.Generator().manual_seed(2)  # seed 0, step 2
+    assert torch.equal(rows, repeated_segments(4, 32, 256, 4, 32, gen))
+    assert DataConfig(text=str(corpus), synthetic_fraction=1.0, synthetic_uniform=0.5, synthetic_text=0.5).uses_text
+    with pytest.raises(ConfigError, match=r"synthetic_uniform \+ synthetic_unigram \+ synthetic_text must be positive"):
+        DataConfig(synthetic_uniform=0)
+
+
 @pytest.mark.parametrize("field,value", [("tokenizer", "wordpiece"), ("val_fraction", 0.0),
-                                         ("synthetic_fraction", 1.5), ("bpe_vocab_size", 100)])
+                                         ("synthetic_fraction", 1.5), ("bpe_vocab_size", 100),
+                                         ("synthetic_text", -0.5)])
 def test_bad_data_config_names_the_field(field, value):
     with pytest.raises(ConfigError, match=f"DataConfig.{field}"):
         DataConfig(**{field: value})
