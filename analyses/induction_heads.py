@@ -11,6 +11,11 @@ circuit gives its copying score. Ablating each head (zero and mean) measures how
 loss on the repeated half relies on it. A head is labelled "induction" only when its attention
 (induction and prefix-matching scores) and its behaviour (ablation effect specific to the repeated
 half) both say so. For a model folder with checkpoints, the same probe runs at every checkpoint.
+
+Induction is then measured on three kinds of repeated sequence (KINDS): random tokens over the
+whole vocabulary (the probe above), random tokens at the frequencies of real text, and a passage of
+held-out text. The verdict says which kinds the induction heads work on: a head that copies only
+tokens that never occur in text is no use on a repeated sentence.
 """
 
 from __future__ import annotations
@@ -39,18 +44,24 @@ from workbench.errors import InputError, check_field
 from workbench.numbers import finite, json_array
 from workbench.plotting import attention_picker, heatmap, lines, table
 from workbench.probes import (
+    TEXT_PROBES,
     half_losses,
     head_names,
+    held_out_text,
     layer_hooks,
     per_token_loss,
     probe_tokens,
     require_attention,
     run_collect,
+    text_probe_tokens,
 )
 from workbench.report import Analysis
 
 SCORES = ("induction", "prefix matching", "previous token", "duplicate token", "first token", "copying")
 LABELS = ("induction", "previous-token", "duplicate-token", "copying")
+KINDS = {"random tokens": "uniform", "text-frequency tokens": "text-distribution", "text passage": "passage"}
+"""The kinds of repeated sequence induction is measured on, and the probe that makes each (the first
+is `probe_tokens` over the whole vocabulary; the others `text_probe_tokens`)."""
 
 
 @dataclass(frozen=True)
@@ -155,6 +166,32 @@ class CheckpointCurves:
     """(start, end step) of the interval where the max induction score rises fastest."""
     loss_drop: Optional[tuple[int, int]]
     """(start, end step) of the interval where the repeated-half loss falls fastest."""
+    induction_by_kind: dict[str, tuple[float, ...]]
+    """Kind of sequence -> the highest induction score at each checkpoint."""
+
+
+@dataclass(frozen=True, eq=False)
+class KindResult:
+    """Induction on one kind of repeated sequence (length seq_len, repeated once)."""
+
+    kind: str
+    source: str
+    """Where its tokens came from."""
+    induction_LH: np.ndarray
+    first_loss: float
+    """Mean loss on the first copy (tokens 2..L)."""
+    repeated_loss: float
+    """Mean loss on the same tokens of the second copy."""
+    ablation: dict[str, float]
+    """'mean first' / 'mean repeated': loss increase with the joint heads mean-ablated on this kind."""
+    works: bool
+    """The induction heads work here: one scores ≥ induction_threshold on it, and mean-ablating them
+    raises the second-copy loss by ≥ ablation_threshold more than the first-copy loss."""
+
+    @property
+    def loss_drop(self) -> float:
+        """First-copy loss minus second-copy loss (nats/token): what repetition is worth."""
+        return self.first_loss - self.repeated_loss
 
 
 @dataclass(frozen=True, eq=False)
@@ -185,6 +222,19 @@ class InductionResult:
     prefix: int
     curves: Optional[CheckpointCurves]
     phase_note: str
+    kinds: dict[str, KindResult]
+    """Kind of sequence (KINDS, in order) -> induction on it; text kinds are missing for a model
+    without a tokenizer (see kinds_note)."""
+    kinds_note: str
+    passage_tokens: tuple[str, ...]
+    """The first repeated text passage, as strings ('' when there is none)."""
+    passage_patterns_NSS: Optional[np.ndarray]
+    """The attention of `pattern_heads` on that passage."""
+
+    @property
+    def works_on(self) -> list[str]:
+        """The kinds of sequence the induction heads work on."""
+        return [k for k, v in self.kinds.items() if v.works]
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -224,7 +274,28 @@ class InductionResult:
             out["repeated_loss_drop_interval"] = list(c.loss_drop) if c.loss_drop else None
             out["icl_score_final"] = finite(c.icl_score[-1])  # null when there was no validation data
         out["phase_change_note"] = self.phase_note
+        out["induction_works_on"] = self.works_on
+        for kind, k in self.kinds.items():
+            key = kind.replace(" ", "_").replace("-", "_")
+            out[f"{key}_max_induction"] = float(k.induction_LH.max())
+            out[f"{key}_max_induction_head"] = self.heads[int(k.induction_LH.argmax())]
+            out[f"{key}_first_copy_loss"], out[f"{key}_second_copy_loss"] = k.first_loss, k.repeated_loss
+            out[f"{key}_joint_ablation_mean_repeated"] = k.ablation["mean repeated"]
+        out["text_kinds_source"] = next((k.source for n, k in self.kinds.items() if n != "random tokens"),
+                                        self.kinds_note)
         return out
+
+    def kinds_verdict(self) -> str:
+        """One sentence: which kinds of sequence the induction heads work on."""
+        if not self.heads_labelled("induction"):
+            return "no induction head, so induction works on no kind of sequence"
+        yes = self.works_on
+        no = [k for k in self.kinds if k not in yes]
+        text = (f"the induction heads work on {', '.join(yes)}" if yes else
+                "the induction heads work on none of the kinds of sequence measured")
+        if yes and no:
+            text += f"; not on {', '.join(no)}"
+        return text + (f" ({self.kinds_note})" if self.kinds_note else "")
 
     def headlines(self) -> list[str]:
         out = []
@@ -252,6 +323,10 @@ class InductionResult:
                        f"{c.phase_change[0]}–{c.phase_change[1]}{drop}")
         else:
             out.append(self.phase_note)
+        out.append(self.kinds_verdict() + ": " + "; ".join(
+            f"{kind}: best score {k.induction_LH.max():.2f} ({self.heads[int(k.induction_LH.argmax())]}), "
+            f"loss {k.first_loss:.2f} → {k.repeated_loss:.2f} nats/token from the first copy to the second"
+            for kind, k in self.kinds.items()))
         for label in ("previous-token", "duplicate-token", "copying"):
             heads = self.heads_labelled(label)
             if heads:
@@ -293,24 +368,34 @@ def _icl_rows(model: Any, cfg: InductionConfig) -> tuple[Optional[torch.Tensor],
     return val[kind], f"{kind} validation rows"
 
 
+def _induction_LH(store: dict[str, torch.Tensor], n_layers: int, seq_len: int, prefix: int) -> torch.Tensor:
+    """[L, H] induction scores from the patterns in `store`."""
+    return torch.stack([induction_score(store[f"blocks.{l}.attn.hook_pattern"].float(), seq_len, prefix)
+                        for l in range(n_layers)])
+
+
 @torch.no_grad()
 def _probe_checkpoint(model: Any, rep: torch.Tensor, prefix: int, cfg: InductionConfig,
-                      icl: Optional[torch.Tensor]) -> tuple[np.ndarray, float, float, float]:
+                      icl: Optional[torch.Tensor], text_probes: dict[str, torch.Tensor]
+                      ) -> tuple[np.ndarray, float, float, float, dict[str, float]]:
     loss, store = _forward(model, rep, keep=("attn.hook_pattern",))
     L = model.cfg.n_layers
-    ind = torch.stack([induction_score(store[f"blocks.{l}.attn.hook_pattern"].float(), cfg.seq_len, prefix)
-                       for l in range(L)])
+    ind = _induction_LH(store, L, cfg.seq_len, prefix)
+    by_kind = {"random tokens": float(ind.max())}
+    for kind, tokens in text_probes.items():
+        by_kind[kind] = float(_induction_LH(_forward(model, tokens, keep=("attn.hook_pattern",))[1], L,
+                                            cfg.seq_len, prefix).max())
     first, second = half_losses(loss, prefix, cfg.seq_len)
     icl_score = float("nan")
     if icl is not None:
         icl = icl.to(rep.device)
         icl_loss = per_token_loss(model(icl), icl)
         icl_score = float(icl_loss[:, cfg.icl_late - 1].mean() - icl_loss[:, cfg.icl_early - 1].mean())
-    return ind.cpu().numpy(), first, second, icl_score
+    return ind.cpu().numpy(), first, second, icl_score, by_kind
 
 
-def checkpoint_curves(model: Any, cfg: InductionConfig, rep: torch.Tensor, prefix: int
-                      ) -> tuple[Optional[CheckpointCurves], str]:
+def checkpoint_curves(model: Any, cfg: InductionConfig, rep: torch.Tensor, prefix: int,
+                      text_probes: dict[str, torch.Tensor]) -> tuple[Optional[CheckpointCurves], str]:
     """Run the probe at every checkpoint of the model's folder, or say why there is nothing to run."""
     folder = getattr(model, "folder", None)
     if not cfg.phase_change:
@@ -327,7 +412,7 @@ def checkpoint_curves(model: Any, cfg: InductionConfig, rep: torch.Tensor, prefi
     results, tokens = [], []
     for step, path in tqdm(ckpts, desc="checkpoints", unit="ckpt", disable=None, leave=False):
         ckpt = load_folder(path, device)
-        results.append(_probe_checkpoint(ckpt, rep, prefix, cfg, icl))
+        results.append(_probe_checkpoint(ckpt, rep, prefix, cfg, icl, text_probes))
         tokens.append(int(ckpt.meta.get("tokens_seen", step)))
     steps = [s for s, _ in ckpts]
     induction = np.stack([r[0] for r in results])
@@ -337,7 +422,8 @@ def checkpoint_curves(model: Any, cfg: InductionConfig, rep: torch.Tensor, prefi
         first_half_loss=tuple(r[1] for r in results), repeated_half_loss=tuple(rep_loss),
         icl_score=tuple(r[3] for r in results), icl_data=icl_data,
         phase_change=steepest_change(steps, induction.max(axis=(1, 2)).tolist(), cfg.induction_threshold),
-        loss_drop=steepest_change(steps, rep_loss, cfg.ablation_threshold, rising=False))
+        loss_drop=steepest_change(steps, rep_loss, cfg.ablation_threshold, rising=False),
+        induction_by_kind={k: tuple(r[4][k] for r in results) for k in results[0][4]})
     if curves.phase_change is None:
         return curves, (f"no phase change across {len(steps)} checkpoints: the highest induction score never rises "
                         f"by the induction threshold ({cfg.induction_threshold}) above its value at step {steps[0]}")
@@ -379,6 +465,46 @@ def _verdict(scores: dict[str, np.ndarray], ablation: dict[str, np.ndarray], cfg
                           f"copying {s['copying']:.2f}; mean ablation {repeated:+.2f} nats on the repeated half "
                           f"vs {first:+.2f} on the first")
     return labels, evidence
+
+
+def _text_probes(model: Any, cfg: InductionConfig) -> tuple[dict[str, torch.Tensor], str, str]:
+    """({kind: repeated tokens} for the text kinds, where the text came from, a note when there are none)."""
+    if model.tokenizer is None:
+        return {}, "", "the text kinds need a tokenizer, and this model has none"
+    text_RT, source = held_out_text(model)
+    probes = {}
+    for i, (kind, probe) in enumerate(KINDS.items()):
+        if probe in TEXT_PROBES:
+            probes[kind], _ = text_probe_tokens(model, probe, text_RT, cfg.seq_len, 2, cfg.n_sequences,
+                                                cfg.seed + 2 + i, cfg.prepend_bos)
+    return probes, source, ""
+
+
+def _kind_result(kind: str, source: str, induction_LH: np.ndarray, first: float, second: float,
+                 ablation: dict[str, float], induction_heads: list[tuple[int, int]], cfg: InductionConfig
+                 ) -> KindResult:
+    """The numbers for one kind of sequence, and whether the induction heads work on it."""
+    best = max((float(induction_LH[l, h]) for l, h in induction_heads), default=0.0)
+    works = (best >= cfg.induction_threshold
+             and ablation["mean repeated"] - ablation["mean first"] >= cfg.ablation_threshold)
+    return KindResult(kind, source, induction_LH, first, second, ablation, works)
+
+
+@torch.no_grad()
+def _measure_kind(model: Any, kind: str, source: str, tokens: torch.Tensor, prefix: int, cfg: InductionConfig,
+                  induction_heads: list[tuple[int, int]], joint: list[tuple[int, int]]
+                  ) -> tuple[KindResult, list[torch.Tensor]]:
+    """Induction scores and copy losses on `tokens`, and the loss change when the `joint` heads are
+    mean-ablated (means over this batch); also each layer's pattern [B, H, S, S]."""
+    L = model.cfg.n_layers
+    loss, store = _forward(model, tokens, keep=("attn.hook_pattern", "attn.hook_z"))
+    first, second = half_losses(loss, prefix, cfg.seq_len)
+    z_mean = {l: store[f"blocks.{l}.attn.hook_z"].float().mean(0, keepdim=True) for l in range(L)}
+    ablated, _ = _forward(model, tokens, hooks=_ablation_hooks(joint, "mean", z_mean))
+    a_first, a_second = half_losses(ablated, prefix, cfg.seq_len)
+    result = _kind_result(kind, source, _induction_LH(store, L, cfg.seq_len, prefix).cpu().numpy(), first, second,
+                          {"mean first": a_first - first, "mean repeated": a_second - second}, induction_heads, cfg)
+    return result, [store[f"blocks.{l}.attn.hook_pattern"].float() for l in range(L)]
 
 
 @torch.no_grad()
@@ -435,7 +561,22 @@ def compute(model: Any, cfg: InductionConfig) -> InductionResult:
         best = int(np.argmax(scores[extra]))
         if best not in order:
             order.append(best)
-    curves, note = checkpoint_curves(model, cfg, rep, prefix)
+    # the same measurements on the text kinds of sequence: scores, copy losses, the joint heads ablated
+    text_probes, text_source, kinds_note = _text_probes(model, cfg)
+    kinds = {"random tokens": _kind_result(
+        "random tokens", "tokens drawn uniformly from the vocabulary (special tokens left out)", scores["induction"],
+        clean_first, clean_second, {k: v for k, v in joint_ablation.items() if k.startswith("mean")},
+        induction_heads, cfg)}
+    passage_patterns, passage_tokens = None, ()
+    for kind, tokens in text_probes.items():
+        what = "tokens drawn at their frequencies in " if KINDS[kind] == "text-distribution" else "passages of "
+        kinds[kind], patterns = _measure_kind(model, kind, what + text_source, tokens, prefix, cfg, induction_heads,
+                                              joint)
+        if KINDS[kind] == "passage":
+            passage_tokens = tuple(model.to_str_tokens(tokens[0].cpu()))
+            passage_patterns = np.stack([patterns[i // H][0, i % H].cpu().numpy() for i in order])
+
+    curves, note = checkpoint_curves(model, cfg, rep, prefix, text_probes)
     folder = getattr(model, "folder", None)
     return InductionResult(
         name=folder.name if folder is not None else type(model).__name__, config=cfg, scores=scores,
@@ -445,7 +586,8 @@ def compute(model: Any, cfg: InductionConfig) -> InductionResult:
         loss_by_position={"clean": loss.mean(0).cpu().numpy(), "ablated": ablated_loss.mean(0).cpu().numpy()},
         tokens=tuple(model.to_str_tokens(rep[0].cpu()) if model.tokenizer is not None else map(str, rep[0].tolist())),
         patterns_NSS=np.stack([pats[i // H][0, i % H].cpu().numpy() for i in order]),
-        pattern_heads=tuple(names[i] for i in order), prefix=prefix, curves=curves, phase_note=note)
+        pattern_heads=tuple(names[i] for i in order), prefix=prefix, curves=curves, phase_note=note,
+        kinds=kinds, kinds_note=kinds_note, passage_tokens=passage_tokens, passage_patterns_NSS=passage_patterns)
 
 
 def figures(r: InductionResult) -> dict[str, go.Figure]:
@@ -465,6 +607,20 @@ def figures(r: InductionResult) -> dict[str, go.Figure]:
                                        colorbar="Δ loss (nats/token)", colorscale="RdBu", zmid=0)
     figs["attention of the top heads"] = attention_picker(r.patterns_NSS, r.pattern_heads, r.tokens,
                                                           "Attention on a repeated random sequence")
+    figs["induction by kind of sequence"] = table(
+        [(kind, f"{'works' if k.works else 'does not work'}  ·  best induction score {k.induction_LH.max():.2f} "
+                f"({heads[int(k.induction_LH.argmax())]}); loss {k.first_loss:.2f} on the first copy, "
+                f"{k.repeated_loss:.2f} on the second ({k.loss_drop:+.2f}); joint mean ablation "
+                f"{k.ablation['mean repeated']:+.2f} on the second copy, {k.ablation['mean first']:+.2f} on the first"
+                f"  ·  {k.source}") for kind, k in r.kinds.items()],
+        f"{r.name}: {r.kinds_verdict()}")
+    figs["induction score by kind of sequence"] = heatmap(
+        np.stack([k.induction_LH.ravel() for k in r.kinds.values()], axis=1), list(r.kinds), heads,
+        f"Induction score on each kind of sequence (length {n}, repeated once)", "kind of sequence", "head",
+        colorbar="induction score (attention probability)")
+    if r.passage_patterns_NSS is not None:
+        figs["attention on a repeated text passage"] = attention_picker(
+            r.passage_patterns_NSS, r.pattern_heads, r.passage_tokens, "Attention on a repeated passage of text")
     positions = list(range(1, len(r.loss_by_position["clean"]) + 1))  # loss at index i predicts token i + 1
     ablated = f"{', '.join(r.joint_heads)} mean-ablated"
     figs["loss by position"] = lines(
@@ -480,6 +636,10 @@ def figures(r: InductionResult) -> dict[str, go.Figure]:
         figs["phase change: induction score"] = lines(
             xs, {h: c.induction_NLH[:, i // H, i % H] for i, h in enumerate(heads)},
             "Induction score per head over training", "training tokens", "induction score", vlines=marks)
+        figs["phase change: induction by kind of sequence"] = lines(
+            {k: c.tokens for k in c.induction_by_kind}, c.induction_by_kind,
+            "Highest induction score on each kind of sequence over training", "training tokens", "induction score",
+            vlines=marks)
         figs["phase change: in-context learning"] = lines(
             {"ICL score": c.tokens}, {"ICL score": c.icl_score},
             f"In-context-learning score (loss at token {r.config.icl_late} − token {r.config.icl_early}, {c.icl_data})",

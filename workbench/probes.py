@@ -12,8 +12,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from workbench.data import repeated_sequence, stdlib_files
 from workbench.adapter import DoesNotApplyError, describe
+from workbench.data import DataConfig, build_text_data, repeated_sequence, stdlib_files
 from workbench.errors import InputError
 from workbench.model import lm_loss
 
@@ -63,6 +63,14 @@ def probe_tokens(model: Any, seq_len: int, n_copies: int, batch: int, seed: int,
     model's device, never using special ids; the prefix is the model's BOS when asked for."""
     bos, special = special_ids(model)
     allowed = torch.tensor([i for i in range(model.cfg.d_vocab) if i not in special])
+    prefix = _probe_prefix(model, seq_len, n_copies, prepend_bos)
+    rows = allowed[repeated_sequence(batch, seq_len, len(allowed), seed, n_copies=n_copies)]
+    return _with_prefix(model, rows, prefix), prefix
+
+
+def _probe_prefix(model: Any, seq_len: int, n_copies: int, prepend_bos: bool) -> int:
+    """The probe's prefix length (1 with a BOS, else 0); an error when the probe cannot fit in n_ctx."""
+    bos, _ = special_ids(model)
     prefix = 1 if prepend_bos and bos is not None else 0
     needed, n_ctx = prefix + n_copies * seq_len, int(model.cfg.n_ctx)
     if needed > n_ctx:
@@ -72,10 +80,14 @@ def probe_tokens(model: Any, seq_len: int, n_copies: int, batch: int, seed: int,
                                                    "--prefix-seq-len)." if fit >= 2 else
                                                    "it has too little context for an induction probe, which needs "
                                                    f"at least {prefix + 2 * n_copies} positions."))
-    rows = allowed[repeated_sequence(batch, seq_len, len(allowed), seed, n_copies=n_copies)]
+    return prefix
+
+
+def _with_prefix(model: Any, rows: torch.Tensor, prefix: int) -> torch.Tensor:
+    """[B, prefix + T] rows with the model's BOS in front when prefix is 1, on the model's device."""
     if prefix:
-        rows = torch.cat([torch.full((batch, 1), bos), rows], dim=1)
-    return rows.to(next(model.parameters()).device), prefix
+        rows = torch.cat([torch.full((len(rows), 1), special_ids(model)[0]), rows], dim=1)
+    return rows.to(next(model.parameters()).device)
 
 
 def run_collect(model: Any, tokens: torch.Tensor, keep: Sequence[str] = (), hooks: Sequence = ()
@@ -126,3 +138,58 @@ def text_batch(model: Any, n_rows: int, seq_len: int) -> torch.Tensor:
             break
     n = min(n_rows, len(ids) // seq_len)
     return torch.tensor(ids[: n * seq_len], device=next(model.parameters()).device).view(n, seq_len)
+
+
+TEXT_PROBES = ("text-distribution", "passage")
+"""Induction probes made from text: random tokens at the text's own frequencies, and a passage of
+real text (see `text_probe_tokens`)."""
+
+
+def held_out_text(model: Any, n_rows: int = 512, row_len: int = 256) -> tuple[torch.Tensor, str]:
+    """([<= n_rows, T] token ids of text, on the CPU; where it comes from).
+
+    The validation split of the model's own training text when its folder records how it was
+    trained (text it never trained on); otherwise the Python standard library's source in the
+    model's tokenizer, cut into rows of `row_len` tokens. An error if the model has no tokenizer.
+    """
+    if model.tokenizer is None:
+        raise InputError("This model has no tokenizer, so it cannot read text; use token ids.")
+    data = (getattr(model, "meta", None) or {}).get("train", {}).get("data")
+    if data is not None and hasattr(model.tokenizer, "tok"):
+        cfg = DataConfig(**data)
+        if cfg.uses_text:
+            val = build_text_data(cfg, int(model.cfg.n_ctx), model.tokenizer.tok).val[:n_rows]
+            return torch.from_numpy(val.astype("int64")), f"held-out validation text of {cfg.text!r}"
+    rows = text_batch(model, n_rows, min(row_len, int(model.cfg.n_ctx))).cpu()
+    return rows, "the Python standard library's source (the model may have trained on it)"
+
+
+def text_probe_tokens(model: Any, kind: str, text_RT: torch.Tensor, seq_len: int, n_copies: int, batch: int,
+                      seed: int, prepend_bos: bool) -> tuple[torch.Tensor, int]:
+    """Like `probe_tokens`, with the repeated sequence made from the text rows `text_RT` [R, T].
+
+    kind 'text-distribution': tokens drawn independently at their frequencies in the text;
+    kind 'passage': `seq_len` consecutive tokens of one text row, at a random place where the
+    window holds no special token (no document boundary). Special ids are never used.
+    """
+    if kind not in TEXT_PROBES:
+        raise InputError(f"Unknown text probe {kind!r}; choose one of {', '.join(TEXT_PROBES)}.")
+    prefix = _probe_prefix(model, seq_len, n_copies, prepend_bos)
+    _, special = special_ids(model)
+    gen = torch.Generator().manual_seed(seed)
+    ordinary_RT = ~torch.isin(text_RT, torch.tensor(sorted(special), dtype=text_RT.dtype))
+    if kind == "text-distribution":
+        counts_V = torch.bincount(text_RT[ordinary_RT], minlength=int(model.cfg.d_vocab)).double()
+        body = torch.multinomial(counts_V, batch * seq_len, replacement=True, generator=gen).view(batch, seq_len)
+    else:
+        # windows [t, t + seq_len) of a row that hold only ordinary tokens: no special one inside
+        n_special = torch.cat([torch.zeros(len(text_RT), 1), (~ordinary_RT).double().cumsum(1)], dim=1)
+        n_windows = max(text_RT.shape[1] - seq_len + 1, 0)
+        clean_RW = n_special[:, seq_len: seq_len + n_windows] == n_special[:, :n_windows]
+        starts = clean_RW.nonzero()
+        if len(starts) == 0:
+            raise InputError(f"The text has no run of {seq_len} tokens without a special token; use a shorter "
+                             "--seq-len.")
+        pick = starts[torch.randint(0, len(starts), (batch,), generator=gen)]
+        body = torch.stack([text_RT[r, t : t + seq_len] for r, t in pick.tolist()])
+    return _with_prefix(model, body.repeat(1, n_copies), prefix), prefix

@@ -15,7 +15,7 @@ from transformer_lens.head_detector import (
 )
 
 import workbench
-from analyses.induction_heads import InductionConfig, compute, figures, steepest_change
+from analyses.induction_heads import KINDS, InductionConfig, compute, figures, steepest_change
 from tests.conftest import NoAttention, tiny_config
 from workbench.attention_scores import (
     duplicate_token_score,
@@ -25,6 +25,7 @@ from workbench.attention_scores import (
 )
 from workbench.circuits import copying_score, folded_weights, ov_circuit
 from workbench.errors import ConfigError, InputError
+from workbench.probes import held_out_text, text_probe_tokens
 from workbench.report import run_analysis, write_report
 
 SMALL = InductionConfig(seq_len=8, prefix_seq_len=5, n_sequences=4, icl_early=2, icl_late=20)
@@ -101,6 +102,37 @@ def test_steepest_change_finds_the_jump_and_ignores_noise():
     assert steepest_change(steps, falling, min_change=0.1, rising=False) == (200, 300)
 
 
+# -- the kinds of sequence ----------------------------------------------------------------------------
+def test_text_probes_repeat_text_and_never_cross_a_document_boundary(attn_model):
+    eos = 256
+    text = torch.tensor([[ord(c) for c in "the cat sat on the mat and the dog sat too"] + [eos] * 6,
+                         [ord(c) for c in "a b"] + [eos] + [ord("x")] * 44])
+    passage, prefix = text_probe_tokens(attn_model, "passage", text, 6, 2, 64, seed=0, prepend_bos=True)
+    assert prefix == 1 and passage.shape == (64, 13) and (passage[:, 0] == eos).all()
+    assert torch.equal(passage[:, 1:7], passage[:, 7:]) and not (passage[:, 1:] == eos).any()
+    windows = {bytes(row[1:7].tolist()).decode() for row in passage}
+    assert windows <= {"the cat sat on the mat and the dog sat too"[i:i + 6] for i in range(37)} | {"x" * 6}
+    freq, _ = text_probe_tokens(attn_model, "text-distribution", text, 10, 2, 64, seed=0, prepend_bos=False)
+    assert torch.equal(freq[:, :10], freq[:, 10:]) and set(freq.unique().tolist()) <= set(text[text != eos].tolist())
+    with pytest.raises(InputError, match="no run of 3 tokens"):
+        text_probe_tokens(attn_model, "passage", torch.tensor([[97, 98, eos, 99, 100]]), 3, 2, 4, seed=0,
+                          prepend_bos=False)
+
+
+def test_held_out_text_is_the_models_own_validation_split(attn_model, tmp_path):
+    rows, source = held_out_text(attn_model)  # no training record: the standard library's source
+    assert rows.shape[1] == 24 and "standard library" in source
+    shipped = workbench.load("attn-only-1l", device="cpu")
+    rows, source = held_out_text(shipped, n_rows=8)
+    assert rows.shape == (8, 128) and source == "held-out validation text of 'stdlib'"
+
+
+def test_a_model_without_a_tokenizer_gets_the_random_kind_only():
+    r = compute(workbench.Transformer(tiny_config()).eval(), SMALL)
+    assert list(r.kinds) == ["random tokens"] and "tokenizer" in r.kinds_note
+    assert "attention on a repeated text passage" not in figures(r)
+
+
 # -- the shipped models -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def result_2l():
@@ -133,6 +165,19 @@ def test_attn_only_2l_phase_change_is_where_the_repeated_loss_drops(result_2l):
     assert c.induction_NLH[:start].max() < 0.3 < c.induction_NLH[-1].max()  # before the rise: none; after: some
     assert c.repeated_half_loss[-1] < c.repeated_half_loss[0] - 1.0
     assert np.isfinite(c.icl_score).all() and c.icl_data == "text validation rows"
+    assert list(c.induction_by_kind) == list(KINDS)
+    for kind, curve in c.induction_by_kind.items():  # every kind goes through the same phase change
+        assert max(curve[:start]) < 0.3 and curve[-1] >= 0.4, (kind, curve)
+
+
+def test_attn_only_2l_induction_works_on_every_kind_of_sequence(result_2l):
+    r = result_2l
+    assert r.works_on == list(KINDS) and r.kinds_note == ""
+    assert "work on random tokens, text-frequency tokens, text passage" in r.kinds_verdict()
+    for kind, k in r.kinds.items():
+        assert k.induction_LH[1].max() >= 0.4 and k.ablation["mean repeated"] >= 1.0, kind
+    assert r.kinds["text passage"].source.startswith("passages of held-out validation text")
+    assert r.metrics()["induction_works_on"] == list(KINDS)
 
 
 def test_attn_only_1l_has_no_induction_head_and_no_phase_change():
@@ -140,12 +185,16 @@ def test_attn_only_1l_has_no_induction_head_and_no_phase_change():
     assert r.heads_labelled("induction") == []
     assert r.curves is not None and r.curves.phase_change is None
     assert "no phase change" in r.phase_note and "no induction head" in r.headlines()[0]
+    assert r.works_on == [] and "works on no kind of sequence" in r.kinds_verdict()
+    assert all(k.induction_LH.max() < 0.2 for k in r.kinds.values())
 
 
 def test_report_has_every_plot(result_2l, tmp_path):
     figs = figures(result_2l)
     for name in ("verdict", "head scores", "ablation effects", "attention of the top heads", "loss by position",
-                 "phase change: induction score", "phase change: in-context learning",
+                 "induction by kind of sequence", "induction score by kind of sequence",
+                 "attention on a repeated text passage", "phase change: induction score",
+                 "phase change: induction by kind of sequence", "phase change: in-context learning",
                  "phase change: loss on repeated sequences"):
         assert name in figs, name
     metrics = result_2l.metrics()
@@ -160,6 +209,7 @@ def test_runs_on_a_transformer_bridge_without_a_phase_change_section(tiny_gpt2):
     r = compute(bridge, replace(SMALL, seq_len=20, prefix_seq_len=12))
     assert r.scores["induction"].shape == (2, 2) and r.curves is None
     assert "not loaded from a workbench model folder" in r.phase_note
+    assert list(r.kinds) == list(KINDS) and "standard library" in r.kinds["text passage"].source
     assert r.tokens[0] == "<|endoftext|>"
     assert "phase change: induction score" not in figures(r)
 
@@ -171,8 +221,8 @@ def test_folder_without_checkpoints_gets_everything_else_and_a_note(attn_model, 
     assert "head scores" in section.figures and "loss by position" in section.figures
     assert not any(name.startswith("phase change") for name in section.figures)
     assert any("checkpoint" in line for line in section.headlines)
-    page = (write_report(tmp_path / "r", [section]) / "index.html").read_text()
-    assert "training checkpoint" in page
+    out = write_report(tmp_path / "r", [section])
+    assert any("training checkpoint" in page.read_text() for page in out.rglob("*.html"))
 
 
 def test_is_deterministic(attn_model):
