@@ -21,7 +21,7 @@ tokens that never occur in text is no use on a repeated sentence.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 import plotly.graph_objects as go
@@ -42,7 +42,7 @@ from workbench.config import check_types
 from workbench.data import Batches, DataConfig, build_text_data
 from workbench.errors import InputError, check_field
 from workbench.numbers import finite, json_array
-from workbench.plotting import attention_picker, heatmap, lines, table
+from workbench.plotting import captioned, heatmap, lines, table
 from workbench.probes import (
     TEXT_PROBES,
     half_losses,
@@ -56,6 +56,8 @@ from workbench.probes import (
     text_probe_tokens,
 )
 from workbench.report import Analysis
+from workbench.tokenizer import readable_tokens
+from workbench.widgets import Widget, attention_viewer
 
 SCORES = ("induction", "prefix matching", "previous token", "duplicate token", "first token", "copying")
 LABELS = ("induction", "previous-token", "duplicate-token", "copying")
@@ -573,7 +575,7 @@ def compute(model: Any, cfg: InductionConfig) -> InductionResult:
         kinds[kind], patterns = _measure_kind(model, kind, what + text_source, tokens, prefix, cfg, induction_heads,
                                               joint)
         if KINDS[kind] == "passage":
-            passage_tokens = tuple(model.to_str_tokens(tokens[0].cpu()))
+            passage_tokens = tuple(readable_tokens(model.tokenizer, tokens[0].tolist()))
             passage_patterns = np.stack([patterns[i // H][0, i % H].cpu().numpy() for i in order])
 
     curves, note = checkpoint_curves(model, cfg, rep, prefix, text_probes)
@@ -584,70 +586,107 @@ def compute(model: Any, cfg: InductionConfig) -> InductionResult:
         labels=labels, evidence=evidence, joint_heads=tuple(names[l * H + h] for l, h in joint),
         joint_ablation=joint_ablation,
         loss_by_position={"clean": loss.mean(0).cpu().numpy(), "ablated": ablated_loss.mean(0).cpu().numpy()},
-        tokens=tuple(model.to_str_tokens(rep[0].cpu()) if model.tokenizer is not None else map(str, rep[0].tolist())),
+        tokens=tuple(readable_tokens(model.tokenizer, rep[0].tolist()) if model.tokenizer is not None
+                     else map(str, rep[0].tolist())),
         patterns_NSS=np.stack([pats[i // H][0, i % H].cpu().numpy() for i in order]),
         pattern_heads=tuple(names[i] for i in order), prefix=prefix, curves=curves, phase_note=note,
         kinds=kinds, kinds_note=kinds_note, passage_tokens=passage_tokens, passage_patterns_NSS=passage_patterns)
 
 
-def figures(r: InductionResult) -> dict[str, go.Figure]:
-    """Verdict table, score and ablation heatmaps, attention picker, loss by position, phase change."""
+def _viewer(patterns_NSS: np.ndarray, heads: tuple[str, ...], tokens: tuple[str, ...], title: str) -> Widget:
+    return attention_viewer(tokens, patterns_NSS[None], title, (
+        "Hover a token of the second copy: an induction head attends to the token that followed the same token in "
+        "the first copy (one position to the right of the earlier occurrence), a previous-token head to the token "
+        "just before. Pick the head at the top."), layer_names=["the heads with the highest scores"],
+        head_names=heads)
+
+
+def figures(r: InductionResult) -> dict[str, Union[go.Figure, Widget]]:
+    """Verdict table, score and ablation heatmaps, attention viewers, loss by position, phase change; each
+    with its caption."""
     heads, H = r.heads, r.shape[1]
     n = r.config.seq_len
-    figs = {"verdict": table([(h, f"{', '.join(r.labels[h]) or '—'}  ·  {r.evidence[h]}") for h in heads],
-                             f"{r.name}: head labels and the numbers behind them")}
-    figs["head scores"] = heatmap(
+    figs: dict[str, Union[go.Figure, Widget]] = {"verdict": captioned(table(
+        [(h, f"{', '.join(r.labels[h]) or '—'}  ·  {r.evidence[h]}") for h in heads],
+        f"{r.name}: head labels and the numbers behind them"),
+        "Each head's labels and the scores behind them. A head is an induction head only when its attention "
+        "(induction and prefix-matching scores) and its behaviour (ablating it hurts the repeated half more than the "
+        "first) agree.")}
+    figs["head scores"] = captioned(heatmap(
         np.stack([r.scores[s].ravel() for s in SCORES], axis=1), list(SCORES), heads,
         f"Head scores (random length-{n} sequence repeated once; copying from the OV circuit)", "score", "head",
-        colorbar="score (attention probability; copying −1 to 1)", colorscale="RdBu", zmid=0)
+        colorbar="score (attention probability; copying −1 to 1)", colorscale="RdBu", zmid=0),
+        "Attention scores of every head on random tokens repeated once, and the copying score of its OV circuit. "
+        "Induction heads score high on induction, prefix matching and copying together, in layer 1; the "
+        "previous-token head they build on is in layer 0.")
     abl_keys = list(r.ablation)
-    figs["ablation effects"] = heatmap(np.stack([r.ablation[k].ravel() for k in abl_keys], axis=1),
-                                       [f"{k} half" for k in abl_keys], heads,
-                                       "Loss increase when the head is ablated (nats/token)", "ablation", "head",
-                                       colorbar="Δ loss (nats/token)", colorscale="RdBu", zmid=0)
-    figs["attention of the top heads"] = attention_picker(r.patterns_NSS, r.pattern_heads, r.tokens,
-                                                          "Attention on a repeated random sequence")
-    figs["induction by kind of sequence"] = table(
+    figs["ablation effects"] = captioned(heatmap(
+        np.stack([r.ablation[k].ravel() for k in abl_keys], axis=1), [f"{k} half" for k in abl_keys], heads,
+        "Loss increase when the head is ablated (nats/token)", "ablation", "head", colorbar="Δ loss (nats/token)",
+        colorscale="RdBu", zmid=0),
+        "How much the loss rises when one head's output is zeroed or replaced by its mean, on the first half (which "
+        "induction cannot help) and the repeated half. Induction heads hurt the repeated half only.")
+    figs["attention of the top heads"] = _viewer(r.patterns_NSS, r.pattern_heads, r.tokens,
+                                                 f"{r.name}: a random sequence of {n} tokens, repeated")
+    figs["induction by kind of sequence"] = captioned(table(
         [(kind, f"{'works' if k.works else 'does not work'}  ·  best induction score {k.induction_LH.max():.2f} "
                 f"({heads[int(k.induction_LH.argmax())]}); loss {k.first_loss:.2f} on the first copy, "
                 f"{k.repeated_loss:.2f} on the second ({k.loss_drop:+.2f}); joint mean ablation "
                 f"{k.ablation['mean repeated']:+.2f} on the second copy, {k.ablation['mean first']:+.2f} on the first"
                 f"  ·  {k.source}") for kind, k in r.kinds.items()],
-        f"{r.name}: {r.kinds_verdict()}")
-    figs["induction score by kind of sequence"] = heatmap(
+        f"{r.name}: {r.kinds_verdict()}"),
+        "Whether the induction heads work on each kind of sequence: random tokens over the whole vocabulary, random "
+        "tokens at the frequencies of real text, and a repeated passage of held-out text. Works means a high "
+        "induction score and a second copy that costs much less than the first.")
+    figs["induction score by kind of sequence"] = captioned(heatmap(
         np.stack([k.induction_LH.ravel() for k in r.kinds.values()], axis=1), list(r.kinds), heads,
         f"Induction score on each kind of sequence (length {n}, repeated once)", "kind of sequence", "head",
-        colorbar="induction score (attention probability)")
+        colorbar="induction score (attention probability)"),
+        "Each head's induction score on each kind of sequence. A head that only scores on random tokens has learnt "
+        "to copy where text never goes; one that scores on every kind works on text too.")
     if r.passage_patterns_NSS is not None:
-        figs["attention on a repeated text passage"] = attention_picker(
-            r.passage_patterns_NSS, r.pattern_heads, r.passage_tokens, "Attention on a repeated passage of text")
+        title = f"{r.name}: a passage of held-out text, repeated"
+        figs["attention on a repeated text passage"] = _viewer(r.passage_patterns_NSS, r.pattern_heads,
+                                                               r.passage_tokens, title)
     positions = list(range(1, len(r.loss_by_position["clean"]) + 1))  # loss at index i predicts token i + 1
     ablated = f"{', '.join(r.joint_heads)} mean-ablated"
-    figs["loss by position"] = lines(
+    figs["loss by position"] = captioned(lines(
         {"clean": positions, ablated: positions},
         {"clean": r.loss_by_position["clean"], ablated: r.loss_by_position["ablated"]},
         "Per-token loss on the repeated sequences", "position of the predicted token", "loss (nats)",
-        vlines=[(r.prefix + n, "second copy starts")])
+        vlines=[(r.prefix + n, "second copy starts")]),
+        "The loss at each position, averaged over the sequences. Random tokens cost about ln(vocabulary) nats until "
+        "the second copy starts; there an induction model's loss collapses, and with its induction heads ablated "
+        "it does not.")
     c = r.curves
     if c is not None:
         marks = ([(c.tokens[c.steps.index(c.phase_change[0])], "fastest rise"),
                   (c.tokens[c.steps.index(c.phase_change[1])], "")] if c.phase_change else [])
         xs = {h: c.tokens for h in heads}
-        figs["phase change: induction score"] = lines(
+        figs["phase change: induction score"] = captioned(lines(
             xs, {h: c.induction_NLH[:, i // H, i % H] for i, h in enumerate(heads)},
-            "Induction score per head over training", "training tokens", "induction score", vlines=marks)
-        figs["phase change: induction by kind of sequence"] = lines(
+            "Induction score per head over training", "training tokens", "induction score (attention probability)",
+            vlines=marks),
+            "Each head's induction score at every checkpoint. Induction heads appear abruptly, in a phase change "
+            "(dashed lines: the interval of the fastest rise), not gradually.")
+        figs["phase change: induction by kind of sequence"] = captioned(lines(
             {k: c.tokens for k in c.induction_by_kind}, c.induction_by_kind,
-            "Highest induction score on each kind of sequence over training", "training tokens", "induction score",
-            vlines=marks)
-        figs["phase change: in-context learning"] = lines(
+            "Highest induction score on each kind of sequence over training", "training tokens",
+            "induction score (attention probability)", vlines=marks),
+            "The best head's induction score on each kind of sequence over training: whether induction on text "
+            "arrives together with induction on random tokens.")
+        figs["phase change: in-context learning"] = captioned(lines(
             {"ICL score": c.tokens}, {"ICL score": c.icl_score},
             f"In-context-learning score (loss at token {r.config.icl_late} − token {r.config.icl_early}, {c.icl_data})",
-            "training tokens", "nats", vlines=marks)
-        figs["phase change: loss on repeated sequences"] = lines(
+            "training tokens", "Δ loss (nats)", vlines=marks),
+            "Olsson et al.'s in-context-learning score: how much lower the loss is late in a context than early. It "
+            "falls when induction heads form.")
+        figs["phase change: loss on repeated sequences"] = captioned(lines(
             {"first half": c.tokens, "repeated half": c.tokens},
             {"first half": c.first_half_loss, "repeated half": c.repeated_half_loss},
-            "Loss on repeated random sequences over training", "training tokens", "loss (nats/token)", vlines=marks)
+            "Loss on repeated random sequences over training", "training tokens", "loss (nats/token)", vlines=marks),
+            "The loss on the first and the repeated half over training. The repeated half's loss drops at the same "
+            "steps as the induction score rises: the heads are what makes the model use the repeat.")
     return figs
 
 
@@ -657,6 +696,14 @@ ANALYSIS = Analysis(
                 "verdicts and the phase change over checkpoints.",
     config_cls=InductionConfig, compute=compute, figures=figures,
     default_models=("attn-only-2l", "attn-only-1l"),
+    title="Attention and induction heads", order=20, key_figure="head scores",
+    intro="An induction head completes patterns: having seen <code>A B</code>, when <code>A</code> comes again it "
+          "attends to what followed it and predicts <code>B</code>. It needs two heads in series, a previous-token "
+          "head in an earlier layer and the induction head reading its output through its keys (K-composition), "
+          "so one-layer models cannot form one. They form abruptly during training, in a phase change, and account "
+          "for much of in-context learning (Olsson et al., <i>In-context Learning and Induction Heads</i>, 2022). "
+          "This page labels every head from its attention and from what ablating it does, on three kinds of "
+          "repeated sequence, and follows the heads over the training checkpoints.",
 )
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ class FigureRenderer:
         self._page.goto(page.as_uri())
 
     def png(self, figure: dict) -> bytes:
-        layout = {**figure.get("layout", {}), "width": WIDTH}
+        layout = {"height": 450, **figure.get("layout", {}), "width": WIDTH}  # no height: plotly's default
         self._page.evaluate("([data, layout]) => Plotly.newPlot('fig', data, layout, {staticPlot: true})",
                             [figure.get("data", []), layout])
         return self._page.locator("#fig").screenshot(type="png")

@@ -25,8 +25,10 @@ from workbench.attention_scores import (
 )
 from workbench.circuits import copying_score, folded_weights, ov_circuit
 from workbench.errors import ConfigError, InputError
+from workbench.plotting import caption_of
 from workbench.probes import held_out_text, text_probe_tokens
 from workbench.report import run_analysis, write_report
+from workbench.widgets import Widget
 
 SMALL = InductionConfig(seq_len=8, prefix_seq_len=5, n_sequences=4, icl_early=2, icl_late=20)
 
@@ -199,8 +201,9 @@ def test_report_has_every_plot(result_2l, tmp_path):
         assert name in figs, name
     metrics = result_2l.metrics()
     assert metrics["induction_heads"] and metrics["phase_change_interval"]
-    picker = figs["attention of the top heads"]
-    assert len(picker.data) == len(result_2l.pattern_heads) >= 4
+    viewer = figs["attention of the top heads"]
+    assert isinstance(viewer, Widget) and len(result_2l.pattern_heads) >= 4
+    assert all(f.caption if isinstance(f, Widget) else caption_of(f) for f in figs.values())  # every one captioned
 
 
 # -- other models and bad input -----------------------------------------------------------------------

@@ -39,7 +39,7 @@ def test_report_section_has_metrics_frontier_and_linked_dashboards(model_dir, tm
     assert truth["topk 0.5×"]["mmcs"] < truth["topk 1×"]["mmcs"]  # half a dictionary cannot hold 128 features
     out = write_report(tmp_path / "r", [section])
     assert (out / section.slug / "dashboards" / "index.html").exists()
-    assert f"{section.slug}/dashboards/index.html" in (out / "index.html").read_text()
+    assert f"{section.slug}/dashboards/index.html" in (out / "sae.html").read_text()  # linked from its page
 
 
 def test_bad_settings(model_dir):
