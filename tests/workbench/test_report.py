@@ -1,4 +1,4 @@
-"""The report pipeline: registry, offline HTML, metrics, and one file per figure."""
+"""The report pipeline: registry, offline pages (an overview and one page per study), strict metrics."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from plotly.offline import get_plotlyjs
 from tests.conftest import assert_colorbars_titled
 from workbench.errors import InputError
 from workbench.plotting import caption_of, captioned
-from workbench.widgets import Widget
 from workbench.report import Analysis, Section, get_analysis, make_config, registry, run_analysis, write_report
+from workbench.widgets import Widget
 
 
 def _section(name="demo", model="m"):
