@@ -40,7 +40,7 @@ from workbench.circuits import (
 from workbench.config import check_types
 from workbench.errors import InputError, check_field
 from workbench.numbers import finite, json_array
-from workbench.plotting import bars, heatmap, heatmap_picker, table
+from workbench.plotting import bars, captioned, heatmap, heatmap_picker, table
 from workbench.probes import (
     half_losses,
     head_names,
@@ -358,53 +358,80 @@ def compute(model: Any, cfg: CircuitsConfig) -> CircuitsResult:
 
 
 def figures(r: CircuitsResult) -> dict[str, go.Figure]:
-    """Circuit heatmaps (head picker), positional pattern, statistics, composition, attribution, patching."""
+    """Circuit heatmaps (head picker), positional pattern, statistics, composition, attribution, patching; each
+    with its caption."""
     heads = r.heads
     L, H = r.stats["OV"]["copying"].shape
     figs: dict[str, go.Figure] = {}
     rows = [(f"{c}: {s}", s, arr) for c, d in r.stats.items() for s, arr in d.items()]
     ranks = [row for row in rows if row[1] == "effective rank"]
     fractions = [row for row in rows if row[1] != "effective rank"]
-    figs["circuit statistics"] = heatmap(np.stack([a.ravel() for _, _, a in fractions], axis=1),
-                                         [n for n, _, _ in fractions], heads,
-                                         "Copying score (eigenvalues) and diagonal fraction (row argmax) per circuit",
-                                         "statistic", "head", colorbar="score (−1 to 1)", colorscale="RdBu", zmid=0)
-    figs["effective rank"] = heatmap(np.stack([a.ravel() for _, _, a in ranks], axis=1), [n for n, _, _ in ranks],
-                                     heads, "Effective rank (exp entropy of singular values)", "circuit", "head",
-                                     colorbar="effective rank (dimensions)")
-    figs["OV circuits"] = heatmap_picker(r.ov_NTT, heads, r.plot_tokens, r.plot_tokens,
-                                         f"Full OV circuit W_E W_V W_O W_U ({r.plot_note})", "logit of token",
-                                         "attended token", colorbar="logit contribution", colorscale="RdBu", zmid=0)
-    figs["QK circuits"] = heatmap_picker(r.qk_NTT, heads, r.plot_tokens, r.plot_tokens,
-                                         f"Full QK circuit W_E W_Q W_K^T W_E^T ({r.plot_note})", "key token",
-                                         "query token", colorbar="attention score (pre-softmax)", colorscale="RdBu",
-                                         zmid=0)
+    stats = heatmap(np.stack([a.ravel() for _, _, a in fractions], axis=1), [n for n, _, _ in fractions], heads,
+                    "Copying score (eigenvalues) and diagonal fraction (row argmax) per circuit", "statistic", "head",
+                    colorbar="score (−1 to 1)", colorscale="RdBu", zmid=0)
+    figs["circuit statistics"] = captioned(stats, (
+        "Per head and circuit: the copying score, sum(λ)/sum(|λ|) of its eigenvalues (+1: attending to a token "
+        "raises that token's own logit), and the share of rows whose largest entry is on the diagonal. Induction and "
+        "copying heads have OV copying scores near +1."))
+    rank = heatmap(np.stack([a.ravel() for _, _, a in ranks], axis=1), [n for n, _, _ in ranks], heads,
+                   "Effective rank (exp entropy of singular values)", "circuit", "head",
+                   colorbar="effective rank (dimensions)")
+    figs["effective rank"] = captioned(rank, (
+        "How many dimensions each circuit really uses (the exponential of the entropy of its singular values), at "
+        "most d_head. A low rank means the head does one simple thing."))
+    ov = heatmap_picker(r.ov_NTT, heads, r.plot_tokens, r.plot_tokens,
+                        f"Full OV circuit W_E W_V W_O W_U ({r.plot_note})", "logit of token", "attended token",
+                        colorbar="logit contribution", colorscale="RdBu", zmid=0)
+    figs["OV circuits"] = captioned(ov, (
+        "What attending to a token (row) does to each output logit (column), through this head alone. A bright "
+        "diagonal is a copying head: attending to a token raises the logit of that same token. Pick the head from "
+        "the menu."))
+    qk = heatmap_picker(r.qk_NTT, heads, r.plot_tokens, r.plot_tokens,
+                        f"Full QK circuit W_E W_Q W_K^T W_E^T ({r.plot_note})", "key token", "query token",
+                        colorbar="attention score (pre-softmax)", colorscale="RdBu", zmid=0)
+    figs["QK circuits"] = captioned(qk, (
+        "How much a query token (row) wants to attend to each key token (column), from the token embeddings alone. "
+        "Structure here is attention that depends on which tokens meet, not on where they are."))
     if r.pos_pattern_NPP is not None:
         P = r.pos_pattern_NPP.shape[-1]
-        figs["positional QK pattern"] = heatmap_picker(
+        pos = heatmap_picker(
             r.pos_pattern_NPP, heads, list(range(P)), list(range(P)),
             f"Attention from position alone: softmax of W_pos W_Q W_K^T W_pos^T / √d_head (first {P} positions)",
             "key position", "query position", colorbar="attention weight (probability)", zmin=0, zmax=1)
+        figs["positional QK pattern"] = captioned(pos, (
+            "Where a head attends from the positional embeddings alone. A bright band just below the diagonal is a "
+            "previous-token head, which needs no token information at all."))
     if L > 1:
         early, late = heads[: (L - 1) * H], heads[H:]
+        reads = {"Q": "queries", "K": "keys", "V": "values"}
         for mode in MODES:
             grid = r.composition[mode][: L - 1, :, 1:, :].reshape((L - 1) * H, (L - 1) * H)
-            figs[f"{mode}-composition"] = heatmap(
+            comp = heatmap(
                 grid, late, early, f"{mode}-composition (white = random baseline {r.baselines[mode]:.3f} ≈ "
                 f"1/√d_model = {1 / np.sqrt(r.d_model):.3f}; red above it)", "later head (reads)",
                 "earlier head (writes)", colorbar="composition score (0 to 1)", colorscale="RdBu_r",
                 zmid=r.baselines[mode], text_fmt=".3f")
-    figs["direct logit attribution"] = bars(r.dla, "Direct contribution to the correct next-token logit (mean)",
-                                            "logit")
+            figs[f"{mode}-composition"] = captioned(comp, (
+                f"How strongly each later head reads, through its {reads[mode]}, what each earlier head writes: "
+                "‖W_A W_B‖ / (‖W_A‖ ‖W_B‖). White is what two random heads of the same shapes give; red is above "
+                "chance. An induction head K-composes with a previous-token head."))
+    dla = bars(r.dla, "Direct contribution to the correct next-token logit (mean)", "logit")
+    figs["direct logit attribution"] = captioned(dla, (
+        "How much each component writes, directly, to the logit of the correct next token, on the repeated half of "
+        "random sequences and on text. On the repeated half the induction heads dominate."))
     if r.sender_heads:
         grid = np.stack([r.path_patching[c] for c in COMPONENTS], axis=1) - r.clean_loss
-        figs["path patching"] = heatmap(grid, [f"into {r.induction_head}'s {c}" for c in COMPONENTS],
-                                        list(r.sender_heads),
-                                        f"Path patching: repeated-half loss increase (clean {r.clean_loss:.2f} nats) "
-                                        "when one head's output comes from other tokens", "receiver input",
-                                        "sender head", colorbar="Δ loss (nats/token)", colorscale="Reds")
+        patch = heatmap(grid, [f"into {r.induction_head}'s {c}" for c in COMPONENTS], list(r.sender_heads),
+                        f"Path patching: repeated-half loss increase (clean {r.clean_loss:.2f} nats) when one head's "
+                        "output comes from other tokens", "receiver input", "sender head",
+                        colorbar="Δ loss (nats/token)", colorscale="Reds")
+        figs["path patching"] = captioned(patch, (
+            "The loss when one input (query, key or value) of the induction head sees an earlier head's output from "
+            "other random tokens, all else unchanged. A large rise through the keys and little through the queries "
+            "and values is the K-composition of an induction circuit."))
     if r.notes:
-        figs["notes"] = table([(str(i + 1), n) for i, n in enumerate(r.notes)], "Notes")
+        figs["notes"] = captioned(table([(str(i + 1), n) for i, n in enumerate(r.notes)], "Notes"),
+                                  "What was sampled or left out, and why.")
     return figs
 
 
@@ -414,6 +441,12 @@ ANALYSIS = Analysis(
                 "logit attribution and path patching of the induction circuit.",
     config_cls=CircuitsConfig, compute=compute, figures=figures,
     default_models=("attn-only-2l", "attn-only-1l", "gelu-2l"),
+    title="QK and OV circuits", order=30,
+    intro="Each attention head is two low-rank circuits (Elhage et al., <i>A Mathematical Framework for Transformer "
+          "Circuits</i>, 2021). The QK circuit W_E W_Q W_Kᵀ W_Eᵀ decides where a head attends; the OV circuit W_E "
+          "W_V W_O W_U decides what attending there does to the output. Read as matrices over tokens (multiplied out "
+          "only in small corners, otherwise kept factored), they show copying heads and positional heads; composition "
+          "scores show which heads read which heads' output, and path patching tests it causally.",
 )
 
 if __name__ == "__main__":
