@@ -28,7 +28,7 @@ from workbench.config import check_types
 from workbench.errors import InputError, check_field
 from workbench.facts import KnowledgeBase
 from workbench.numbers import finite, json_array, ratio
-from workbench.plotting import bars, heatmap, lines
+from workbench.plotting import bars, captioned, heatmap, lines
 from workbench.probes import run_collect
 from workbench.report import Analysis
 from workbench.tracing import (
@@ -299,26 +299,42 @@ def compute(model: Any, cfg: FactRecallConfig) -> FactRecallResult:
 
 
 def figures(r: FactRecallResult) -> dict[str, go.Figure]:
+    """Causal traces (residual stream, MLP, attention), probes, knockout and attribution; each with its caption."""
     L = r.n_layers
     figs = {}
     groups = [g for g in GROUPS if r.traces["resid"][g] is not None]
+    looks = {"resid": "In ROME's GPT-2 XL the effect moves from the last subject token to the last token in the middle "
+                      "layers; where it sits here says where this model carries the fact.",
+             "mlp": "ROME found the decisive MLPs at the last subject token, early to middle layers; compare the rows.",
+             "attn": "Attention carries the fact from the subject to the last token; look for where that happens."}
     for comp, title in (("resid", "residual stream"), ("mlp", f"MLP (window {r.config.window})"),
                         ("attn", f"attention (window {r.config.window})")):
         z = np.stack([r.traces[comp][g] for g in groups])
-        figs[f"causal trace: {title}"] = heatmap(
+        trace = heatmap(
             z, [f"L{l}" for l in range(L)], groups,
             f"Indirect effect of restoring the {title} (p(target): {r.p_clean:.2f} clean, {r.p_corrupt:.2f} corrupted)",
             "layer", "position", colorbar="Δp(target), probability",
             colorscale="Purples" if comp == "resid" else ("Greens" if comp == "mlp" else "Reds"))
+        figs[f"causal trace: {title}"] = captioned(trace, (
+            f"The subject's embeddings are corrupted with noise; then the clean {title} at one layer and position "
+            f"is restored, and the cell shows how much of p(target) comes back. {looks[comp]}"))
     xs = {f"{k}: {pos}": list(range(L)) for k in r.probes for pos in r.probes[k]}
     ys = {f"{k}: {pos}": r.probes[k][pos] for k in r.probes for pos in r.probes[k]}
-    figs["linear probes"] = lines(xs, ys, "Probe accuracy for the attribute on held-out subjects "
-                                  "(control: a randomly initialised model of the same shape)", "layer", "accuracy")
-    figs["attention knockout"] = lines({k: list(range(L)) for k in r.knockout}, r.knockout,
-                                       f"Relative drop in p(target) when the last token cannot attend to them "
-                                       f"(layers l…l+{r.config.window - 1})", "first blocked layer", "drop")
-    figs["direct logit attribution"] = bars({"to the target": r.dla}, "Direct contribution to the target's logit "
-                                            "at the last token (mean over traced facts)", "logit")
+    figs["linear probes"] = captioned(lines(
+        xs, ys, "Probe accuracy for the attribute on held-out subjects (control: a randomly initialised model of the "
+        "same shape)", "layer", "accuracy (share of held-out subjects)"),
+        "A linear probe reads the attribute from the residual stream at each layer, for people it never saw in "
+        "training. Accuracy well above the random-model control means the fact is linearly present there.")
+    figs["attention knockout"] = captioned(lines(
+        {k: list(range(L)) for k in r.knockout}, r.knockout,
+        f"Relative drop in p(target) when the last token cannot attend to them (layers l…l+{r.config.window - 1})",
+        "first blocked layer", "relative drop in p(target)"),
+        "Block the last token's attention to the subject (or, as a control, to the other tokens) in a window of "
+        "layers. A large drop marks the layers where attention moves the fact to where it is said.")
+    figs["direct logit attribution"] = captioned(bars(
+        {"to the target": r.dla}, "Direct contribution to the target's logit at the last token (mean over traced "
+        "facts)", "logit"),
+        "How much each head and MLP writes, directly, to the correct attribute's logit at the last token.")
     return figs
 
 
@@ -326,6 +342,13 @@ ANALYSIS = Analysis(
     name="fact-recall",
     description="Causal tracing, linear probes, attention knockout and direct logit attribution of fact recall.",
     config_cls=FactRecallConfig, compute=compute, figures=figures, default_models=("facts",),
+    title="Fact recall", order=60,
+    intro="Where does a model keep a fact such as a person's home town, and how does it get it out? Causal tracing "
+          "(Meng et al., <i>Locating and Editing Factual Associations in GPT</i>, 2022) corrupts the subject and "
+          "restores one activation at a time to find the sites that carry the fact; attention knockout (Geva et al., "
+          "<i>Dissecting Recall of Factual Associations</i>, 2023) finds where it is moved to the last token; linear "
+          "probes show where it can be read. The <code>facts</code> model was trained on a synthetic knowledge base of "
+          "made-up people, so every fact and its phrasing are known.",
 )
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import torch
 from workbench.config import check_types
 from workbench.errors import InputError, check_field
 from workbench.numbers import finite
-from workbench.plotting import bars, histograms, lines, table
+from workbench.plotting import bars, captioned, histograms, lines, table
 from workbench.probes import text_batch
 from workbench.report import Analysis
 from workbench.sae.activations import TensorSource, check_hooks, model_activations, stream_activations
@@ -214,31 +214,50 @@ def compute(model: Any, cfg: SAEAnalysisConfig) -> SAEResult:
 
 
 def figures(r: SAEResult) -> dict[str, go.Figure]:
+    """Evaluation table, training curves, the L0–FVU frontier, latent densities and known-feature recovery; each
+    with its caption."""
     m = r.metrics_by_sae
     keys = ("l0", "fvu", "explained_variance", "mse", "cosine", "l2_ratio", "dead_fraction", "dense_fraction",
             "ce_loss_recovered_zero", "ce_loss_recovered_mean", "kl_div")
-    figs = {"metrics": table([(s, ", ".join(f"{k} {m[s][k]:.4g}" if m[s][k] is not None else f"{k} n/a"
-                                            for k in keys)) for s in m],
-                             f"{r.model_name} · {r.config.hook}: evaluation on held-out text")}
-    for key, title in (("fvu", "FVU"), ("l0", "L0")):
-        figs[f"training {title}"] = lines({s: [x["tokens"] for x in log] for s, log in r.logs.items()},
-                                          {s: [x[key] for x in log] for s, log in r.logs.items()},
-                                          f"{title} during training", "tokens", title, log_x=True)
+    figs = {"metrics": captioned(table(
+        [(s, ", ".join(f"{k} {m[s][k]:.4g}" if m[s][k] is not None else f"{k} n/a" for k in keys)) for s in m],
+        f"{r.model_name} · {r.config.hook}: evaluation on held-out text"),
+        "Each SAE on held-out text: L0 (latents active per token), FVU (the share of variance it fails to "
+        "reconstruct), dead and dense latents, and, with the SAE spliced into the model, the share of the loss it "
+        "recovers and the KL divergence from the clean model. n/a: undefined (see the notes).")}
+    for key, title, unit in (("fvu", "FVU", "FVU (share of variance)"), ("l0", "L0", "L0 (latents per token)")):
+        curve = lines({s: [x["tokens"] for x in log] for s, log in r.logs.items()},
+                      {s: [x[key] for x in log] for s, log in r.logs.items()},
+                      f"{title} during training", "training tokens (log scale)", unit, log_x=True)
+        figs[f"training {title}"] = captioned(curve, (
+            f"{title} of each SAE during training. TopK SAEs hold L0 at k from the start; L1 and JumpReLU SAEs find "
+            "their L0 as the sparsity penalty warms up."))
     by_arch: dict[str, list[str]] = {}
     for s in m:
         by_arch.setdefault(parse_spec(s)[0], []).append(s)
-    figs["L0–FVU frontier"] = lines(
+    frontier = lines(
         {a: [m[s]["l0"] for s in sorted(ss, key=lambda s: m[s]["l0"])] for a, ss in by_arch.items()},
         {a: [m[s]["fvu"] for s in sorted(ss, key=lambda s: m[s]["l0"])] for a, ss in by_arch.items()},
-        "Sparsity against reconstruction (lower left is better)", "L0 (latents per token)", "FVU", log_x=True)
-    figs["latent density"] = histograms(r.log10_density, "Latent firing density (log10; −7 = never fired)",
-                                        "log10 density")
+        "Sparsity against reconstruction (lower left is better)", "L0 (latents per token, log scale)",
+        "FVU (share of variance)", log_x=True)
+    figs["L0–FVU frontier"] = captioned(frontier, (
+        "The trade-off every SAE makes: fewer active latents (left) against a worse reconstruction (up). One line "
+        "per architecture; the architecture whose line lies lower and further left reconstructs better at the same "
+        "sparsity."))
+    figs["latent density"] = captioned(histograms(
+        r.log10_density, "Latent firing density (log10; −7 = never fired)", "log10 of the fraction of tokens"),
+        "How often each latent fires. Healthy dictionaries have most latents between 1e-4 and 1e-1; a pile at −7 "
+        "is dead latents, one near 0 is dense latents that fire on almost everything.")
     if r.ground_truth:
         g = r.ground_truth
-        figs["known features"] = bars({"MMCS": {n: v["mmcs"] for n, v in g.items()},
-                                       "recovered above 0.9": {n: v["recovered_above_0.9"] for n, v in g.items()}},
-                                      "Recovery of 128 known features in 64 dimensions (about 5 active per sample)",
-                                      "score")
+        known = bars({"MMCS": {n: v["mmcs"] for n, v in g.items()},
+                      "recovered above 0.9": {n: v["recovered_above_0.9"] for n, v in g.items()}},
+                     "Recovery of 128 known features in 64 dimensions (about 5 active per sample)",
+                     "score (cosine, or share of features)")
+        figs["known features"] = captioned(known, (
+            "On synthetic data whose true features are known: the mean max cosine similarity between each true "
+            "feature and its closest latent, and the share recovered above 0.9. A dictionary half the size of the "
+            "feature set cannot hold them all."))
     return figs
 
 
@@ -247,6 +266,13 @@ ANALYSIS = Analysis(
     description="Train SAEs of several architectures on one hook, evaluate them, plot the L0–FVU frontier, "
                 "and write feature dashboards.",
     config_cls=SAEAnalysisConfig, compute=compute, figures=figures, default_models=("gelu-2l",),
+    title="Sparse autoencoders", order=50,
+    intro="A sparse autoencoder (SAE) rewrites a layer's activations as a sparse sum of many more directions than the "
+          "layer has dimensions, undoing superposition into features a person can read (Bricken et al., <i>Towards "
+          "Monosemanticity</i>, 2023; Gao et al., <i>Scaling and evaluating sparse autoencoders</i>, 2024). This "
+          "page trains SAEs of four architectures on one hook of the model from one stream of activations, compares "
+          "how sparse and how faithful they are, checks them on synthetic data with known features, and links "
+          "feature dashboards: each latent's top activating contexts and the logits it raises.",
 )
 
 if __name__ == "__main__":
