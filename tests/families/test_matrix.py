@@ -23,7 +23,9 @@ from analyses.sae import SAEAnalysisConfig
 from analyses.superposition import SuperpositionConfig
 from tests.hf_families import FAMILIES
 from workbench.adapter import DoesNotApplyError
+from workbench.plotting import caption_of
 from workbench.report import run_analysis
+from workbench.widgets import Widget
 
 FAST = ("qwen2", "gptj")
 ANALYSES = ("model-card", "induction-heads", "circuits", "sae", "fact-recall")
@@ -98,6 +100,8 @@ def run_cell(family_name: str, analysis: str, folder: Path, tmp_path: Path) -> s
     assert all(np.isfinite(x) for x in _numbers(json.loads(text)))
     check_shapes(analysis, section.metrics, model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_model)
     assert section.figures and section.headlines
+    uncaptioned = [n for n, f in section.figures.items() if not (f.caption if isinstance(f, Widget) else caption_of(f))]
+    assert not uncaptioned, f"figures without a caption: {uncaptioned}"
     OUTCOMES[family_name, analysis] = "✓"
     return "✓"
 
@@ -114,6 +118,7 @@ def test_superposition_needs_no_model():
                               phase_diagram=False, computation=False)
     section = run_analysis("superposition", None, cfg, device="cpu")
     json.dumps(section.metrics, allow_nan=False)
+    assert all(caption_of(f) for f in section.figures.values())
     OUTCOMES["*", "superposition"] = "✓"
 
 
