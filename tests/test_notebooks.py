@@ -1,4 +1,5 @@
-"""Every notebook in notebooks/ runs top to bottom."""
+"""Every notebook in notebooks/ runs top to bottom (slow: about 2 minutes for all), and is stored with
+its figures."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from nbclient import NotebookClient
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs(path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

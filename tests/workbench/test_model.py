@@ -157,7 +157,7 @@ def test_config_is_frozen_and_round_trips():
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(AttributeError):
         cfg.n_layers = 3  # type: ignore[misc]
-    with pytest.raises(InputError, match="n_layer"):
+    with pytest.raises(ConfigError, match="n_layer"):
         ModelConfig.from_dict({"n_layer": 2})
 
 

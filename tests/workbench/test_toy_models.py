@@ -83,7 +83,7 @@ def test_dense_five_features_in_two_dimensions_keep_two_orthogonal_features(five
 
 def test_sparse_five_features_form_a_pentagon_in_every_seed(five_two):
     """Covers S = 0.98 and 0.99 (feature probability 0.02 and 0.01): 16 of 16 instances. At 1−S of
-    0.05–0.1 some seeds settle as two antipodal pairs instead (see the README)."""
+    0.05–0.1 some seeds settle as two antipodal pairs instead (see docs/analyses/superposition.md)."""
     for k in range(8, 24):
         W = five_two.W[k].detach()
         assert (feature_norms(W) > 0.5).all()
