@@ -99,13 +99,14 @@ def _fit(x, arch, d_sae, steps=1500, **sae_kwargs):
     return sae, stats.summary()
 
 
-@pytest.mark.parametrize("expansion", [1, 2])
+@pytest.mark.parametrize("expansion", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_topk_at_the_true_l0_recovers_the_features(synthetic, expansion):
     sae, s = _fit(synthetic, "topk", 128 * expansion, k=5)
     score, recovered = mmcs(DATA.directions, sae.W_dec)
     assert score >= 0.95 and recovered > 0.9 and s["dead_fraction"] < 0.01
 
 
+@pytest.mark.slow
 def test_l1_recovers_the_features_and_topk_reconstructs_better_at_matched_l0(synthetic):
     sae, s_l1 = _fit(synthetic, "relu", 128, l1_coefficient=3.0)
     assert mmcs(DATA.directions, sae.W_dec)[0] >= 0.95
@@ -113,6 +114,7 @@ def test_l1_recovers_the_features_and_topk_reconstructs_better_at_matched_l0(syn
     assert abs(s_topk["l0"] - s_l1["l0"]) < 1.0 and s_topk["fvu"] <= s_l1["fvu"]
 
 
+@pytest.mark.slow
 def test_a_half_size_dictionary_cannot_recover_them(synthetic):
     sae, _ = _fit(synthetic, "topk", 64, k=5)
     assert mmcs(DATA.directions, sae.W_dec)[0] < 0.85
@@ -415,6 +417,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
+@pytest.mark.slow
 def test_reading_a_store_keeps_peak_memory_flat_as_it_grows(tmp_path):
     shard_tokens, d = 32_768, 128  # 16 MB per shard
     for n_shards in (2, 8):
