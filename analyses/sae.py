@@ -11,8 +11,9 @@ Every SAE trains on the same batches, from one forward pass of the model per bat
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import plotly.graph_objects as go
@@ -48,7 +49,12 @@ class SAEAnalysisConfig:
     dashboard_features: int = 64
     """Latents with a dashboard page (evenly spaced ids)."""
     n_tokens: int = 1_000_000
-    """Training tokens for each SAE."""
+    """Training tokens for each SAE (on a CPU, at most what `cpu_flop_budget` allows)."""
+    cpu_flop_budget: float = 2e13
+    """On a CPU, n_tokens is lowered, with a note, so that training every SAE costs at most about this
+    many FLOPs (counted as 12 × d_in × d_sae per token per SAE; 2e13 is about 5 minutes on 2 cores).
+    The shipped models stay under it at 1,000,000 tokens; GPT-2 small's 768-wide residual stream gets
+    about 50,000. 0: no cap. Not applied on a GPU."""
     batch_size: int = 2048
     """Tokens per step."""
     lr: float = 1e-3
@@ -77,6 +83,8 @@ class SAEAnalysisConfig:
         for name in ("expansion", "dashboard_features", "n_tokens", "batch_size", "train_rows", "eval_rows"):
             value = getattr(self, name)
             check_field(isinstance(value, int) and value > 0, own, name, value, "a positive integer")
+        check_field(math.isfinite(self.cpu_flop_budget) and self.cpu_flop_budget >= 0, own, "cpu_flop_budget",
+                    self.cpu_flop_budget, "a finite number ≥ 0 (0: no cap)")
 
 
 def parse_spec(spec: str) -> tuple[str, float]:
@@ -104,13 +112,18 @@ class SAEResult:
     pages: dict[str, str]
     ground_truth: dict[str, dict[str, float]]
     """SAE name -> MMCS, fraction recovered above 0.9 cosine, L0, FVU and dead fraction."""
+    n_tokens: int
+    """Training tokens each SAE saw (config.n_tokens, or less under cpu_flop_budget)."""
+    budget_note: Optional[str] = None
+    """Why n_tokens is below config.n_tokens, if it is."""
 
     def metrics(self) -> dict[str, Any]:
         notes = [f"{s}: ce_loss_recovered_{base} is null: {base}-ablating the hook changes the loss by less than "
                  f"{MIN_ABLATION_GAP} nats/token, so the ratio would be noise"
                  for s, m in self.metrics_by_sae.items() for base in ("zero", "mean")
                  if m[f"ce_loss_recovered_{base}"] is None]
-        return {"hook": self.config.hook, "d_in": self.d_in, "d_sae": self.d_sae,
+        notes += [self.budget_note] if self.budget_note else []
+        return {"hook": self.config.hook, "d_in": self.d_in, "d_sae": self.d_sae, "n_tokens": self.n_tokens,
                 "saes": {s: {k: (finite(v) if isinstance(v, float) else v) for k, v in m.items()}
                          for s, m in self.metrics_by_sae.items()},
                 "ground_truth": {s: {k: finite(v) for k, v in g.items()} for s, g in self.ground_truth.items()},
@@ -120,7 +133,7 @@ class SAEResult:
         m = self.metrics_by_sae
         best = min(m, key=lambda s: m[s]["fvu"])
         out = [f"{len(m)} SAEs of {self.d_sae} latents on {self.config.hook} (d_in {self.d_in}), "
-               f"{self.config.n_tokens:,} tokens each"]
+               f"{self.n_tokens:,} tokens each" + (f" ({self.budget_note})" if self.budget_note else "")]
         for s in m:
             rec = m[s]["ce_loss_recovered_zero"]
             gap = m[s]["ce_zero_ablation"] - m[s]["ce_clean"]
@@ -195,7 +208,8 @@ def compute(model: Any, cfg: SAEAnalysisConfig) -> SAEResult:
                             model_name=getattr(getattr(model, "folder", None), "name", type(model).__name__),
                             **extra)
         saes[spec] = make_sae(sae_cfg, seed=cfg.seed).to(device)
-    train_cfg = SAETrainConfig(sae=next(iter(saes.values())).cfg, n_tokens=cfg.n_tokens, batch_size=cfg.batch_size,
+    n_tokens, budget_note = token_budget(cfg, d_in, device)
+    train_cfg = SAETrainConfig(sae=next(iter(saes.values())).cfg, n_tokens=n_tokens, batch_size=cfg.batch_size,
                                lr=cfg.lr, n_checkpoints=0, seed=cfg.seed)
     logs = train_saes(saes, stream_activations(model, train_rows, [cfg.hook], batch_size=cfg.batch_size,
                                                seed=cfg.seed), train_cfg)
@@ -210,7 +224,18 @@ def compute(model: Any, cfg: SAEAnalysisConfig) -> SAEResult:
                               selection=f"{len(features)} evenly spaced latent ids from 0 to {dash.d_sae - 1}")
     name = getattr(getattr(model, "folder", None), "name", type(model).__name__)
     truth = score_on_known_features(cfg) if cfg.ground_truth else {}
-    return SAEResult(name, cfg, d_in, dash.d_sae, metrics, logs, density, pages, truth)
+    return SAEResult(name, cfg, d_in, dash.d_sae, metrics, logs, density, pages, truth, n_tokens, budget_note)
+
+
+def token_budget(cfg: SAEAnalysisConfig, d_in: int, device: torch.device) -> tuple[int, Optional[str]]:
+    """(training tokens per SAE, a note when `cpu_flop_budget` lowered them): whole batches, at least 8."""
+    per_token = 12 * d_in * cfg.expansion * d_in * len(cfg.saes)
+    if device.type != "cpu" or not cfg.cpu_flop_budget or cfg.n_tokens * per_token <= cfg.cpu_flop_budget:
+        return cfg.n_tokens, None
+    n = max(8, int(cfg.cpu_flop_budget // per_token) // cfg.batch_size) * cfg.batch_size
+    return n, (f"n_tokens lowered from {cfg.n_tokens:,} to {n:,} to keep {len(cfg.saes)} SAEs of "
+               f"{cfg.expansion * d_in:,} latents within cpu_flop_budget ({cfg.cpu_flop_budget:.0e} FLOPs) on a CPU; "
+               "far too few for good features: raise it, or use a GPU, where there is no cap")
 
 
 def figures(r: SAEResult) -> dict[str, go.Figure]:

@@ -72,3 +72,40 @@ def test_sae_commands_train_cache_and_train_from_a_store(model_dir, tmp_path, ca
     assert main(["sae", "train", *common, "--arch", "topk", "--k", "4", "--d-sae", "64", "--n-tokens", "5120",
                  "--batch-size", "256", "--out", str(tmp_path / "sae")]) == 2  # never overwrites a trained SAE
     assert "already holds" in capsys.readouterr().err
+
+
+def test_on_a_cpu_a_wide_stream_gets_fewer_tokens_with_a_note_and_a_gpu_gets_them_all():
+    import torch
+
+    from analyses.sae import token_budget
+
+    cfg = SAEAnalysisConfig()
+    assert token_budget(cfg, 64, torch.device("cpu")) == (1_000_000, None)  # the shipped gelu-2l: no cap
+    n, note = token_budget(cfg, 768, torch.device("cpu"))  # GPT-2 small's residual stream
+    assert n % cfg.batch_size == 0 and 8 * cfg.batch_size <= n < 100_000
+    assert "1,000,000" in note and "cpu_flop_budget" in note and "GPU" in note
+    assert 12 * 768 * 8 * 768 * len(cfg.saes) * n <= cfg.cpu_flop_budget
+    assert token_budget(cfg, 768, torch.device("cuda")) == (1_000_000, None)
+    assert token_budget(SAEAnalysisConfig(cpu_flop_budget=0.0), 768, torch.device("cpu")) == (1_000_000, None)
+    with pytest.raises(ConfigError, match="cpu_flop_budget"):
+        SAEAnalysisConfig(cpu_flop_budget=-1.0)
+
+
+def test_activations_stop_the_forward_pass_at_the_last_hook_they_need(model_dir, monkeypatch):
+    """model_activations ends the forward pass once its hooks have fired: the same numbers, and the
+    later blocks and the unembedding never run."""
+    import torch
+
+    from workbench.probes import run_collect
+    from workbench.sae.activations import model_activations
+
+    model = workbench.load(str(model_dir), device="cpu")
+    tokens = torch.randint(0, 256, (2, 12))
+    _, full = run_collect(model, tokens, ["blocks.0.hook_resid_post"])
+    calls = []
+    monkeypatch.setattr(model.unembed, "forward", lambda *a, **k: calls.append(1))
+    acts = model_activations(model, tokens, ["blocks.0.hook_resid_post"], skip_first=0)
+    assert torch.equal(acts["blocks.0.hook_resid_post"], full["blocks.0.hook_resid_post"].reshape(-1, model.cfg.d_model))
+    assert not calls
+    assert not any(h._forward_hooks for h in model.hook_dict.values())  # the hooks were removed
+    torch.testing.assert_close(model(tokens), model(tokens))

@@ -43,7 +43,7 @@ def model_activations(model: Any, tokens: torch.Tensor, hooks: Sequence[str], sk
     """{hook: [rows * (positions - skip_first), d]} from one forward pass over `tokens` [rows, S].
     The first `skip_first` positions (the BOS, whose activations are outliers) are left out; a hook
     that the model registers but never fires is a DoesNotApplyError naming the model."""
-    _, store = run_collect(model, tokens, hooks)
+    _, store = run_collect(model, tokens, hooks, stop_early=True)  # nothing after the last hook is needed
     out = {}
     for h in hooks:
         act = store[h]
