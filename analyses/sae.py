@@ -50,11 +50,11 @@ class SAEAnalysisConfig:
     """Latents with a dashboard page (evenly spaced ids)."""
     n_tokens: int = 1_000_000
     """Training tokens for each SAE (on a CPU, at most what `cpu_flop_budget` allows)."""
-    cpu_flop_budget: float = 2e13
+    cpu_flop_budget: float = 1e13
     """On a CPU, n_tokens is lowered, with a note, so that training every SAE costs at most about this
-    many FLOPs (counted as 12 × d_in × d_sae per token per SAE; 2e13 is about 5 minutes on 2 cores).
+    many FLOPs (counted as 12 × d_in × d_sae per token per SAE; 1e13 is about 2.5 minutes on 2 cores).
     The shipped models stay under it at 1,000,000 tokens; GPT-2 small's 768-wide residual stream gets
-    about 50,000. 0: no cap. Not applied on a GPU."""
+    about 25,000. 0: no cap. Not applied on a GPU."""
     batch_size: int = 2048
     """Tokens per step."""
     lr: float = 1e-3
