@@ -135,6 +135,7 @@ def cmd_report(argv: list[str]) -> int:
 
 
 def cmd_train(argv: list[str]) -> int:
+    from workbench.modular import load_modular_config
     from workbench.train import load_train_config, train
 
     parser = argparse.ArgumentParser(prog="workbench train", description="Train a preset or a config JSON.")
@@ -147,6 +148,8 @@ def cmd_train(argv: list[str]) -> int:
     parser.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="override precision")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    if load_modular_config(args.config) is not None:  # an algorithmic task has its own full-batch trainer
+        return cmd_train_modular(args, argv)
     name, cfg = load_train_config(args.config)
     if args.steps is not None:
         cfg = dataclasses.replace(cfg, n_steps=args.steps)
@@ -159,6 +162,25 @@ def cmd_train(argv: list[str]) -> int:
     try:
         train(cfg, out, name=name, resume=args.resume, device=args.device, progress=not args.no_progress,
               resume_command=_resume_command("workbench train", argv, out))
+    except TrainingInterrupted as stop:
+        print(f"\n{stop}", file=sys.stderr)
+        return 130
+    return 0
+
+
+def cmd_train_modular(args: argparse.Namespace, argv: list[str]) -> int:
+    """`workbench train` for a modular-addition preset or config (workbench.modular)."""
+    from workbench.modular import load_modular_config, train_modular
+
+    name, cfg = load_modular_config(args.config)
+    if args.precision is not None:
+        raise ConfigError("--precision: modular-addition training is fp32 only (its losses reach 1e-7).")
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in {"n_steps": args.steps, "seed": args.seed,
+                                                        "data_seed": args.seed}.items() if v is not None})
+    out = args.out or Path("runs") / name
+    try:
+        train_modular(cfg, out, name=name, resume=args.resume, device=args.device, progress=not args.no_progress,
+                      resume_command=_resume_command("workbench train", argv, out))
     except TrainingInterrupted as stop:
         print(f"\n{stop}", file=sys.stderr)
         return 130

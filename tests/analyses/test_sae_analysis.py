@@ -105,7 +105,8 @@ def test_activations_stop_the_forward_pass_at_the_last_hook_they_need(model_dir,
     calls = []
     monkeypatch.setattr(model.unembed, "forward", lambda *a, **k: calls.append(1))
     acts = model_activations(model, tokens, ["blocks.0.hook_resid_post"], skip_first=0)
-    assert torch.equal(acts["blocks.0.hook_resid_post"], full["blocks.0.hook_resid_post"].reshape(-1, model.cfg.d_model))
+    expected = full["blocks.0.hook_resid_post"].reshape(-1, model.cfg.d_model)
+    assert torch.equal(acts["blocks.0.hook_resid_post"], expected)
     assert not calls
     assert not any(h._forward_hooks for h in model.hook_dict.values())  # the hooks were removed
     torch.testing.assert_close(model(tokens), model(tokens))
