@@ -34,14 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import transformer_lens.model_bridge.sources  # noqa: E402,F401  (attaches boot_native)
 from transformer_lens import TransformerBridge, TransformerBridgeConfig  # noqa: E402
 
+from benchmarks.train_speed import matmul_peak, sync  # noqa: E402  (the same peak and sync as the LM benchmark)
 from workbench.loading import resolve_device  # noqa: E402
 from workbench.model import Transformer  # noqa: E402
 from workbench.modular import ModularConfig, answer_logits, answer_logits_fast, modular_data  # noqa: E402
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def make_bridge(cfg: ModularConfig, device: torch.device):
@@ -78,19 +74,6 @@ class Stepper:
         return steps / (time.perf_counter() - start)
 
 
-def matmul_peak(device: torch.device, n: int = 2048, reps: int = 5) -> float:
-    """GFLOP/s of an n³ fp32 matmul."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    for _ in range(2):
-        a @ b
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync(device)
-    return 2 * n ** 3 * reps / (time.perf_counter() - start) / 1e9
-
-
 def flops_per_step(cfg: ModularConfig) -> float:
     """Matmul FLOPs of one full-batch training step (forward + backward = 3 forwards)."""
     D, M, V, S = cfg.d_model, cfg.d_mlp, cfg.p + 1, 3
@@ -118,7 +101,7 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}; p={cfg.p}, "
           f"{cfg.n_train} training pairs per step")
-    peak = matmul_peak(device)
+    peak = matmul_peak(device, torch.float32)
     print(f"matmul peak fp32: {peak:,.0f} GFLOP/s (2048³)")
 
     def bridge_logits(model, tokens):

@@ -158,14 +158,7 @@ def cmd_train(argv: list[str]) -> int:
                                   data=dataclasses.replace(cfg.data, seed=args.seed))
     if args.precision is not None:
         cfg = dataclasses.replace(cfg, precision=args.precision)
-    out = args.out or Path("runs") / name
-    try:
-        train(cfg, out, name=name, resume=args.resume, device=args.device, progress=not args.no_progress,
-              resume_command=_resume_command("workbench train", argv, out))
-    except TrainingInterrupted as stop:
-        print(f"\n{stop}", file=sys.stderr)
-        return 130
-    return 0
+    return _run_training(train, cfg, name, args, argv)
 
 
 def cmd_train_modular(args: argparse.Namespace, argv: list[str]) -> int:
@@ -177,10 +170,15 @@ def cmd_train_modular(args: argparse.Namespace, argv: list[str]) -> int:
         raise ConfigError("--precision: modular-addition training is fp32 only (its losses reach 1e-7).")
     cfg = dataclasses.replace(cfg, **{k: v for k, v in {"n_steps": args.steps, "seed": args.seed,
                                                         "data_seed": args.seed}.items() if v is not None})
+    return _run_training(train_modular, cfg, name, args, argv)
+
+
+def _run_training(trainer, cfg: Any, name: str, args: argparse.Namespace, argv: list[str]) -> int:
+    """Run `trainer` (workbench.train.train or workbench.modular.train_modular) into --out; 130 after Ctrl-C."""
     out = args.out or Path("runs") / name
     try:
-        train_modular(cfg, out, name=name, resume=args.resume, device=args.device, progress=not args.no_progress,
-                      resume_command=_resume_command("workbench train", argv, out))
+        trainer(cfg, out, name=name, resume=args.resume, device=args.device, progress=not args.no_progress,
+                resume_command=_resume_command("workbench train", argv, out))
     except TrainingInterrupted as stop:
         print(f"\n{stop}", file=sys.stderr)
         return 130
