@@ -5,6 +5,7 @@
     superposition     the default sweeps, phase diagram, |x| task    budget 60 s on 2 cores
     sae               gelu-2l: 7 SAEs, dashboards, known features    budget 120 s on 2 cores
     fact-recall       the facts model: tracing, probes, knockout     budget 120 s on 2 cores
+    circuit-tracing   facts and gelu-2l with shipped transcoders     budget 180 s on 2 cores
 
 Each is timed twice: load the models, compute, draw every figure, write the report folder.
 
@@ -39,7 +40,8 @@ BUDGETS = {"induction-heads": (("attn-only-2l",), 60.0),
            "circuits": (("attn-only-2l", "attn-only-1l", "gelu-2l"), 30.0),
            "superposition": ((None,), 60.0),  # trains its own toy models
            "sae": (("gelu-2l",), 120.0),
-           "fact-recall": (("facts",), 120.0)}
+           "fact-recall": (("facts",), 120.0),
+           "circuit-tracing": (("facts", "gelu-2l"), 180.0)}
 
 
 def timed_run(analysis: str, models: tuple[str, ...], device: str, out: Path) -> float:

@@ -62,7 +62,7 @@ def _rendered(page) -> None:
     """Wait until every plotly container has drawn its plot and every widget is ready."""
     page.wait_for_function("""() => [...document.querySelectorAll('.plotly-graph-div')]
         .every(d => d.querySelector('.main-svg')) &&
-        [...document.querySelectorAll('.wb-attn')].every(w => w.dataset.ready === '1')""", timeout=60_000)
+        [...document.querySelectorAll('.wb-attn, .wb-graph')].every(w => w.dataset.ready === '1')""", timeout=60_000)
 
 
 def test_every_page_renders_offline_with_no_console_error(report, browser):
@@ -169,3 +169,74 @@ def test_the_attention_viewer_stays_responsive_on_a_256_token_prompt(browser, tm
               f"{worst:.1f} ms at worst; {len(widget.html) / 1e6:.1f} MB of HTML")
     assert "(200)" in readout and not errors
     assert median < 50 and worst < 200
+
+
+def _synthetic_graph(rng, L: int = 3, S: int = 6, n_features: int = 25, n_edges: int = 150) -> dict:
+    """Embeddings at every position, random features and error nodes, three logits, random forward edges."""
+    nodes = [{"id": p, "kind": "embedding", "layer": -1, "pos": p, "label": f"tok{p}", "node_cut": 0.0}
+             for p in range(S)]
+    for i in range(n_features):
+        nodes.append({"id": len(nodes), "kind": "feature", "layer": int(rng.integers(L)), "pos": int(rng.integers(S)),
+                      "label": f"feature {i} </script><!--<script>", "href": f"features/{i}.html",
+                      "examples": [[f"example {j} of <b>{i}</b>", float(rng.random())] for j in range(3)]})
+    nodes += [{"id": len(nodes) + l, "kind": "error", "layer": l, "pos": S - 1, "label": f"error L{l}"}
+              for l in range(L)]
+    nodes += [{"id": len(nodes) + k, "kind": "logit", "layer": L, "pos": S - 1, "label": f"' out{k}' (p=0.{k})",
+               "node_cut": 0.0} for k in range(3)]
+    for n in nodes:
+        n.setdefault("node_cut", float(rng.uniform(0.01, 1)))
+        n.update(activation=float(rng.normal()), influence=float(rng.random()))
+        n.setdefault("href", None)
+        n.setdefault("examples", [])
+    edges = []
+    while len(edges) < n_edges:
+        a, b = rng.integers(len(nodes), size=2)
+        if nodes[a]["layer"] < nodes[b]["layer"] and nodes[a]["pos"] <= nodes[b]["pos"]:
+            edges.append([int(a), int(b), float(rng.normal()), float(rng.random())])
+    return {"tokens": ["The", " cat", " sat", " on", " the", " mat"][:S], "n_layers": L, "nodes": nodes,
+            "edges": edges, "node_threshold": 0.8, "edge_threshold": 0.98}
+
+
+def test_the_graph_viewer_filters_and_explains_nodes(browser, tmp_path):
+    """A 37-node graph: it draws what the thresholds keep, a click on a feature fills the side panel, and a
+    node threshold of 0 leaves only the embeddings and logits."""
+    import numpy as np
+
+    from workbench.widgets import WIDGETS_JS, graph_viewer
+
+    graph = _synthetic_graph(np.random.default_rng(0))
+    (tmp_path / "widgets.js").write_text(WIDGETS_JS)
+    page_file = tmp_path / "graph.html"
+    page_file.write_text(f"<!doctype html><html><head><meta charset='utf-8'></head><body>"
+                         f"{graph_viewer(graph, 'a synthetic graph', 'caption').html}"
+                         "<script src='widgets.js'></script></body></html>")
+    page, errors, _ = _open(browser, page_file.as_uri())
+    _rendered(page)
+    viewer = page.locator(".wb-graph")
+    assert viewer.get_attribute("data-ready") == "1"
+    shown = {n["id"] for n in graph["nodes"] if n["kind"] in ("embedding", "logit") or n["node_cut"] <= 0.8}
+    edges = [e for e in graph["edges"] if e[3] <= 0.98 and e[0] in shown and e[1] in shown]
+    drawn = viewer.locator("svg [data-node-id]").evaluate_all("gs => gs.map(g => +g.dataset.nodeId)")
+    assert sorted(drawn) == sorted(shown) and 9 < len(shown) < len(graph["nodes"]) and edges
+    assert viewer.locator(".wb-g-count").inner_text() == f"{len(shown)} nodes, {len(edges)} edges shown"
+
+    feature = viewer.locator("svg [data-kind='feature']").first
+    node = graph["nodes"][int(feature.get_attribute("data-node-id"))]
+    feature.click()
+    side = viewer.locator(".wb-g-side")
+    assert node["label"] in side.inner_text() and "wb-g-sel" in feature.get_attribute("class")
+    assert viewer.locator("svg .wb-g-hot").count() == sum(node["id"] in e[:2] for e in edges)
+    assert side.locator("a.wb-g-link").get_attribute("href") == node["href"]
+    assert side.locator(".wb-g-examples li").count() == 3
+    items = side.locator(".wb-g-item")
+    if items.count():
+        items.first.click()
+        assert viewer.locator(".wb-g-label").inner_text() != node["label"]
+
+    viewer.locator("input[aria-label='node threshold']").fill("0")
+    kinds = viewer.locator("svg [data-node-id]").evaluate_all("gs => gs.map(g => g.dataset.kind)")
+    assert sorted(kinds) == ["embedding"] * 6 + ["logit"] * 3
+    assert viewer.locator(".wb-g-count").inner_text().startswith("9 nodes, ")
+    page.screenshot(path=str(tmp_path / "graph-viewer.png"))
+    assert not errors
+    page.close()

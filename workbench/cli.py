@@ -6,6 +6,8 @@
     workbench info <model>                    hook names and shapes, config, parameters
     workbench sae train --model M --hook H [--arch topk --k 32 ...]   train an SAE on activations
     workbench sae cache --model M --hook H --out DIR                  write activations to a disk store
+    workbench transcoder train --model M [--d-tc 1024 --k 32 --skip --cross-layer ...]   transcoders for every MLP
+    workbench transcoder export --transcoders DIR --out DIR          circuit-tracer's per-layer layout
     workbench list                            presets, shipped models and analyses
 """
 
@@ -312,6 +314,57 @@ def cmd_sae(argv: list[str]) -> int:
     return 0
 
 
+def cmd_transcoder(argv: list[str]) -> int:
+    from workbench.loading import load
+    from workbench.sae.transcoders import export_circuit_tracer, load_transcoders, train_transcoders
+
+    usage = "usage: workbench transcoder {train,export} [options]  (--help on each)"
+    if not argv or argv[0] not in ("train", "export"):
+        print(usage)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    sub, argv = argv[0], argv[1:]
+    parser = argparse.ArgumentParser(prog=f"workbench transcoder {sub}")
+    if sub == "export":
+        parser.add_argument("--transcoders", type=Path, required=True, help="a folder written by transcoder train")
+        parser.add_argument("--out", type=Path, required=True, help="where to write circuit-tracer's files")
+        args = parser.parse_args(argv)
+        folder = export_circuit_tracer(load_transcoders(args.transcoders), args.out)
+        print(f"Wrote circuit-tracer transcoders (layer_<l>.safetensors, config.yaml) to {folder}")
+        return 0
+    parser.add_argument("--model", required=True, help="preset name, model folder, or hf:<name or path>")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default runs/transcoders-<model>)")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    parser.add_argument("--d-tc", type=int, default=None, help="features per layer")
+    parser.add_argument("--expansion", type=int, default=8, help="d_tc = expansion * d_model (without --d-tc)")
+    parser.add_argument("--arch", default="topk", help="topk (with AuxK), relu, jumprelu or batchtopk")
+    parser.add_argument("--k", type=int, default=32, help="features kept per token and layer (topk)")
+    parser.add_argument("--l1", type=float, default=5.0, help="sparsity coefficient (relu, jumprelu)")
+    parser.add_argument("--skip", action="store_true", help="add a linear skip connection x W_skip")
+    parser.add_argument("--cross-layer", action="store_true", help="one cross-layer transcoder for all layers")
+    parser.add_argument("--n-tokens", type=int, default=1_000_000)
+    parser.add_argument("--batch-size", type=int, default=2048)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--rows", type=int, default=2000, help="rows of the model's training text to read")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    model = load(args.model, device=args.device)
+    name = Path(str(args.model)).name.replace(":", "_")
+    out = args.out or Path("runs") / f"transcoders-{name}"
+    try:
+        tc, _ = train_transcoders(model, args.d_tc or args.expansion * int(model.cfg.d_model), out, args.arch, args.k,
+                                  args.skip, args.cross_layer, args.l1, args.n_tokens, args.batch_size, args.lr,
+                                  args.rows, args.seed, args.resume, not args.no_progress, name,
+                                  _resume_command("workbench transcoder train", argv, out))
+    except TrainingInterrupted as err:
+        print(f"\n{err}", file=sys.stderr)
+        return 130
+    print(f"Wrote {tc.kind} transcoders for {tc.n_layers} layers to {out} (transcoders.json); use them with "
+          f"`workbench run circuit-tracing --model {args.model} --transcoders {out}`")
+    return 0
+
+
 def _read_json_object(path: Path) -> dict[str, Any]:
     """A JSON file that must hold an object, or a ConfigError naming the file."""
     import json
@@ -326,7 +379,7 @@ def _read_json_object(path: Path) -> dict[str, Any]:
 
 
 COMMANDS = {"run": cmd_run, "report": cmd_report, "train": cmd_train, "info": cmd_info, "list": cmd_list,
-            "sae": cmd_sae}
+            "sae": cmd_sae, "transcoder": cmd_transcoder}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

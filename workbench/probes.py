@@ -159,6 +159,22 @@ TEXT_PROBES = ("text-distribution", "passage")
 real text (see `text_probe_tokens`)."""
 
 
+def training_text(model: Any, n_rows: int = 2000, row_len: int = 256) -> tuple[torch.Tensor, str]:
+    """([<= n_rows, T] token ids, on the CPU; where they come from): the training split of the model's
+    own training text when its folder records it, else the standard library's source (as
+    `held_out_text`, whose rows these never overlap when both come from the model's text)."""
+    if model.tokenizer is None:
+        raise InputError("This model has no tokenizer, so it cannot read text; use token ids.")
+    data = (getattr(model, "meta", None) or {}).get("train", {}).get("data")
+    if data is not None and hasattr(model.tokenizer, "tok"):
+        cfg = DataConfig(**data)
+        if cfg.uses_text:
+            train = build_text_data(cfg, int(model.cfg.n_ctx), model.tokenizer.tok).train[:n_rows]
+            return torch.from_numpy(train.astype("int64")), f"the training split of {cfg.text!r}"
+    rows = text_batch(model, n_rows, min(row_len, int(model.cfg.n_ctx))).cpu()
+    return rows, "the Python standard library's source"
+
+
 def held_out_text(model: Any, n_rows: int = 512, row_len: int = 256) -> tuple[torch.Tensor, str]:
     """([<= n_rows, T] token ids of text, on the CPU; where it comes from).
 

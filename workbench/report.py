@@ -129,7 +129,8 @@ class Section:
     metrics: dict[str, Any]
     headlines: list[str]
     seconds: float
-    files: dict[str, str] = field(default_factory=dict)
+    files: dict[str, Union[str, bytes]] = field(default_factory=dict)
+    """Extra files for the study's folder (text, or bytes such as safetensors)."""
     """Extra pages (relative path -> text) written under <report>/<slug>/, e.g. feature dashboards;
     an `index.html` among them is linked from the report."""
 
@@ -191,10 +192,13 @@ def write_report(out: Union[str, Path], sections: list[Section], title: str = "w
             (tmp / rel).write_text(text)
         (tmp / "metrics.json").write_text(metrics)
         for s in sections:
-            for rel, text in s.files.items():
+            for rel, data in s.files.items():
                 path = tmp / s.slug / rel
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(text)
+                if isinstance(data, bytes):
+                    path.write_bytes(data)
+                else:
+                    path.write_text(data)
 
     return write_output_folder(Path(out), "report", build)
 

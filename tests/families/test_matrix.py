@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from analyses.circuit_tracing import CircuitTracingConfig
 from analyses.circuits import CircuitsConfig
 from analyses.fact_recall import FactRecallConfig
 from analyses.induction_heads import InductionConfig
@@ -28,7 +29,7 @@ from workbench.report import run_analysis
 from workbench.widgets import Widget
 
 FAST = ("qwen2", "gptj")
-ANALYSES = ("model-card", "induction-heads", "circuits", "sae", "fact-recall")
+ANALYSES = ("model-card", "induction-heads", "circuits", "sae", "fact-recall", "circuit-tracing")
 FACTS = [{"prompt": "def main(): return the", "subject": "main", "target": " value"},
          {"prompt": "return the value of", "subject": "value", "target": " x"},
          {"prompt": "def main(): return the value of", "subject": "main", "target": " x"},
@@ -47,6 +48,9 @@ def small_config(analysis: str, tmp_path: Path):
     if analysis == "sae":
         return SAEAnalysisConfig(saes=("topk:4",), dashboard="topk:4", n_tokens=2048, batch_size=256, train_rows=8,
                                  eval_rows=4, seq_len=32, ground_truth=False, dashboard_features=4, expansion=2)
+    if analysis == "circuit-tracing":
+        return CircuitTracingConfig(prompts=("def main(): return the value of",), n_tokens=2 * 2048, sae_tokens=2048,
+                                    eval_rows=4, d_tc=32, k=4, viewer_nodes=20, ablate=1)
     path = tmp_path / "facts.json"
     path.write_text(json.dumps(FACTS))
     return FactRecallConfig(facts_file=str(path), n_facts=2, noise_samples=1, window=2, probe_subject_fraction=0.5)
@@ -72,6 +76,8 @@ def check_shapes(analysis: str, m: dict, L: int, H: int, D: int) -> None:
         assert np.array(m["K_composition"], dtype=float).shape == (L, H, L, H)
     if analysis == "sae":
         assert m["d_in"] == D
+    if analysis == "circuit-tracing":
+        assert len(m["transcoders"]["layers"]) == L and m["graphs"][0]["identity_max_relative_error"] < 1e-3
     if analysis == "fact-recall":
         assert len(m["traces"]["resid"]["last token"]) == L and len(m["probes"]["model"]["last token"]) == L
 

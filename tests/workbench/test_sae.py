@@ -137,7 +137,7 @@ def test_topk_sparse_training_path_has_the_dense_gradients():
     x_hat = dense.decode(f)
     residual = (x - x_hat).detach()
     idx = pre.detach().masked_fill(~dead, float("-inf")).topk(8, dim=-1).indices
-    f_aux = torch.zeros_like(pre).scatter(-1, idx, torch.relu(pre.gather(1, idx)))
+    f_aux = torch.zeros_like(pre).scatter(-1, idx, pre.gather(1, idx))  # no ReLU: dead latents' pre is mostly < 0
     aux = (f_aux @ dense.W_dec - residual).pow(2).sum(-1).mean() / (residual - residual.mean(0)).pow(2).sum(-1).mean()
     ((x_hat - x).pow(2).sum(-1).mean() + dense.cfg.aux_coefficient * aux).backward()
     assert torch.allclose(out.x_hat, x_hat, atol=1e-6)

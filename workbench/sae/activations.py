@@ -45,10 +45,13 @@ def model_activations(model: Any, tokens: torch.Tensor, hooks: Sequence[str], sk
     that the model registers but never fires is a DoesNotApplyError naming the model."""
     _, store = run_collect(model, tokens, hooks, stop_early=True)  # nothing after the last hook is needed
     out = {}
+    B, S = tokens.shape[:2]
     for h in hooks:
         act = store[h]
         if act.ndim == 4:  # per-head activations [B, S, H, K]: one vector per token
             act = act.flatten(-2)
+        elif act.ndim == 2 and act.shape[0] == B * S:  # [B·S, d]: OPT's bridge flattens tokens around its MLP
+            act = act.view(B, S, -1)
         out[h] = act[:, skip_first:].reshape(-1, act.shape[-1]).float()
     return out
 

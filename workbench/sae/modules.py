@@ -64,10 +64,18 @@ class SAEConfig:
     """The model hook the SAE reads (metadata; saved in cfg.json)."""
     model_name: str = ""
     """The model it was trained on (metadata)."""
+    target_hook: str = ""
+    """A transcoder's target: it reads `hook_name` and predicts this hook (e.g. blocks.0.hook_mlp_out
+    from blocks.0.ln2.hook_normalized). Empty: an autoencoder, which reconstructs its input."""
+    skip: bool = False
+    """A transcoder with a linear skip connection x W_skip added to its output (Paulo et al.,
+    "Transcoders Beat Sparse Autoencoders", 2025)."""
 
     def __post_init__(self) -> None:
         check_types(self)
         own = "SAEConfig"
+        check_field(not self.skip or bool(self.target_hook), own, "skip", self.skip,
+                    "False for an autoencoder (a skip connection needs a target_hook: it is a transcoder's)")
         for name in ("d_in", "d_sae", "k"):
             value = getattr(self, name)
             check_field(isinstance(value, int) and value > 0, own, name, value, "a positive integer")
@@ -83,6 +91,10 @@ class SAEConfig:
     def arch(self) -> str:
         """The canonical architecture name."""
         return ARCH_ALIASES.get(self.architecture, self.architecture)
+
+    @property
+    def is_transcoder(self) -> bool:
+        return bool(self.target_hook)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -159,6 +171,8 @@ class SAE(nn.Module):
         self.W_enc = nn.Parameter(W_dec.T.clone())  # tied initialisation
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+        if cfg.skip:
+            self.W_skip = nn.Parameter(torch.zeros(cfg.d_in, cfg.d_in))
 
     @property
     def d_in(self) -> int:
@@ -168,8 +182,17 @@ class SAE(nn.Module):
     def d_sae(self) -> int:
         return self.cfg.d_sae
 
+    def centre(self, x: torch.Tensor) -> torch.Tensor:
+        """What the encoder multiplies: x − b_dec for an autoencoder, x itself for a transcoder (whose
+        b_dec lives in the output space)."""
+        return x if self.cfg.is_transcoder else x - self.b_dec
+
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.b_dec) @ self.W_enc + self.b_enc  # (addmm is slower on CPU: it copies the bias first)
+        return self.centre(x) @ self.W_enc + self.b_enc  # (addmm is slower on CPU: it copies the bias first)
+
+    def skip_out(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """A transcoder's skip connection x W_skip, or None."""
+        return x @ self.W_skip if self.cfg.skip else None
 
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -183,7 +206,10 @@ class SAE(nn.Module):
         return f @ self.W_dec + self.b_dec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(x))
+        """The reconstruction (an autoencoder) or the prediction of the target hook (a transcoder)."""
+        out = self.decode(self.encode(x))
+        skip = self.skip_out(x)
+        return out if skip is None else out + skip
 
     def check_input(self, x: torch.Tensor) -> None:
         if x.shape[-1] != self.d_in:
@@ -200,26 +226,31 @@ class SAE(nn.Module):
     def sparsity_loss(self, out: TrainOut, coefficient: float) -> torch.Tensor:
         return out.x_hat.new_zeros(())
 
-    def aux_loss(self, x: torch.Tensor, out: TrainOut, dead: torch.Tensor) -> torch.Tensor:
-        return x.new_zeros(())
+    def aux_loss(self, target: torch.Tensor, out: TrainOut, dead: torch.Tensor) -> torch.Tensor:
+        return target.new_zeros(())
 
     @torch.no_grad()
     def after_step(self) -> None:
         """Anything to do after an optimizer step (e.g. keep decoder rows unit norm)."""
 
-    def fold_scale(self, scale: float) -> None:
-        """Make an SAE trained on x · scale act on raw x: outputs identical, weights rescaled."""
+    def fold_scale(self, scale: float, scale_out: Optional[float] = None) -> None:
+        """Make an SAE trained on x · scale (and a transcoder trained to predict y · scale_out) act on
+        raw activations: outputs identical (divided by scale_out), weights rescaled."""
+        scale_out = scale if scale_out is None else scale_out
         with torch.no_grad():
             self.W_enc.mul_(scale)
-            self.W_dec.div_(scale)
-            self.b_dec.div_(scale)
+            self.W_dec.div_(scale_out)
+            self.b_dec.div_(scale_out)
+            if self.cfg.skip:
+                self.W_skip.mul_(scale / scale_out)
 
     def inference_state(self) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
         """(SAELens architecture name, tensors, extra cfg fields) for saving."""
         return "standard", self._weights(), {}
 
     def _weights(self) -> dict[str, torch.Tensor]:
-        return {n: getattr(self, n).detach() for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
+        names = ("W_enc", "b_enc", "W_dec", "b_dec") + (("W_skip",) if self.cfg.skip else ())
+        return {n: getattr(self, n).detach() for n in names}
 
 
 class ReLUSAE(SAE):
@@ -249,30 +280,35 @@ class TopKSAE(SAE):
         top = pre.topk(self.cfg.k, dim=-1)
         return torch.zeros_like(pre).scatter_(-1, top.indices, F.relu(top.values))
 
-    def _sparse(self, xc: torch.Tensor, pre: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ReLU of pre at idx with a sparse backward, their decoded sum without b_dec)."""
-        vals = F.relu(_GatherPre.apply(xc, self.W_enc, self.b_enc, idx, pre))
+    def _sparse(self, xc: torch.Tensor, pre: torch.Tensor, idx: torch.Tensor, relu: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ReLU of pre at idx, or pre itself, with a sparse backward; their decoded sum without b_dec)."""
+        vals = _GatherPre.apply(xc, self.W_enc, self.b_enc, idx, pre)
+        vals = F.relu(vals) if relu else vals
         return vals, F.embedding_bag(idx, self.W_dec, per_sample_weights=vals, mode="sum")
 
     def train_forward(self, x: torch.Tensor) -> TrainOut:
         """Dense encoder forward (to find the top k), everything after it sparse."""
-        xc = x - self.b_dec
+        xc = self.centre(x)
         with torch.no_grad():
             pre = xc @ self.W_enc + self.b_enc
         idx = pre.topk(self.cfg.k, dim=-1).indices
         vals, decoded = self._sparse(xc, pre, idx)
         return TrainOut(decoded + self.b_dec, pre, idx=idx, vals=vals, xc=xc)
 
-    def aux_loss(self, x: torch.Tensor, out: TrainOut, dead: torch.Tensor) -> torch.Tensor:
-        """Reconstruct the residual x − x̂ from the k_aux largest dead latents, normalised by the
-        residual's variance and scaled down while few latents are dead (Gao et al. 2024)."""
+    def aux_loss(self, target: torch.Tensor, out: TrainOut, dead: torch.Tensor) -> torch.Tensor:
+        """Reconstruct the residual target − x̂ from the k_aux largest dead latents, normalised by the
+        residual's variance and scaled down while few latents are dead (Gao et al. 2024). Their
+        pre-activations are used as they are, without the ReLU: a dead latent's are mostly negative,
+        and through a ReLU it would get no gradient to come back with (as SAELens does)."""
         n_dead = int(dead.sum())
         if n_dead == 0:
-            return x.new_zeros(())
+            return target.new_zeros(())
         k_aux = min(self.cfg.aux_k or self.d_in // 2, n_dead)
-        residual = (x - out.x_hat).detach()
+        residual = (target - out.x_hat).detach()
         idx = out.pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=-1).indices
-        _, recon = self._sparse(out.xc if out.xc is not None else x - self.b_dec, out.pre, idx)
+        assert out.xc is not None  # TopK's train_forward always sets it
+        _, recon = self._sparse(out.xc, out.pre, idx, relu=False)
         denom = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
         scale = min(n_dead / k_aux, 1.0)
         return self.cfg.aux_coefficient * scale * (recon - residual).pow(2).sum(-1).mean() / denom
@@ -305,8 +341,8 @@ class BatchTopKSAE(TopKSAE):
                 self.threshold.lerp_(kept.min(), 0.01 if self.threshold > 0 else 1.0)
         return TrainOut(self.decode(f), pre, f=f)
 
-    def aux_loss(self, x: torch.Tensor, out: TrainOut, dead: torch.Tensor) -> torch.Tensor:
-        return x.new_zeros(())  # BatchTopK's batch-level selection already revives rarely used latents
+    def aux_loss(self, target: torch.Tensor, out: TrainOut, dead: torch.Tensor) -> torch.Tensor:
+        return target.new_zeros(())  # BatchTopK's batch-level selection already revives rarely used latents
 
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
         return pre * (pre > self.threshold)
@@ -371,8 +407,8 @@ class JumpReLUSAE(SAE):
     def after_step(self) -> None:
         self.threshold.clamp_(min=1e-6)
 
-    def fold_scale(self, scale: float) -> None:
-        super().fold_scale(scale)  # pre = (x s − b) W + c is unchanged, so θ is too
+    def fold_scale(self, scale: float, scale_out: Optional[float] = None) -> None:
+        super().fold_scale(scale, scale_out)  # pre = (x s − b) W + c is unchanged, so θ is too
 
     def inference_state(self) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
         weights = self._weights()
@@ -396,21 +432,23 @@ def make_sae(cfg: SAEConfig, seed: int = 0) -> SAE:
 
 
 # -- files --------------------------------------------------------------------------------------------
-def save_sae(sae: SAE, folder: Union[str, Path], extra: Optional[dict[str, Any]] = None) -> Path:
+def save_sae(sae: SAE, folder: Union[str, Path], extra: Optional[dict[str, Any]] = None,
+             dtype: torch.dtype = torch.float32) -> Path:
     """Write `folder/cfg.json` and `folder/sae_weights.safetensors` in SAELens's layout. Each file is
     written aside and renamed into place, weights first: a folder with a cfg.json is complete, and
     other files in the folder (a training log, checkpoints) are left alone."""
     folder = Path(folder)
     arch, weights, fields_ = sae.inference_state()
-    cfg = {"architecture": arch, "d_in": sae.d_in, "d_sae": sae.d_sae, "dtype": "float32",
-           "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
+    cfg = {"architecture": arch, "d_in": sae.d_in, "d_sae": sae.d_sae, "dtype": str(dtype).replace("torch.", ""),
+           "device": "cpu", "apply_b_dec_to_input": not sae.cfg.is_transcoder, "normalize_activations": "none",
            "reshape_activations": "none", **fields_,
+           **({"d_out": sae.d_in, "hook_name_out": sae.cfg.target_hook} if sae.cfg.is_transcoder else {}),
            "metadata": {"hook_name": sae.cfg.hook_name, "model_name": sae.cfg.model_name,
                         "workbench": {"config": sae.cfg.to_dict(), **(extra or {})}}}
     folder.mkdir(parents=True, exist_ok=True)
     (folder / CFG_FILE).unlink(missing_ok=True)  # incomplete until the new cfg.json lands
     tmp = folder / f".{WEIGHTS_FILE}.tmp{os.getpid()}"
-    save_file({k: v.contiguous().float().cpu() for k, v in weights.items()}, str(tmp))
+    save_file({k: v.contiguous().to(dtype).cpu() for k, v in weights.items()}, str(tmp))
     os.replace(tmp, folder / WEIGHTS_FILE)
     atomic_write_json(folder / CFG_FILE, cfg)
     return folder
@@ -427,6 +465,9 @@ def load_sae(folder: Union[str, Path], device: Union[str, torch.device] = "cpu")
     except Exception as err:  # a bad JSON file, or safetensors' own error types for a damaged weights file
         raise CheckpointError(f"Could not read the SAE in {folder} ({type(err).__name__}: {err}); the files are "
                               "damaged or not an SAE.") from err
+    if isinstance(cfg, dict) and cfg.get("architecture") == "cross_layer_transcoder":
+        from workbench.sae.transcoders import CrossLayerTranscoder
+        return CrossLayerTranscoder.load(folder).to(device)
     arch = cfg.get("architecture")
     known = {"standard": "relu", "relu": "relu", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "batchtopk"}
     if arch not in known:
@@ -442,14 +483,16 @@ def load_sae(folder: Union[str, Path], device: Union[str, torch.device] = "cpu")
         base["k"] = int(cfg["k"])
     sae = make_sae(SAEConfig(**base))
     expected = {"W_enc": (sae.d_in, sae.d_sae), "b_enc": (sae.d_sae,), "W_dec": (sae.d_sae, sae.d_in),
-                "b_dec": (sae.d_in,)} | ({"threshold": (sae.d_sae,)} if known[arch] == "jumprelu" else {})
+                "b_dec": (sae.d_in,)} | ({"threshold": (sae.d_sae,)} if known[arch] == "jumprelu" else {}) | (
+                {"W_skip": (sae.d_in, sae.d_in)} if sae.cfg.skip else {})
     for key, shape in expected.items():
         if key not in weights or tuple(weights[key].shape) != shape:
             got = tuple(weights[key].shape) if key in weights else "missing"
             raise CheckpointError(f"{folder / WEIGHTS_FILE}: {key} should have shape {shape}, got {got}.")
-    weights = _fold_saelens_options(folder / CFG_FILE, cfg, known[arch], weights)
+    if not sae.cfg.is_transcoder:  # a transcoder's b_dec is an output bias, never applied to the input
+        weights = _fold_saelens_options(folder / CFG_FILE, cfg, known[arch], weights)
     with torch.no_grad():
-        for key in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        for key in ("W_enc", "b_enc", "W_dec", "b_dec") + (("W_skip",) if sae.cfg.skip else ()):
             getattr(sae, key).copy_(weights[key])
         if known[arch] == "jumprelu":
             sae.threshold.copy_(weights["threshold"])

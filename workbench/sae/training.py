@@ -58,6 +58,10 @@ RUN_FILES = {LOG_FILE, CHECKPOINTS_DIR, CFG_FILE, WEIGHTS_FILE}
 """What an SAE run writes at the top of its folder."""
 
 
+def _device(sae: torch.nn.Module) -> torch.device:
+    return next(sae.parameters()).device
+
+
 @dataclass(frozen=True)
 class SAETrainConfig:
     """How to train: data volume, optimiser schedule and bookkeeping."""
@@ -146,9 +150,11 @@ class _Trainer:
     def __init__(self, name: str, sae: SAE, cfg: SAETrainConfig, out: Optional[Path]):
         self.name, self.sae, self.cfg, self.out = name, sae, cfg, out
         self.key = sae.cfg.hook_name or name  # which activations of a batch it reads
+        self.target_key = sae.cfg.target_hook or self.key  # and which it predicts (a transcoder's differ)
         self.opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
-        self.since_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=sae.W_dec.device)
+        self.since_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=_device(sae))
         self.scale: Optional[float] = None
+        self.scale_out: Optional[float] = None
         self.step = 0
         self.stats = ReconstructionStats(sae.d_sae)
 
@@ -161,7 +167,7 @@ class _Trainer:
             save_file({k: v.detach().contiguous().cpu() for k, v in self.sae.state_dict().items()},
                       str(tmp / TRAINING_WEIGHTS))
             write_state(tmp, {"optimizer": self.opt.state_dict(), "since_fired": self.since_fired,
-                              "scale": self.scale, "step": self.step,
+                              "scale": self.scale, "scale_out": self.scale_out, "step": self.step,
                               "stats": dict(vars(self.stats))})  # the log's running sums, so it resumes exactly
             atomic_write_json(tmp / "config.json", {"kind": "workbench.SAECheckpoint", "format_version": 1,
                                                     "step": self.step, "train": self.cfg.to_dict()})
@@ -192,38 +198,52 @@ class _Trainer:
         state = read_state(folder)
         self.sae.load_state_dict(weights)
         self.opt.load_state_dict(state["optimizer"])
-        self.since_fired = state["since_fired"].to(self.sae.W_dec.device)
+        self.since_fired = state["since_fired"].to(_device(self.sae))
         self.scale, self.step = state["scale"], int(state["step"])
-        self.stats = ReconstructionStats(**{k: v.to(self.sae.W_dec.device) if isinstance(v, torch.Tensor) else v
+        self.scale_out = state.get("scale_out", self.scale)
+        self.stats = ReconstructionStats(**{k: v.to(_device(self.sae)) if isinstance(v, torch.Tensor) else v
                                             for k, v in state["stats"].items()})
         truncate_log(self.out / LOG_FILE, self.step)
 
     # -- one step ---------------------------------------------------------------------------------
-    def init_from(self, x: torch.Tensor) -> None:
+    def init_from(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Activation scales (input and target: the same tensor for an autoencoder) and b_dec, from
+        the first batch."""
         if self.scale is None:
-            self.scale = math.sqrt(self.sae.d_in) / float(x.norm(dim=-1).mean()) if self.cfg.normalize else 1.0
-            xs = x * self.scale
-            init = {"geometric_median": lambda: geometric_median(xs[:4096]), "mean": lambda: xs.mean(0),
-                    "zeros": lambda: torch.zeros_like(xs[0])}[self.cfg.b_dec_init]()
+            def scale_of(t: torch.Tensor) -> float:
+                return math.sqrt(t.shape[-1]) / float(t.norm(dim=-1).mean().clamp_min(1e-12)) if self.cfg.normalize \
+                    else 1.0
+            self.scale = scale_of(x)
+            self.scale_out = scale_of(y) if y is not x else self.scale
+            ys = y * self.scale_out
+            init = {"geometric_median": lambda: geometric_median(ys[:4096]), "mean": lambda: ys.mean(0),
+                    "zeros": lambda: torch.zeros_like(ys[0])}[self.cfg.b_dec_init]()
             with torch.no_grad():
                 self.sae.b_dec.copy_(init)
 
-    def train_step(self, x: torch.Tensor) -> dict[str, float]:
-        if not torch.isfinite(x).all():
-            raise TrainingDiverged(f"The activations for {self.name} contain NaN or inf at step {self.step}. "
-                                   f"Nothing was overwritten; the last good checkpoint is {self.last_checkpoint()}. "
-                                   "Check the model and hook that produced them.")
-        self.init_from(x)
-        x = x * self.scale
+    def train_step(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> dict[str, float]:
+        """One step on inputs x and targets y (None: x, an autoencoder)."""
+        y = x if y is None else y
+        for t in (x, y):
+            if not torch.isfinite(t).all():
+                raise TrainingDiverged(f"The activations for {self.name} contain NaN or inf at step {self.step}. "
+                                       f"Nothing was overwritten; the last good checkpoint is {self.last_checkpoint()}. "
+                                       "Check the model and hook that produced them.")
+        self.init_from(x, y)
+        xs = x * self.scale
+        x, y = xs, (xs if y is x else y * self.scale_out)
         sae, cfg = self.sae, self.cfg
         for group in self.opt.param_groups:
             group["lr"] = cfg.lr_at(self.step)
         out = sae.train_forward(x)
+        skip = sae.skip_out(x)
+        if skip is not None:
+            out.x_hat = out.x_hat + skip
         x_hat = out.x_hat
-        mse = (x_hat - x).pow(2).sum(-1).mean()
+        mse = (x_hat - y).pow(2).sum(-1).mean()
         dead = self.since_fired >= cfg.dead_window
         sparsity = sae.sparsity_loss(out, sae.cfg.l1_coefficient * cfg.sparsity_warmup(self.step))
-        aux = sae.aux_loss(x, out, dead)
+        aux = sae.aux_loss(y, out, dead)
         loss = mse + sparsity + aux
         if not torch.isfinite(loss):
             raise TrainingDiverged(f"The loss of {self.name} became {float(loss)} at step {self.step}. Nothing was "
@@ -243,7 +263,7 @@ class _Trainer:
         with torch.no_grad():
             self.since_fired += x.shape[0]
             self.since_fired[fired > 0] = 0
-            self.stats.add_counts(x, x_hat, fired, l0_sum, l1_sum)
+            self.stats.add_counts(y, x_hat, fired, l0_sum, l1_sum)
         self.step += 1
         return {"loss": float(loss.detach()), "mse": float(mse.detach()), "sparsity_loss": float(sparsity.detach()),
                 "aux_loss": float(aux.detach())}
@@ -259,9 +279,13 @@ class _Trainer:
 
     def finish(self) -> Optional[Path]:
         """Fold the activation scale into the weights and save in the SAELens layout."""
-        self.sae.fold_scale(self.scale or 1.0)
+        self.sae.fold_scale(self.scale or 1.0, self.scale_out or self.scale or 1.0)
         if self.out is None:
             return None
+        own_save = getattr(self.sae, "save", None)  # dictionaries with their own file layout (cross-layer transcoders)
+        if own_save is not None:
+            return own_save(self.out, extra={"activation_scale_folded": self.scale, "steps": self.step,
+                                             "train": self.cfg.to_dict()})
         return save_sae(self.sae, self.out, extra={"activation_scale_folded": self.scale, "steps": self.step,
                                                    "train": self.cfg.to_dict()})
 
@@ -291,7 +315,7 @@ def _resume_all(trainers: list[_Trainer]) -> list[_Trainer]:
     todo = []
     for t in trainers:
         if t.out is not None and (t.out / CFG_FILE).exists():
-            t.sae.load_state_dict(load_sae(t.out, device=t.sae.W_dec.device).state_dict())
+            t.sae.load_state_dict(load_sae(t.out, device=_device(t.sae)).state_dict())
             print(f"SAE {t.name} is already finished in {t.out}; it is not trained again.")
         else:
             todo.append(t)
@@ -367,10 +391,13 @@ def _train_loop(trainers: list[_Trainer], active: list[_Trainer], batches: Itera
                                      "looping source or fewer n_tokens.") from None
                 losses = {}
                 for t in active:
-                    if t.key not in batch:
-                        raise InputError(f"The activation source gives {sorted(batch)}, not {t.key!r}, which SAE "
-                                         f"{t.name!r} reads.")
-                    losses[t.name] = t.train_step(batch[t.key].to(t.sae.W_dec.device))
+                    for key in {t.key, t.target_key}:
+                        if key not in batch:
+                            raise InputError(f"The activation source gives {sorted(batch)}, not {key!r}, which "
+                                             f"{t.name!r} reads.")
+                    device = _device(t.sae)
+                    losses[t.name] = t.train_step(batch[t.key].to(device), batch[t.target_key].to(device)
+                                                  if t.target_key != t.key else None)
                 step += 1
                 bar.update(1)
                 tokens0 += cfg.batch_size
@@ -396,7 +423,8 @@ def _train_loop(trainers: list[_Trainer], active: list[_Trainer], batches: Itera
     for t in active:
         path = t.finish()
         if path is not None:
-            print(f"Wrote SAE {t.name} ({t.sae.cfg.arch}, d_sae {t.sae.d_sae}) to {path}")
+            what = "transcoder" if t.sae.cfg.is_transcoder else "SAE"
+            print(f"Wrote {what} {t.name} ({t.sae.cfg.arch}, d_sae {t.sae.d_sae}) to {path}")
     return logs
 
 

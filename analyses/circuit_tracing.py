@@ -1,0 +1,535 @@
+"""Circuit tracing: replace each MLP by a transcoder, build attribution graphs for a few prompts, prune
+them, score them, test them with interventions on the real model, and show them in an interactive
+viewer (Ameisen et al., "Circuit Tracing", 2025).
+
+    workbench run circuit-tracing                         # facts and gelu-2l, shipped transcoders, < 3 min
+    workbench run circuit-tracing --model gelu-2l --prompts "abcdefgh abcdefg"
+    workbench run circuit-tracing --model hf:/path/to/gpt2 --transcoders runs/transcoders-gpt2
+    workbench transcoder train --model gelu-2l --d-tc 512 --k 16 --skip    # transcoders of your own
+
+Prompts by default: on a model trained on the `facts` knowledge base, facts it recalls ("<person>'s
+birthplace is"), whose graphs are compared with causal tracing; on any other model, induction
+prompts (random tokens, repeated), where the answer should come from the token after the earlier
+occurrence, through attention.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import plotly.graph_objects as go
+import torch
+from tqdm.auto import tqdm
+
+from workbench.attribution_graph import (
+    AttributionGraph,
+    GraphConfig,
+    build_graph,
+    check_supported,
+    graph_files,
+    graph_scores,
+    intervene,
+    position_influence,
+    prune,
+    viewer_data,
+)
+from workbench.config import check_types
+from workbench.errors import InputError, check_field
+from workbench.numbers import finite
+from workbench.plotting import bars, captioned, heatmap, table
+from workbench.probes import held_out_text, special_ids
+from workbench.report import Analysis
+from workbench.sae.dashboards import collect_feature_data, render_dashboards
+from workbench.sae.transcoders import (
+    MANIFEST,
+    Transcoders,
+    evaluate_transcoders,
+    load_transcoders,
+    mlp_layers,
+    output_hook,
+    train_transcoders,
+)
+from workbench.widgets import Widget, graph_viewer
+
+SHIPPED = "transcoders"
+"""Where a shipped model keeps its transcoders: models/<name>/transcoders/."""
+
+
+@dataclass(frozen=True)
+class CircuitTracingConfig:
+    """Settings of the circuit-tracing study."""
+
+    transcoders: str = ""
+    """A folder written by `workbench transcoder train`; empty: the model's shipped transcoders, or ones
+    trained now (and cached) with the settings below."""
+    prompts: tuple[str, ...] = ()
+    """Prompts to trace; empty: facts the model recalls (a `facts` model) or induction prompts."""
+    n_prompts: int = 3
+    """Default prompts traced."""
+    node_threshold: float = 0.8
+    """Pruning: keep the features and errors holding this share of the influence on the logits."""
+    edge_threshold: float = 0.98
+    """Pruning: keep the edges holding this share of the influence among the kept nodes."""
+    ablate: int = 3
+    """Interventions: ablate each of the graph's this many most influential features, one at a time."""
+    d_tc: int = 0
+    """Features per layer when training transcoders here (0: 8 × d_model)."""
+    k: int = 16
+    """Features per token and layer (TopK with AuxK) when training here."""
+    n_tokens: int = 1_000_000
+    """Training tokens when training here."""
+    compare_sae: bool = True
+    """Also train a TopK SAE of the same width and k on the middle layer's MLP output, and compare."""
+    sae_tokens: int = 1_000_000
+    """Its training tokens (as many as the shipped transcoders saw)."""
+    eval_rows: int = 48
+    """Held-out rows for the transcoder and SAE metrics and the feature dashboards."""
+    viewer_nodes: int = 150
+    """Features and errors drawn in each viewer (the most influential; tokens and logits always)."""
+    seed: int = 0
+    """Seed of the default prompts and of any training."""
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        own = "CircuitTracingConfig"
+        for name in ("node_threshold", "edge_threshold"):
+            value = getattr(self, name)
+            check_field(0 <= value <= 1, own, name, value, "in [0, 1] (a share of the influence on the logits)")
+        for name in ("n_prompts", "eval_rows", "viewer_nodes", "k", "n_tokens", "sae_tokens"):
+            value = getattr(self, name)
+            check_field(isinstance(value, int) and value > 0, own, name, value, "a positive integer")
+        check_field(self.ablate >= 0, own, "ablate", self.ablate, "an integer ≥ 0")
+        check_field(self.d_tc >= 0, own, "d_tc", self.d_tc, "an integer ≥ 0 (0: 8 × d_model)")
+
+
+@dataclass(frozen=True, eq=False)
+class TracedPrompt:
+    """One prompt's graph and what was measured on it."""
+
+    kind: str
+    """'fact', 'induction' or 'given'."""
+    prompt: str
+    graph: AttributionGraph
+    kept_nodes: int
+    kept_edges: int
+    scores: dict[str, float]
+    """replacement and completeness scores, of the whole graph and of the pruned one."""
+    interventions: list[dict[str, Any]]
+    viewer: dict[str, Any]
+    finding: dict[str, Any]
+    """What this prompt's graph says about its own question (see `headlines`)."""
+
+
+@dataclass(frozen=True, eq=False)
+class CircuitTracingResult:
+    model_name: str
+    config: CircuitTracingConfig
+    source: str
+    """Where the transcoders came from."""
+    kind: str
+    width: int
+    quality: dict[str, Any]
+    sae: dict[str, Any]
+    prompts: list[TracedPrompt]
+    pages: dict[str, str]
+
+    def metrics(self) -> dict[str, Any]:
+        return {"transcoders": {"source": self.source, "kind": self.kind, "width": self.width,
+                                **_strict(self.quality)},
+                "sae_comparison": _strict(self.sae),
+                "graphs": [{"kind": p.kind, "prompt": p.prompt, "nodes": p.graph.n_nodes,
+                            "features": p.graph.n_features, "kept_nodes": p.kept_nodes, "kept_edges": p.kept_edges,
+                            **_strict(p.scores), "identity_max_relative_error": finite(
+                                p.graph.meta["identity_max_relative_error"]),
+                            "logit_max_error": finite(p.graph.meta["logit_max_error"]),
+                            "interventions": _strict(p.interventions), "finding": _strict(p.finding)}
+                           for p in self.prompts]}
+
+    def headlines(self) -> list[str]:
+        q = self.quality
+        out = [f"{self.kind} transcoders, {self.width} features per layer ({self.source}): FVU of the MLP outputs "
+               + ", ".join(f"L{x['layer']} {x['fvu']:.3f}" for x in q["layers"])
+               + f"; every MLP replaced recovers {_pct(q['ce_loss_recovered_zero'])} of the loss (vs zero-ablating them)"]
+        if self.sae:
+            s = self.sae
+            out.append(f"layer {s['layer']}: transcoder FVU {s['transcoder']['fvu']:.3f} at L0 "
+                       f"{s['transcoder']['l0']:.1f} (CE recovered {_pct(s['transcoder']['ce_loss_recovered'])}) vs an SAE "
+                       f"of the same width on the MLP output: FVU {s['sae']['fvu']:.3f} at L0 {s['sae']['l0']:.1f} "
+                       f"(CE recovered {_pct(s['sae']['ce_loss_recovered'])})")
+        for p in self.prompts:
+            line = (f"{p.prompt!r}: {p.graph.n_features} active features, pruned to {p.kept_nodes} nodes and "
+                    f"{p.kept_edges} edges; replacement score {p.scores['replacement_score']:.2f}, completeness "
+                    f"{p.scores['completeness_score']:.2f}")
+            f = p.finding
+            if p.kind == "fact" and f.get("agree") is not None:
+                line += (f"; graph vs causal tracing: both peak at the {f['graph_peak_group']!r}" if f["agree"] else
+                         f"; graph peaks at the {f['graph_peak_group']!r}, causal tracing at the {f['trace_peak_group']!r}")
+                line += f" (correlation over layer × position {f['correlation']:.2f})"
+            if p.kind == "induction":
+                line += (f"; the token after the earlier occurrence ranks #{f['earlier_rank']} of {f['n_positions']} "
+                         f"positions in influence on the answer ({f['earlier_share']:.0%} of the tokens' influence)")
+            out.append(line)
+        return out
+
+    def files(self) -> dict[str, Union[str, bytes]]:
+        out: dict[str, Union[str, bytes]] = {f"dashboards/{name}": text for name, text in self.pages.items()}
+        for i, p in enumerate(self.prompts):
+            out.update({f"graphs/{self.model_name}/{i}/{n}": d for n, d in graph_files(p.graph).items()})
+        return out
+
+
+def _pct(v: Optional[float]) -> str:
+    return "n/a" if v is None else f"{v:.1%}"
+
+
+def _strict(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return finite(float(obj))
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+# -- transcoders -----------------------------------------------------------------------------------------
+def get_transcoders(model: Any, cfg: CircuitTracingConfig) -> tuple[Transcoders, str]:
+    """(transcoders, where they came from): the given folder, the shipped ones, a cached training run,
+    or a new one (saved to the cache for next time)."""
+    mlp_layers(model)  # a clear error for an attention-only model
+    device = next(model.parameters()).device
+    if cfg.transcoders:
+        tc = load_transcoders(cfg.transcoders, device)
+        tc.check_model(model)
+        return tc, cfg.transcoders
+    folder = getattr(model, "folder", None)
+    if folder is not None and (Path(folder) / SHIPPED / MANIFEST).exists():
+        tc = load_transcoders(Path(folder) / SHIPPED, device)
+        tc.check_model(model)
+        return tc, f"shipped in {Path(folder).name}/{SHIPPED}"
+    from workbench.data import cache_dir
+
+    d_tc = cfg.d_tc or 8 * int(model.cfg.d_model)
+    key = hashlib.sha256(repr((_fingerprint(model), d_tc, cfg.k, cfg.n_tokens, cfg.seed)).encode()).hexdigest()[:16]
+    cached = cache_dir() / "transcoders" / key
+    if (cached / MANIFEST).exists():
+        return load_transcoders(cached, device), f"trained earlier, cached in {cached}"
+    tc, _ = train_transcoders(model, d_tc, cached, "topk", cfg.k, skip=True, n_tokens=cfg.n_tokens, seed=cfg.seed,
+                              n_checkpoints=0)
+    return tc, f"trained now ({cfg.n_tokens:,} tokens), cached in {cached}"
+
+
+def _fingerprint(model: Any) -> str:
+    """A short hash of the model's weights (so a cache never serves another model's transcoders)."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        if p.is_floating_point():
+            h.update(name.encode())
+            h.update(p.detach().float().flatten()[:4096].cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def compare_with_sae(model: Any, tc: Transcoders, quality: dict[str, Any], rows: torch.Tensor,
+                     cfg: CircuitTracingConfig) -> dict[str, Any]:
+    """A TopK SAE of the same width and k, trained on as many tokens, on the output of the MLP whose
+    zero-ablation costs the most loss, against that layer's transcoder: FVU and L0 of the MLP output
+    and the loss recovered when each replaces it (against zero-ablating it), on the same rows."""
+    from workbench.model import lm_loss
+    from workbench.numbers import ratio
+    from workbench.probes import training_text
+    from workbench.sae.activations import model_activations, stream_activations
+    from workbench.sae.interventions import MIN_ABLATION_GAP, splice_hook
+    from workbench.sae.metrics import ReconstructionStats
+    from workbench.sae.modules import SAEConfig, make_sae
+    from workbench.sae.training import SAETrainConfig, train_saes
+
+    ce = quality["ce"]
+    layer = max(range(tc.n_layers), key=lambda l: ce[f"zero_layer_{l}"] - ce["clean"])
+    hook, width = output_hook(layer), tc.width(layer)
+    k = tc.clt.cfg.k if tc.clt is not None else tc.per_layer[layer].cfg.k
+    sae = make_sae(SAEConfig(d_in=tc.d_model, d_sae=width, architecture="topk", k=k, hook_name=hook),
+                   seed=cfg.seed).to(next(model.parameters()).device)
+    train_rows, _ = training_text(model, 2000, min(int(model.cfg.n_ctx), 256))
+    batch = 2048
+    n_tokens = max(batch, cfg.sae_tokens // batch * batch)
+    tcfg = SAETrainConfig(sae=sae.cfg, n_tokens=n_tokens, batch_size=batch, n_checkpoints=0, seed=cfg.seed,
+                          dead_window=max(batch, min(200_000, n_tokens // 10)))
+    train_saes({hook: sae}, stream_activations(model, train_rows, [hook], batch_size=batch, seed=cfg.seed), tcfg,
+               progress=False)
+    sae.eval()
+    stats = ReconstructionStats(width)
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, len(rows), 16):
+            toks = rows[start:start + 16]
+            x = model_activations(model, toks, [hook])[hook]
+            f = sae.encode(x)
+            stats.add(x, sae.decode(f), f)
+            total += float(lm_loss(model.run_with_hooks(toks, fwd_hooks=[(hook, splice_hook(sae))]).float(), toks)) \
+                * len(toks)
+    s = stats.summary()
+    ce_sae = total / len(rows)
+    t = quality["layers"][layer]
+    return {"layer": layer, "width": width, "k": k, "n_tokens": n_tokens,
+            "transcoder": {"fvu": t["fvu"], "l0": t["l0"], "dead_fraction": t["dead_fraction"],
+                           "ce_loss_recovered": t["ce_loss_recovered_alone"]},
+            "sae": {"fvu": s["fvu"], "l0": s["l0"], "dead_fraction": s["dead_fraction"],
+                    "ce_loss_recovered": ratio(ce[f"zero_layer_{layer}"] - ce_sae, ce[f"zero_layer_{layer}"] - ce["clean"],
+                                               MIN_ABLATION_GAP)}}
+
+
+# -- prompts ---------------------------------------------------------------------------------------------
+def default_prompts(model: Any, cfg: CircuitTracingConfig) -> list[tuple[str, Any, dict[str, Any]]]:
+    """[(kind, prompt text or token ids, what to check)]: facts the model recalls, else induction prompts."""
+    from workbench.facts import KnowledgeBase
+    from workbench.tracing import FactPrompt, encode_fact, top1_hits
+
+    data = ((getattr(model, "meta", None) or {}).get("train") or {}).get("data") or {}
+    if data.get("text") == "facts" and model.tokenizer is not None:
+        facts = [FactPrompt(f.prompt, f.subject, f.target) for f in KnowledgeBase().prompts("train")[:200]]
+        encs = [encode_fact(model, f, i) for i, f in enumerate(facts)]
+        hits = top1_hits(model, encs)
+        known = [i for i, ok in enumerate(hits) if ok]
+        rng = np.random.default_rng(cfg.seed)
+        chosen = sorted(rng.choice(known, size=min(cfg.n_prompts, len(known)), replace=False).tolist())
+        return [("fact", encs[i].tokens[0].cpu(), {"fact": facts[i], "encoded": encs[i]}) for i in chosen]
+    bos, special = special_ids(model)
+    allowed = _readable_ids(model, special)
+    out = []
+    gen = torch.Generator().manual_seed(cfg.seed)
+    for i in range(cfg.n_prompts):
+        seq = allowed[torch.randperm(len(allowed), generator=gen)[:8]]
+        prefix = [bos] if bos is not None else []
+        toks = torch.tensor(prefix + seq.tolist() + seq[:-1].tolist())
+        out.append(("induction", toks, {"answer": int(seq[-1]), "earlier": len(prefix) + len(seq) - 1}))
+    return out
+
+
+def _readable_ids(model: Any, special: set[int]) -> torch.Tensor:
+    """Token ids that read as letters (so an induction prompt is legible in the viewer)."""
+    if model.tokenizer is None:
+        return torch.tensor([i for i in range(int(model.cfg.d_vocab)) if i not in special])
+    from workbench.tokenizer import readable_tokens
+    ids = [i for i in range(int(model.cfg.d_vocab)) if i not in special]
+    names = readable_tokens(model.tokenizer, ids)
+    good = [i for i, s in zip(ids, names) if s.strip().isalpha() and s.strip().isascii()]
+    return torch.tensor(good if len(good) >= 16 else ids)
+
+
+def _fact_finding(model: Any, graph: AttributionGraph, info: dict[str, Any]) -> dict[str, Any]:
+    """Influence on the answer logit by layer and position group (features + errors), next to causal
+    tracing's MLP restoration effect on the same prompt: do they point at the same place?"""
+    from workbench.tracing import GROUPS, causal_trace, position_groups
+
+    enc = info["encoded"]
+    answer = [int(t) for t in graph.logit_tokens].index(enc.target) if enc.target in graph.logit_tokens.tolist() else 0
+    infl = position_influence(graph, answer)
+    by_pos = (infl["features"] + infl["errors"]).numpy()  # [L, S]
+    trace = causal_trace(model, enc, 3.0, components=("mlp",), window=1, n_samples=3, seed=0)["mlp"]  # [L, S]
+    groups = {g: p for g, p in position_groups(enc).items() if p}
+    names = [g for g in GROUPS if g in groups]
+    G = np.stack([by_pos[:, groups[g]].sum(1) for g in names], 1)  # [L, groups]
+    T = np.stack([trace[:, groups[g]].mean(1) for g in names], 1)
+    inside = [g for g in names if g != "last token"]
+    graph_peak = max(inside, key=lambda g: G[:, names.index(g)].sum()) if inside else "last token"
+    trace_peak = max(inside, key=lambda g: T[:, names.index(g)].max()) if inside else "last token"
+    corr = float(np.corrcoef(G.flatten(), T.flatten())[0, 1]) if G.std() > 0 and T.std() > 0 else float("nan")
+    subject = set(range(*enc.subject))
+    token_infl = infl["tokens"].numpy()
+    return {"prompt": info["fact"].prompt, "target": info["fact"].target, "groups": names, "graph": G.tolist(),
+            "trace": T.tolist(), "graph_peak_group": graph_peak, "trace_peak_group": trace_peak,
+            "agree": graph_peak == trace_peak, "correlation": corr,
+            "subject_token_share": float(token_infl[sorted(subject)].sum() / max(token_infl.sum(), 1e-30))}
+
+
+def _induction_finding(graph: AttributionGraph, info: dict[str, Any]) -> dict[str, Any]:
+    """Where the answer's influence starts among the tokens: the token after the earlier occurrence
+    should lead (it reaches the last position only through attention)."""
+    ids = graph.logit_tokens.tolist()
+    answer = ids.index(info["answer"]) if info["answer"] in ids else 0
+    tokens = position_influence(graph, answer)["tokens"][:-1]  # the last token's own embedding is not the point
+    order = tokens.argsort(descending=True).tolist()
+    return {"answer_is_top": ids[0] == info["answer"], "answer_prob": float(graph.logit_probs[answer]),
+            "earlier_position": info["earlier"], "earlier_rank": order.index(info["earlier"]) + 1,
+            "n_positions": len(order), "earlier_share": float(tokens[info["earlier"]] / tokens.sum().clamp_min(1e-30)),
+            "token_influence": tokens.tolist()}
+
+
+# -- compute ---------------------------------------------------------------------------------------------
+def compute(model: Any, cfg: CircuitTracingConfig) -> CircuitTracingResult:
+    """Transcoders (given, shipped or trained), their quality against an SAE, and one pruned, scored and
+    intervened-on attribution graph per prompt, with feature dashboards for the viewer."""
+    check_supported(model)  # before any training: a model whose attention cannot be frozen is refused now
+    tc, source = get_transcoders(model, cfg)
+    name = getattr(getattr(model, "folder", None), "name", "") or type(model).__name__
+    rows, _ = held_out_text(model, cfg.eval_rows, min(int(model.cfg.n_ctx), 128))
+    rows = rows.to(next(model.parameters()).device)
+    quality = evaluate_transcoders(model, tc, rows)
+    sae = compare_with_sae(model, tc, quality, rows, cfg) if cfg.compare_sae else {}
+    if cfg.prompts:
+        specs = [("given", p, {}) for p in cfg.prompts]
+    else:
+        specs = default_prompts(model, cfg)
+    traced: list[TracedPrompt] = []
+    graphs = []
+    for kind, prompt, info in tqdm(specs, desc="attribution graphs", unit="prompt", disable=None, leave=False):
+        g = build_graph(model, tc, prompt, GraphConfig(), progress=False)
+        graphs.append((kind, prompt, info, g))
+    pages, examples, hrefs = _dashboards(model, tc, [g for *_, g in graphs], rows, cfg)
+    for kind, prompt, info, g in graphs:
+        pr = prune(g, cfg.node_threshold, cfg.edge_threshold)
+        scores = {**graph_scores(g), **{f"pruned_{k}": v for k, v in graph_scores(g, pr).items()}}
+        top = [int(i) for i in pr.node_influence[:g.n_features].argsort(descending=True)[:cfg.ablate]]
+        inter = [{"node": n, "label": g.node(n)["label"], **intervene(model, tc, g, [n], 0.0)} for n in top]
+        finding = (_fact_finding(model, g, info) if kind == "fact" else
+                   _induction_finding(g, info) if kind == "induction" else {})
+        text = "".join(g.token_strs)
+        traced.append(TracedPrompt(kind, text, g, int(pr.node_mask.sum()), int(pr.edge_mask.sum()), scores, inter,
+                                   viewer_data(g, cfg.viewer_nodes, examples=examples, hrefs=hrefs), finding))
+    return CircuitTracingResult(name, cfg, source, tc.kind, tc.width(0), quality, sae, traced, pages)
+
+
+def _dashboards(model: Any, tc: Transcoders, graphs: list[AttributionGraph], rows: torch.Tensor,
+                cfg: CircuitTracingConfig) -> tuple[dict[str, str], dict, dict]:
+    """Dashboards (per-layer transcoders) for the features the viewers draw: pages, each feature's top
+    examples, and links from the viewer to its page."""
+    if tc.per_layer is None:
+        return {}, {}, {}
+    wanted: dict[int, set[int]] = {}
+    for g in graphs:
+        pr = prune(g, 1.0, 1.0)
+        for n in pr.node_cut[:g.n_features].argsort()[:cfg.viewer_nodes].tolist():
+            l, _, f = (int(v) for v in g.features[n])
+            wanted.setdefault(l, set()).add(f)
+    pages, examples, hrefs = {}, {}, {}
+    for l, feats in sorted(wanted.items()):
+        ids = sorted(feats)
+        data = collect_feature_data(model, tc.per_layer[l], rows, features=ids, progress=False)
+        for name, text in render_dashboards(data, f"Transcoder features, layer {l}",
+                                            selection="the features drawn in this page's attribution graphs").items():
+            pages[f"layer_{l}/{name}"] = text
+        for j, f in enumerate(ids):
+            hrefs[(l, f)] = f"circuit-tracing/dashboards/layer_{l}/feature_{f:05d}.html"
+            examples[(l, f)] = _examples(data, j)
+    return pages, examples, hrefs
+
+
+def _examples(data: Any, j: int, n: int = 5) -> list[tuple[str, float]]:
+    """A feature's top activating contexts as plain text (the token itself in [brackets])."""
+    S = data.token_rows.shape[1]
+    out = []
+    for v, where in zip(data.top_values[j][:n], data.top_where[j][:n]):
+        if where < 0:
+            break
+        row, pos = divmod(int(where), S)
+        toks = data.token_strings[row]
+        out.append(("".join(toks[max(1, pos - 12):pos]) + "[" + toks[pos] + "]" + "".join(toks[pos + 1:pos + 3]),
+                    float(v)))
+    return out
+
+
+# -- figures ---------------------------------------------------------------------------------------------
+def figures(r: CircuitTracingResult) -> dict[str, Union[go.Figure, Widget]]:
+    """Transcoder quality (and the SAE beside it), then per prompt: the graph viewer, its scores, the
+    interventions against the graph's predictions, and its finding."""
+    q = r.quality
+    rows = [(f"layer {x['layer']}", f"FVU {x['fvu']:.3f}, L0 {x['l0']:.1f}, dead {x['dead_fraction']:.1%}, CE loss "
+                                     f"recovered replacing this MLP alone {_pct(x['ce_loss_recovered_alone'])}")
+            for x in q["layers"]]
+    rows.append(("every MLP replaced", f"CE {q['ce']['replaced']:.3f} vs clean {q['ce']['clean']:.3f}: recovered "
+                                       f"{_pct(q['ce_loss_recovered_zero'])} vs zero-ablation, "
+                                       f"{_pct(q['ce_loss_recovered_mean'])} vs mean-ablation"))
+    rows.append(("with error terms", f"CE changes by {q['with_errors_max_loss_change']:.1e} (exact by construction)"))
+    figs: dict[str, Union[go.Figure, Widget]] = {"transcoders": captioned(table(
+        rows, f"{r.model_name}: {r.kind} transcoders, {r.width} features per layer ({r.source})"),
+        "How well the transcoders imitate each MLP on held-out text: the share of the MLP output's variance they "
+        "miss (FVU), features active per token (L0), dead features, and the next-token loss with MLPs replaced "
+        "(without error terms) relative to ablating them. With the error terms added back the model is exact.")}
+    if r.sae:
+        s = r.sae
+        figs["transcoder vs SAE"] = captioned(bars(
+            {"transcoder": {"FVU": s["transcoder"]["fvu"], "CE loss recovered": s["transcoder"]["ce_loss_recovered"] or 0,
+                            "dead": s["transcoder"]["dead_fraction"]},
+             "SAE": {"FVU": s["sae"]["fvu"], "CE loss recovered": s["sae"]["ce_loss_recovered"] or 0,
+                     "dead": s["sae"]["dead_fraction"]}},
+            f"Layer {s['layer']}: transcoder vs SAE, {s['width']} features, k = {s['k']}", "share"),
+            "The price of imitating the MLP rather than reconstructing its output: both dictionaries have the same "
+            "width and sparsity and are scored on the same MLP output. An SAE sees the output it reconstructs; a "
+            "transcoder must predict it from the MLP's input, so its FVU is usually higher. Its features, in "
+            "return, connect input to output, which is what makes attribution graphs possible.")
+    for i, p in enumerate(r.prompts):
+        tag = f"graph {i + 1}"
+        figs[tag] = graph_viewer(p.viewer, f"{p.prompt!r} ({p.kind})", (
+            f"The attribution graph of this prompt: {p.graph.n_features} active features, {p.graph.n_errors} error "
+            f"nodes, {p.graph.n_pos} tokens and {p.graph.n_logits} logits; drawn: the {r.config.viewer_nodes} most "
+            "influential features and errors. Rows are layers (tokens at the bottom, logits on top), columns are "
+            "positions; edge width is the direct effect, blue positive, red negative. Click a node for its top "
+            "activating examples, dashboard and strongest edges; the sliders re-prune (node threshold: share of "
+            "the influence on the logits kept; edge threshold ranks edges by influence in the whole graph). "
+            f"Pruned at {r.config.node_threshold}/{r.config.edge_threshold}: {p.kept_nodes} nodes, {p.kept_edges} "
+            f"edges. Replacement score {p.scores['replacement_score']:.2f} (pruned {p.scores['pruned_replacement_score']:.2f}), "
+            f"completeness {p.scores['completeness_score']:.2f} (pruned {p.scores['pruned_completeness_score']:.2f})."))
+        if p.interventions:
+            strs = p.graph.meta.get("logit_strs", [])
+            top = 0
+            figs[f"{tag}: interventions"] = captioned(bars(
+                {"real model": {x["label"]: x["actual"][top] for x in p.interventions},
+                 "graph, direct edges": {x["label"]: x["predicted_direct"][top] for x in p.interventions},
+                 "graph, through features": {x["label"]: x["predicted_graph"][top] for x in p.interventions}},
+                f"Ablating single features: change of the top logit {strs[top] if strs else ''!r}",
+                "change of the logit"), (
+                "Each of the graph's most influential features is ablated in the real model (its decoder write "
+                "removed from the MLP outputs), and the change of the top logit is compared with the graph's "
+                "prediction from its direct edge and from all paths through later features (linearised). The "
+                "real model also moves its attention patterns and normalisation scales, which the graph holds "
+                "fixed; where the bars disagree, that is why."))
+        f = p.finding
+        if p.kind == "fact" and f:
+            groups = f["groups"]
+            z = np.concatenate([np.array(f["graph"]) / max(np.abs(f["graph"]).max(), 1e-12),
+                                np.array(f["trace"]) / max(np.abs(f["trace"]).max(), 1e-12)], 1)
+            figs[f"{tag}: graph vs causal tracing"] = captioned(heatmap(
+                z.T, [f"L{l}" for l in range(r.prompts[i].graph.n_layers)],
+                [f"graph: {g}" for g in groups] + [f"tracing: {g}" for g in groups],
+                f"Where the answer {f['target']!r} is computed: graph influence vs causal tracing",
+                "layer", "", colorbar="share of its maximum"), (
+                "Top rows: the graph's influence on the answer logit through features and error nodes, by layer and "
+                "position group. Bottom rows: causal tracing (ROME) on the same prompt, the probability restored by "
+                f"restoring each MLP output. The graph peaks at the {f['graph_peak_group']!r}, tracing at the "
+                f"{f['trace_peak_group']!r}; correlation {f['correlation']:.2f}."))
+        if p.kind == "induction" and f:
+            figs[f"{tag}: token influence"] = captioned(bars(
+                {"influence": {f"{j}:{p.graph.token_strs[j]}": v for j, v in enumerate(f["token_influence"])}},
+                "Influence of each token on the answer logit", "influence"), (
+                f"Each input token's influence on the answer, through every path of the graph. The token after the "
+                f"earlier occurrence (position {f['earlier_position']}) ranks #{f['earlier_rank']}: an induction "
+                "head copies it to the last position through attention, the only way it can get there."))
+    return figs
+
+
+ANALYSIS = Analysis(
+    name="circuit-tracing",
+    description="Transcoders replace the MLPs; attribution graphs of a few prompts, pruned, scored, checked by "
+                "interventions, in an interactive viewer.",
+    config_cls=CircuitTracingConfig, compute=compute, figures=figures, default_models=("facts", "gelu-2l"),
+    title="Circuit tracing", order=65,
+    intro="Circuit tracing replaces each MLP by a <i>transcoder</i>, a sparse, wide MLP trained to imitate it, "
+          "and freezes the attention patterns and normalisation scales of one prompt. Everything left is linear, "
+          "so every active feature's direct effect on every later feature and on the logits can be read off: the "
+          "prompt's <i>attribution graph</i> (Dunefsky et al., <i>Transcoders find interpretable LLM feature "
+          "circuits</i>, 2024; Ameisen et al., <i>Circuit Tracing</i>, 2025). This page measures how well the "
+          "transcoders imitate the MLPs, draws each prompt's graph, prunes it to the nodes that carry most of the "
+          "influence on the logits, tests it by ablating features in the real model, and compares it with causal "
+          "tracing.",
+)
+
+if __name__ == "__main__":
+    from analyses._cli import main
+
+    main(ANALYSIS.name)
