@@ -38,7 +38,7 @@ from workbench.attribution_graph import (
     viewer_data,
 )
 from workbench.config import check_types
-from workbench.errors import InputError, check_field
+from workbench.errors import check_field
 from workbench.numbers import finite
 from workbench.plotting import bars, captioned, heatmap, table
 from workbench.probes import held_out_text, special_ids
@@ -53,7 +53,7 @@ from workbench.sae.transcoders import (
     output_hook,
     train_transcoders,
 )
-from workbench.widgets import Widget, graph_viewer
+from workbench.widgets import SECTION_FILES, Widget, graph_viewer
 
 SHIPPED = "transcoders"
 """Where a shipped model keeps its transcoders: models/<name>/transcoders/."""
@@ -88,8 +88,10 @@ class CircuitTracingConfig:
     """Its training tokens (as many as the shipped transcoders saw)."""
     eval_rows: int = 48
     """Held-out rows for the transcoder and SAE metrics and the feature dashboards."""
-    viewer_nodes: int = 150
+    viewer_nodes: int = 100
     """Features and errors drawn in each viewer (the most influential; tokens and logits always)."""
+    dashboard_features: int = 30
+    """Features of each graph (the most influential) given a dashboard page and examples in the viewer."""
     seed: int = 0
     """Seed of the default prompts and of any training."""
 
@@ -99,7 +101,7 @@ class CircuitTracingConfig:
         for name in ("node_threshold", "edge_threshold"):
             value = getattr(self, name)
             check_field(0 <= value <= 1, own, name, value, "in [0, 1] (a share of the influence on the logits)")
-        for name in ("n_prompts", "eval_rows", "viewer_nodes", "k", "n_tokens", "sae_tokens"):
+        for name in ("n_prompts", "eval_rows", "viewer_nodes", "k", "n_tokens", "sae_tokens", "dashboard_features"):
             value = getattr(self, name)
             check_field(isinstance(value, int) and value > 0, own, name, value, "a positive integer")
         check_field(self.ablate >= 0, own, "ablate", self.ablate, "an integer ≥ 0")
@@ -153,11 +155,13 @@ class CircuitTracingResult:
         q = self.quality
         out = [f"{self.kind} transcoders, {self.width} features per layer ({self.source}): FVU of the MLP outputs "
                + ", ".join(f"L{x['layer']} {x['fvu']:.3f}" for x in q["layers"])
-               + f"; every MLP replaced recovers {_pct(q['ce_loss_recovered_zero'])} of the loss (vs zero-ablating them)"]
+               + f"; every MLP replaced recovers {_pct(q['ce_loss_recovered_zero'])} of the loss "
+               "(vs zero-ablating them)"]
         if self.sae:
             s = self.sae
             out.append(f"layer {s['layer']}: transcoder FVU {s['transcoder']['fvu']:.3f} at L0 "
-                       f"{s['transcoder']['l0']:.1f} (CE recovered {_pct(s['transcoder']['ce_loss_recovered'])}) vs an SAE "
+                       f"{s['transcoder']['l0']:.1f} (CE recovered {_pct(s['transcoder']['ce_loss_recovered'])}) "
+                       "vs an SAE "
                        f"of the same width on the MLP output: FVU {s['sae']['fvu']:.3f} at L0 {s['sae']['l0']:.1f} "
                        f"(CE recovered {_pct(s['sae']['ce_loss_recovered'])})")
         for p in self.prompts:
@@ -166,9 +170,12 @@ class CircuitTracingResult:
                     f"{p.scores['completeness_score']:.2f}")
             f = p.finding
             if p.kind == "fact" and f.get("agree") is not None:
-                line += (f"; graph vs causal tracing: both peak at the {f['graph_peak_group']!r}" if f["agree"] else
-                         f"; graph peaks at the {f['graph_peak_group']!r}, causal tracing at the {f['trace_peak_group']!r}")
-                line += f" (correlation over layer × position {f['correlation']:.2f})"
+                line += (f"; at the last token: {f['graph_last_token_share']:.0%} of the graph's influence (peak layer "
+                         f"{f['graph_peak_layer']}) and {f['trace_last_token_share']:.0%} of causal tracing's MLP "
+                         f"effect (peak layer {f['trace_peak_layer']}): "
+                         f"{'they agree' if f['agree'] else 'they disagree'}"
+                         f"; before it, the graph points to the {f['graph_peak_group']!r}, tracing to the "
+                         f"{f['trace_peak_group']!r} (correlation over layer × position {f['correlation']:.2f})")
             if p.kind == "induction":
                 line += (f"; the token after the earlier occurrence ranks #{f['earlier_rank']} of {f['n_positions']} "
                          f"positions in influence on the answer ({f['earlier_share']:.0%} of the tokens' influence)")
@@ -244,7 +251,7 @@ def compare_with_sae(model: Any, tc: Transcoders, quality: dict[str, Any], rows:
     from workbench.numbers import ratio
     from workbench.probes import training_text
     from workbench.sae.activations import model_activations, stream_activations
-    from workbench.sae.interventions import MIN_ABLATION_GAP, splice_hook
+    from workbench.sae.interventions import MIN_ABLATION_GAP
     from workbench.sae.metrics import ReconstructionStats
     from workbench.sae.modules import SAEConfig, make_sae
     from workbench.sae.training import SAETrainConfig, train_saes
@@ -271,8 +278,8 @@ def compare_with_sae(model: Any, tc: Transcoders, quality: dict[str, Any], rows:
             x = model_activations(model, toks, [hook])[hook]
             f = sae.encode(x)
             stats.add(x, sae.decode(f), f)
-            total += float(lm_loss(model.run_with_hooks(toks, fwd_hooks=[(hook, splice_hook(sae))]).float(), toks)) \
-                * len(toks)
+            total += float(lm_loss(model.run_with_hooks(toks, fwd_hooks=[(hook, _splice_after_first(sae))]).float(),
+                                   toks)) * len(toks)
     s = stats.summary()
     ce_sae = total / len(rows)
     t = quality["layers"][layer]
@@ -280,8 +287,18 @@ def compare_with_sae(model: Any, tc: Transcoders, quality: dict[str, Any], rows:
             "transcoder": {"fvu": t["fvu"], "l0": t["l0"], "dead_fraction": t["dead_fraction"],
                            "ce_loss_recovered": t["ce_loss_recovered_alone"]},
             "sae": {"fvu": s["fvu"], "l0": s["l0"], "dead_fraction": s["dead_fraction"],
-                    "ce_loss_recovered": ratio(ce[f"zero_layer_{layer}"] - ce_sae, ce[f"zero_layer_{layer}"] - ce["clean"],
-                                               MIN_ABLATION_GAP)}}
+                    "ce_loss_recovered": ratio(ce[f"zero_layer_{layer}"] - ce_sae,
+                                               ce[f"zero_layer_{layer}"] - ce["clean"], MIN_ABLATION_GAP)}}
+
+
+def _splice_after_first(sae: Any):
+    """The SAE's reconstruction in place of the activation from position 1 on (position 0 stays clean, as
+    the transcoders are evaluated)."""
+    def hook(act, hook):
+        out = sae(act.float()).to(act.dtype)
+        out[:, 0] = act[:, 0]
+        return out
+    return hook
 
 
 # -- prompts ---------------------------------------------------------------------------------------------
@@ -303,7 +320,7 @@ def default_prompts(model: Any, cfg: CircuitTracingConfig) -> list[tuple[str, An
     allowed = _readable_ids(model, special)
     out = []
     gen = torch.Generator().manual_seed(cfg.seed)
-    for i in range(cfg.n_prompts):
+    for _ in range(cfg.n_prompts):
         seq = allowed[torch.randperm(len(allowed), generator=gen)[:8]]
         prefix = [bos] if bos is not None else []
         toks = torch.tensor(prefix + seq.tolist() + seq[:-1].tolist())
@@ -334,17 +351,24 @@ def _fact_finding(model: Any, graph: AttributionGraph, info: dict[str, Any]) -> 
     trace = causal_trace(model, enc, 3.0, components=("mlp",), window=1, n_samples=3, seed=0)["mlp"]  # [L, S]
     groups = {g: p for g, p in position_groups(enc).items() if p}
     names = [g for g in GROUPS if g in groups]
-    G = np.stack([by_pos[:, groups[g]].sum(1) for g in names], 1)  # [L, groups]
+    G = np.stack([by_pos[:, groups[g]].mean(1) for g in names], 1)  # [L, groups], per position of the group
     T = np.stack([trace[:, groups[g]].mean(1) for g in names], 1)
-    inside = [g for g in names if g != "last token"]
+    inside = [g for g in names if g != "last token"]  # where, before the last token, the answer is prepared
     graph_peak = max(inside, key=lambda g: G[:, names.index(g)].sum()) if inside else "last token"
-    trace_peak = max(inside, key=lambda g: T[:, names.index(g)].max()) if inside else "last token"
+    trace_peak = max(inside, key=lambda g: T[:, names.index(g)].sum()) if inside else "last token"
     corr = float(np.corrcoef(G.flatten(), T.flatten())[0, 1]) if G.std() > 0 and T.std() > 0 else float("nan")
     subject = set(range(*enc.subject))
     token_infl = infl["tokens"].numpy()
+    S = by_pos.shape[1]
+    positive = np.clip(trace, 0, None)
+    graph_last = float(by_pos[:, S - 1].sum() / max(by_pos.sum(), 1e-30))
+    trace_last = float(positive[:, S - 1].sum() / max(positive.sum(), 1e-30))
+    graph_layer, trace_layer = int(by_pos[:, S - 1].argmax()), int(trace[:, S - 1].argmax())
     return {"prompt": info["fact"].prompt, "target": info["fact"].target, "groups": names, "graph": G.tolist(),
-            "trace": T.tolist(), "graph_peak_group": graph_peak, "trace_peak_group": trace_peak,
-            "agree": graph_peak == trace_peak, "correlation": corr,
+            "trace": T.tolist(), "graph_last_token_share": graph_last, "trace_last_token_share": trace_last,
+            "graph_peak_layer": graph_layer, "trace_peak_layer": trace_layer,
+            "agree": graph_last > 0.5 and trace_last > 0.5 and abs(graph_layer - trace_layer) <= 1,
+            "graph_peak_group": graph_peak, "trace_peak_group": trace_peak, "correlation": corr,
             "subject_token_share": float(token_infl[sorted(subject)].sum() / max(token_infl.sum(), 1e-30))}
 
 
@@ -382,7 +406,7 @@ def compute(model: Any, cfg: CircuitTracingConfig) -> CircuitTracingResult:
         g = build_graph(model, tc, prompt, GraphConfig(), progress=False)
         graphs.append((kind, prompt, info, g))
     pages, examples, hrefs = _dashboards(model, tc, [g for *_, g in graphs], rows, cfg)
-    for kind, prompt, info, g in graphs:
+    for kind, _prompt, info, g in graphs:
         pr = prune(g, cfg.node_threshold, cfg.edge_threshold)
         scores = {**graph_scores(g), **{f"pruned_{k}": v for k, v in graph_scores(g, pr).items()}}
         top = [int(i) for i in pr.node_influence[:g.n_features].argsort(descending=True)[:cfg.ablate]]
@@ -397,14 +421,14 @@ def compute(model: Any, cfg: CircuitTracingConfig) -> CircuitTracingResult:
 
 def _dashboards(model: Any, tc: Transcoders, graphs: list[AttributionGraph], rows: torch.Tensor,
                 cfg: CircuitTracingConfig) -> tuple[dict[str, str], dict, dict]:
-    """Dashboards (per-layer transcoders) for the features the viewers draw: pages, each feature's top
-    examples, and links from the viewer to its page."""
+    """Dashboards (per-layer transcoders) for each graph's `dashboard_features` most influential features:
+    pages, each feature's top examples, and links from the viewer to its page."""
     if tc.per_layer is None:
         return {}, {}, {}
     wanted: dict[int, set[int]] = {}
     for g in graphs:
         pr = prune(g, 1.0, 1.0)
-        for n in pr.node_cut[:g.n_features].argsort()[:cfg.viewer_nodes].tolist():
+        for n in pr.node_cut[:g.n_features].argsort()[:cfg.dashboard_features].tolist():
             l, _, f = (int(v) for v in g.features[n])
             wanted.setdefault(l, set()).add(f)
     pages, examples, hrefs = {}, {}, {}
@@ -415,7 +439,7 @@ def _dashboards(model: Any, tc: Transcoders, graphs: list[AttributionGraph], row
                                             selection="the features drawn in this page's attribution graphs").items():
             pages[f"layer_{l}/{name}"] = text
         for j, f in enumerate(ids):
-            hrefs[(l, f)] = f"circuit-tracing/dashboards/layer_{l}/feature_{f:05d}.html"
+            hrefs[(l, f)] = f"{SECTION_FILES}/dashboards/layer_{l}/feature_{f:05d}.html"
             examples[(l, f)] = _examples(data, j)
     return pages, examples, hrefs
 
@@ -439,7 +463,7 @@ def figures(r: CircuitTracingResult) -> dict[str, Union[go.Figure, Widget]]:
     """Transcoder quality (and the SAE beside it), then per prompt: the graph viewer, its scores, the
     interventions against the graph's predictions, and its finding."""
     q = r.quality
-    rows = [(f"layer {x['layer']}", f"FVU {x['fvu']:.3f}, L0 {x['l0']:.1f}, dead {x['dead_fraction']:.1%}, CE loss "
+    rows = [(f"layer {x['layer']}", f"FVU {x['fvu']:.3f}, L0 {x['l0']:.1f}, silent {x['dead_fraction']:.1%}, CE loss "
                                      f"recovered replacing this MLP alone {_pct(x['ce_loss_recovered_alone'])}")
             for x in q["layers"]]
     rows.append(("every MLP replaced", f"CE {q['ce']['replaced']:.3f} vs clean {q['ce']['clean']:.3f}: recovered "
@@ -449,12 +473,15 @@ def figures(r: CircuitTracingResult) -> dict[str, Union[go.Figure, Widget]]:
     figs: dict[str, Union[go.Figure, Widget]] = {"transcoders": captioned(table(
         rows, f"{r.model_name}: {r.kind} transcoders, {r.width} features per layer ({r.source})"),
         "How well the transcoders imitate each MLP on held-out text: the share of the MLP output's variance they "
-        "miss (FVU), features active per token (L0), dead features, and the next-token loss with MLPs replaced "
-        "(without error terms) relative to ablating them. With the error terms added back the model is exact.")}
+        "miss (FVU), features active per token (L0), features that never fired on these held-out tokens (silent; "
+        "a short sample, so more than the trainer's dead count), and the next-token loss with MLPs replaced "
+        "(without error terms, position 0 left as it is) relative to ablating them. With the error terms added "
+        "back the model is exact.")}
     if r.sae:
         s = r.sae
         figs["transcoder vs SAE"] = captioned(bars(
-            {"transcoder": {"FVU": s["transcoder"]["fvu"], "CE loss recovered": s["transcoder"]["ce_loss_recovered"] or 0,
+            {"transcoder": {"FVU": s["transcoder"]["fvu"],
+                            "CE loss recovered": s["transcoder"]["ce_loss_recovered"] or 0,
                             "dead": s["transcoder"]["dead_fraction"]},
              "SAE": {"FVU": s["sae"]["fvu"], "CE loss recovered": s["sae"]["ce_loss_recovered"] or 0,
                      "dead": s["sae"]["dead_fraction"]}},
@@ -473,7 +500,8 @@ def figures(r: CircuitTracingResult) -> dict[str, Union[go.Figure, Widget]]:
             "activating examples, dashboard and strongest edges; the sliders re-prune (node threshold: share of "
             "the influence on the logits kept; edge threshold ranks edges by influence in the whole graph). "
             f"Pruned at {r.config.node_threshold}/{r.config.edge_threshold}: {p.kept_nodes} nodes, {p.kept_edges} "
-            f"edges. Replacement score {p.scores['replacement_score']:.2f} (pruned {p.scores['pruned_replacement_score']:.2f}), "
+            f"edges. Replacement score {p.scores['replacement_score']:.2f} "
+            f"(pruned {p.scores['pruned_replacement_score']:.2f}), "
             f"completeness {p.scores['completeness_score']:.2f} (pruned {p.scores['pruned_completeness_score']:.2f})."))
         if p.interventions:
             strs = p.graph.meta.get("logit_strs", [])
@@ -500,9 +528,12 @@ def figures(r: CircuitTracingResult) -> dict[str, Union[go.Figure, Widget]]:
                 f"Where the answer {f['target']!r} is computed: graph influence vs causal tracing",
                 "layer", "", colorbar="share of its maximum"), (
                 "Top rows: the graph's influence on the answer logit through features and error nodes, by layer and "
-                "position group. Bottom rows: causal tracing (ROME) on the same prompt, the probability restored by "
-                f"restoring each MLP output. The graph peaks at the {f['graph_peak_group']!r}, tracing at the "
-                f"{f['trace_peak_group']!r}; correlation {f['correlation']:.2f}."))
+                "position group (mean per position). Bottom rows: causal tracing (ROME) on the same prompt, the "
+                "probability restored by restoring each MLP output. At the last token: "
+                f"{f['graph_last_token_share']:.0%} of the graph's influence, peak layer {f['graph_peak_layer']}; "
+                f"{f['trace_last_token_share']:.0%} of the tracing effect, peak layer {f['trace_peak_layer']}. "
+                f"Before it, the graph points to the {f['graph_peak_group']!r}, tracing to the "
+                f"{f['trace_peak_group']!r}; correlation over the grid {f['correlation']:.2f}."))
         if p.kind == "induction" and f:
             figs[f"{tag}: token influence"] = captioned(bars(
                 {"influence": {f"{j}:{p.graph.token_strs[j]}": v for j, v in enumerate(f["token_influence"])}},

@@ -25,6 +25,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -39,8 +40,9 @@ from workbench.sae.transcoders import as_transcoders, make_transcoders  # noqa: 
 WIDTH = 4096
 
 
-def timed(model, tc, prompt, rounds: int, cfg: GraphConfig = GraphConfig()) -> tuple[float, int]:
+def timed(model, tc, prompt, rounds: int, cfg: Optional[GraphConfig] = None) -> tuple[float, int]:
     """(best seconds of `rounds` builds after a warm-up, active features)."""
+    cfg = cfg or GraphConfig()
     graph = build_graph(model, tc, prompt, cfg, progress=False)
     best = float("inf")
     for _ in range(rounds):

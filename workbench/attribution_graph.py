@@ -124,7 +124,8 @@ class AttributionGraph:
                     "label": f"{self.token_strs[p]!r} @{p}"}
         j = i - nf - ne - S
         return {"kind": "logit", "layer": self.n_layers, "pos": S - 1, "feature": None,
-                "label": f"logit {self.meta.get('logit_strs', [''] * self.n_logits)[j]!r} (p={float(self.logit_probs[j]):.2f})"}
+                "label": f"logit {self.meta.get('logit_strs', [''] * self.n_logits)[j]!r} "
+                         f"(p={float(self.logit_probs[j]):.2f})"}
 
     def logit_weights(self) -> torch.Tensor:
         """[N]: each logit node's probability, 0 elsewhere (what influence is measured against)."""
@@ -162,7 +163,8 @@ def _tokens(model: Any, prompt: Union[str, torch.Tensor, Sequence[int]]) -> torc
     if isinstance(prompt, str):
         if model.tokenizer is None:
             raise InputError("This model has no tokenizer; give the prompt as token ids.")
-        tokens = model.to_tokens(prompt) if hasattr(model, "to_tokens") else torch.tensor([model.tokenizer.encode(prompt)])
+        tokens = (model.to_tokens(prompt) if hasattr(model, "to_tokens")
+                  else torch.tensor([model.tokenizer.encode(prompt)]))
     else:
         tokens = torch.as_tensor(prompt).long()
     tokens = tokens.reshape(1, -1).to(device)
@@ -190,12 +192,7 @@ def build_graph(model: Any, transcoders: Transcoders, prompt: Union[str, torch.T
     S, L, d = tokens.shape[1], transcoders.n_layers, transcoders.d_model
     arch = describe(model)
     scale_names = [n for n in model.hook_dict if n.endswith("hook_scale") and n in arch.fired]
-    pattern_names = [f"blocks.{l}.attn.hook_pattern" for l in range(L)]
-    for name in pattern_names:
-        if name not in arch.fired:
-            raise DoesNotApplyError(f"{arch.label}: circuit tracing does not apply: they freeze attention patterns "
-                                    f"at {name}, which this model does not fire.")
-    _check_pattern_edits(model, tokens, pattern_names, arch.label)
+    pattern_names = _frozen_attention(model, tokens)
     keep = ["blocks.0.hook_resid_pre", *scale_names, *pattern_names,
             *(h for l in range(L) for h in (transcoders.in_hook(l), output_hook(l)))]
     with torch.no_grad():
@@ -237,7 +234,8 @@ def build_graph(model: Any, transcoders: Transcoders, prompt: Union[str, torch.T
     logit_probs = probs[order[:n_logits]].cpu()
 
     nf, ne, N = len(features), L * S, len(features) + L * S + S + n_logits
-    graph = AttributionGraph(getattr(getattr(model, "folder", None), "name", "") or getattr(model.cfg, "model_name", ""),
+    graph = AttributionGraph(getattr(getattr(model, "folder", None), "name", "")
+                             or getattr(model.cfg, "model_name", ""),
                              tokens[0].tolist(), _token_strs(model, tokens), L, features, activations.cpu(),
                              logit_tokens, logit_probs, torch.zeros(N, N), torch.zeros(N), torch.zeros(N),
                              transcoders.kind)
@@ -389,22 +387,21 @@ def check_supported(model: Any) -> None:
     from workbench.sae.transcoders import mlp_layers
 
     mlp_layers(model)
-    arch = describe(model)
-    names = [f"blocks.{l}.attn.hook_pattern" for l in range(int(model.cfg.n_layers))]
-    missing = [n for n in names if n not in arch.fired]
-    if missing:
-        raise DoesNotApplyError(f"{arch.label}: circuit tracing does not apply: they freeze attention patterns at "
-                                f"{missing[0]}, which this model does not fire.")
-    tokens = torch.arange(1, 9, device=next(model.parameters()).device)[None] % int(model.cfg.d_vocab)
-    _check_pattern_edits(model, tokens, names, arch.label)
+    _frozen_attention(model, torch.arange(1, 9, device=next(model.parameters()).device)[None] % int(model.cfg.d_vocab))
 
 
 @torch.no_grad()
-def _check_pattern_edits(model: Any, tokens: torch.Tensor, pattern_names: list[str], label: str) -> None:
-    """Freezing attention means editing hook_pattern; refuse a model on which that edit does not change
-    the output (a bridge that only reports its pattern after computing with its own)."""
+def _frozen_attention(model: Any, tokens: torch.Tensor) -> list[str]:
+    """The hook_pattern names that freeze attention, after checking that they fire and that an edit there
+    changes the output (a bridge that only reports its pattern after computing with its own is refused)."""
+    arch = describe(model)
+    pattern_names = [f"blocks.{l}.attn.hook_pattern" for l in range(int(model.cfg.n_layers))]
+    missing = [n for n in pattern_names if n not in arch.fired]
+    if missing:
+        raise DoesNotApplyError(f"{arch.label}: circuit tracing does not apply: it freezes attention patterns at "
+                                f"{missing[0]}, which this model does not fire.")
     if tokens.shape[1] < 2:
-        return
+        return pattern_names
 
     def first_only(pattern, hook):
         out = torch.zeros_like(pattern)
@@ -414,8 +411,9 @@ def _check_pattern_edits(model: Any, tokens: torch.Tensor, pattern_names: list[s
     plain = model(tokens)[0, -1].float()
     edited = model.run_with_hooks(tokens, fwd_hooks=[(n, first_only) for n in pattern_names])[0, -1].float()
     if float((plain - edited).abs().max()) <= 1e-6 * max(1.0, float(plain.abs().max())):
-        raise DoesNotApplyError(f"{label}: circuit tracing does not apply: an edit of the attention pattern "
+        raise DoesNotApplyError(f"{arch.label}: circuit tracing does not apply: an edit of the attention pattern "
                                 "(hook_pattern) does not change the output, so attention cannot be frozen.")
+    return pattern_names
 
 
 def _starts_with_bos(model: Any, tokens: torch.Tensor) -> bool:
@@ -635,13 +633,21 @@ def check_graph_model(graph: AttributionGraph, model: Any) -> None:
 
 def graph_files(graph: AttributionGraph) -> dict[str, Union[str, bytes]]:
     """{graph.safetensors: the tensors, graph.json: prompt, tokens and metadata}: what `save_graph`
-    writes and what the report puts beside each graph's viewer."""
+    writes and what the report puts beside each graph's viewer. The adjacency is stored sparse (an
+    int32 flat index and a float32 value per edge) when that is smaller."""
+    flat = graph.adjacency.flatten()
+    where = flat.nonzero().flatten()
+    if len(where) * 2 < len(flat) and len(flat) < 2 ** 31:  # sparse is smaller: an int32 index and a value per edge
+        adjacency = {"adjacency_index": where.to(torch.int32), "adjacency_values": flat[where].contiguous()}
+    else:
+        adjacency = {"adjacency": graph.adjacency.contiguous()}
     tensors = save({"features": graph.features.contiguous(), "activations": graph.activations.float().contiguous(),
-                    "logit_tokens": graph.logit_tokens.contiguous(), "logit_probs": graph.logit_probs.float().contiguous(),
-                    "adjacency": graph.adjacency.contiguous(), "bias": graph.bias.contiguous(),
-                    "values": graph.values.contiguous()})
+                    "logit_tokens": graph.logit_tokens.contiguous(),
+                    "logit_probs": graph.logit_probs.float().contiguous(),
+                    **adjacency, "bias": graph.bias.contiguous(), "values": graph.values.contiguous()})
     meta = json.dumps(strict_json({"kind": "workbench.AttributionGraph", "format_version": 1,
-                                   "model_name": graph.model_name, "tokens": graph.tokens, "token_strs": graph.token_strs,
+                                   "model_name": graph.model_name, "tokens": graph.tokens,
+                                   "token_strs": graph.token_strs,
                                    "n_layers": graph.n_layers, "transcoders": graph.transcoders, "meta": graph.meta}),
                       indent=1, allow_nan=False)
     return {GRAPH_FILE: tensors, GRAPH_META: meta}
@@ -664,15 +670,24 @@ def load_graph(folder: Union[str, Path], model: Any = None) -> AttributionGraph:
         meta = json.loads((folder / GRAPH_META).read_text())
         t = load_file(str(folder / GRAPH_FILE))
     except FileNotFoundError:
-        raise CheckpointError(f"{folder} is not an attribution graph: it needs {GRAPH_META} and {GRAPH_FILE}.") from None
+        raise CheckpointError(f"{folder} is not an attribution graph: it needs {GRAPH_META} and "
+                              f"{GRAPH_FILE}.") from None
     except Exception as err:
         raise CheckpointError(f"The attribution graph in {folder} is damaged ({type(err).__name__}: {err}).") from err
     if meta.get("kind") != "workbench.AttributionGraph":
         raise CheckpointError(f"{folder / GRAPH_META} is not an attribution graph file.")
     graph = AttributionGraph(meta["model_name"], meta["tokens"], meta["token_strs"], int(meta["n_layers"]),
-                             t["features"], t["activations"], t["logit_tokens"], t["logit_probs"], t["adjacency"],
+                             t["features"], t["activations"], t["logit_tokens"], t["logit_probs"], torch.zeros(0),
                              t["bias"], t["values"], meta.get("transcoders", ""), meta.get("meta", {}))
     N = graph.n_nodes
+    if "adjacency" in t:
+        graph.adjacency = t["adjacency"]
+    else:
+        index = t["adjacency_index"].long()
+        if len(index) and (int(index.min()) < 0 or int(index.max()) >= N * N):
+            raise CheckpointError(f"{folder / GRAPH_FILE}: an edge index is outside the {N} × {N} adjacency; "
+                                  "the file is damaged.")
+        graph.adjacency = torch.zeros(N * N).index_put_((index,), t["adjacency_values"]).view(N, N)
     if graph.adjacency.shape != (N, N):
         raise CheckpointError(f"{folder / GRAPH_FILE}: the adjacency is {tuple(graph.adjacency.shape)}, but the nodes "
                               f"listed need ({N}, {N}); the file is damaged.")
@@ -709,7 +724,8 @@ def viewer_data(graph: AttributionGraph, max_nodes: int = 400, max_edges: int = 
     cut = pr.edge_cut[sel][:, sel]
     t_idx, s_idx = sub.nonzero(as_tuple=True)
     order = cut[t_idx, s_idx].argsort()[:max_edges]
-    edges = [[int(s_idx[k]), int(t_idx[k]), _finite(float(sub[t_idx[k], s_idx[k]])), _finite(float(cut[t_idx[k], s_idx[k]]))]
+    edges = [[int(s_idx[k]), int(t_idx[k]), _finite(float(sub[t_idx[k], s_idx[k]])),
+              _finite(float(cut[t_idx[k], s_idx[k]]))]
              for k in order]
     return {"tokens": graph.token_strs, "n_layers": graph.n_layers, "nodes": nodes, "edges": edges,
             "node_threshold": 0.8, "edge_threshold": 0.98}

@@ -23,7 +23,7 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
 from workbench.plotting import caption_of
-from workbench.widgets import WIDGETS_JS, Widget
+from workbench.widgets import SECTION_FILES, WIDGETS_JS, Widget
 
 CSS = """
 *{box-sizing:border-box}
@@ -87,10 +87,12 @@ def _anchor(*parts: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "-", "--".join(parts)).strip("-").lower()
 
 
-def render_item(item: Union[go.Figure, Widget], anchor: str, height: int | None = None) -> str:
-    """A figure or widget, its caption below it."""
+def render_item(item: Union[go.Figure, Widget], anchor: str, height: int | None = None,
+                files: str = "") -> str:
+    """A figure or widget, its caption below it; `files` is the folder of the section's own files, for
+    widget links that start with SECTION_FILES."""
     if isinstance(item, Widget):
-        body, caption = item.html, item.caption
+        body, caption = item.html.replace(SECTION_FILES, html.escape(files or ".")), item.caption
     else:
         fig = item if height is None else go.Figure(item).update_layout(height=height)
         body = fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig-{anchor}",
@@ -120,7 +122,7 @@ def study_page(spec: PageSpec, sections: Sequence[Any], specs: Sequence[PageSpec
                      f"metrics.json)</summary><table>{rows}</table></details>")
         for name, item in s.figures.items():
             parts.append(f"<h3>{html.escape(name)}</h3>")
-            parts.append(render_item(item, _anchor(s.model, name)))
+            parts.append(render_item(item, _anchor(s.model, name), files=s.slug))
     parts.append("</main></body></html>")
     return "\n".join(parts)
 

@@ -28,6 +28,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+SECTION_FILES = "@section-files@"
+"""A link target in a widget's HTML that starts with this means the analysis's own files (its
+`Result.files()`); the report replaces it with the folder it writes them to."""
+
 
 @dataclass(frozen=True)
 class Widget:

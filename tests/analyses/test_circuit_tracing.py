@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 import workbench
 from analyses.circuit_tracing import CircuitTracingConfig
@@ -44,7 +43,10 @@ def test_the_study_trains_caches_traces_and_writes_reloadable_graphs(model_dir, 
     out = write_report(tmp_path / "r", [section])
     json.loads((out / "metrics.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-strict JSON: {c}"))
     page = (out / "circuit-tracing.html").read_text()
-    assert "wb-graph" in page
+    assert "wb-graph" in page and "@section-files@" not in page
+    import re
+    links = set(re.findall(r'"href": ?"([^"]+)"', page))
+    assert links and all((out / link).exists() for link in links), links  # the viewer links the dashboards
     graph_dir = next((out / section.slug / "graphs").rglob("graph.json")).parent
     graph = load_graph(graph_dir, workbench.load(model_dir, device="cpu"))
     assert graph.n_features == g["features"]
@@ -95,7 +97,8 @@ def test_the_shipped_models_graphs_show_induction_and_agree_with_causal_tracing(
         assert g["replacement_score"] > 0.5
     facts = run_analysis("circuit-tracing", "facts", CircuitTracingConfig(compare_sae=False), device="cpu").metrics
     for g in facts["graphs"]:
-        assert g["finding"]["correlation"] > 0.5, g["finding"]  # graph influence and causal tracing line up
+        assert g["finding"]["agree"], g["finding"]  # both put the answer at the last token, in the same early layers
+        assert g["finding"]["correlation"] > 0.5, g["finding"]
 
 
 @pytest.mark.slow

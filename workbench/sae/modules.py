@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from workbench.artifacts import atomic_write_json
 from workbench.config import check_types
+from workbench.distributed import Dist
 from workbench.errors import CheckpointError, ConfigError, InputError, check_field, unknown_name_message
 
 CFG_FILE, WEIGHTS_FILE = "cfg.json", "sae_weights.safetensors"
@@ -160,6 +161,9 @@ class SAE(nn.Module):
     activation and the sparsity loss."""
 
     decoder_init_norm = 0.1
+    dist: Dist = Dist()
+    """The process group a data-parallel trainer sets, so that batch statistics inside a step are
+    taken over every rank's share of the batch (a single process by default)."""
 
     def __init__(self, cfg: SAEConfig, seed: int = 0):
         super().__init__()
@@ -309,7 +313,7 @@ class TopKSAE(SAE):
         idx = out.pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=-1).indices
         assert out.xc is not None  # TopK's train_forward always sets it
         _, recon = self._sparse(out.xc, out.pre, idx, relu=False)
-        denom = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+        denom = centred_sq_mean(residual, self.dist).clamp_min(1e-12)
         scale = min(n_dead / k_aux, 1.0)
         return self.cfg.aux_coefficient * scale * (recon - residual).pow(2).sum(-1).mean() / denom
 
@@ -332,6 +336,8 @@ class BatchTopKSAE(TopKSAE):
     def train_forward(self, x: torch.Tensor) -> TrainOut:
         pre = self.pre_acts(x)
         acts = F.relu(pre)
+        if self.dist.active:
+            return self._train_forward_distributed(pre, acts)
         flat = acts.flatten()
         top = flat.topk(min(self.cfg.k * acts.shape[0], flat.numel()))
         f = torch.zeros_like(flat).scatter_(0, top.indices, top.values).view_as(acts)
@@ -339,6 +345,23 @@ class BatchTopKSAE(TopKSAE):
             kept = top.values[top.values > 0]
             if kept.numel():
                 self.threshold.lerp_(kept.min(), 0.01 if self.threshold > 0 else 1.0)
+        return TrainOut(self.decode(f), pre, f=f)
+
+    def _train_forward_distributed(self, pre: torch.Tensor, acts: torch.Tensor) -> TrainOut:
+        """The k·B largest over the whole batch, every rank's share: the cut is the (k·B)-th largest of
+        the ranks' own candidates, gathered (each rank's top k·B, since the whole batch's top k·B are
+        among them)."""
+        n = self.cfg.k * acts.shape[0] * self.dist.world
+        with torch.no_grad():
+            flat = acts.flatten()
+            mine = flat.topk(min(n, flat.numel())).values
+            cut = self.dist.cat(mine).topk(min(n, mine.numel() * self.dist.world)).values[-1]
+            keep = acts >= cut if cut > 0 else acts > 0
+        f = acts * keep
+        with torch.no_grad():
+            low = cut if cut > 0 else _global_min(flat[flat > 0], self.dist)
+            if torch.isfinite(low) and low > 0:
+                self.threshold.lerp_(low, 0.01 if self.threshold > 0 else 1.0)
         return TrainOut(self.decode(f), pre, f=f)
 
     def aux_loss(self, target: torch.Tensor, out: TrainOut, dead: torch.Tensor) -> torch.Tensor:
@@ -466,8 +489,8 @@ def load_sae(folder: Union[str, Path], device: Union[str, torch.device] = "cpu")
         raise CheckpointError(f"Could not read the SAE in {folder} ({type(err).__name__}: {err}); the files are "
                               "damaged or not an SAE.") from err
     if isinstance(cfg, dict) and cfg.get("architecture") == "cross_layer_transcoder":
-        from workbench.sae.transcoders import CrossLayerTranscoder
-        return CrossLayerTranscoder.load(folder).to(device)
+        raise CheckpointError(f"{folder} holds a cross-layer transcoder, not an SAE: load it with "
+                              "workbench.sae.transcoders.load_transcoders on the folder above it.")
     arch = cfg.get("architecture")
     known = {"standard": "relu", "relu": "relu", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "batchtopk"}
     if arch not in known:
@@ -541,6 +564,22 @@ def _fold_saelens_options(path: Path, cfg: dict[str, Any], arch: str, weights: d
     dtype = weights["W_enc"].dtype
     return {**weights, "W_enc": W_enc.to(dtype), "b_enc": b_enc.to(dtype), "W_dec": W_dec.to(dtype),
             "b_dec": b_dec.to(dtype)}
+
+
+def centred_sq_mean(r: torch.Tensor, dist: Dist) -> torch.Tensor:
+    """Mean over the rows of every rank of ‖r − mean(r)‖², the mean taken over every rank too
+    (two passes, as one process computes it)."""
+    if not dist.active:
+        return (r - r.mean(0)).pow(2).sum(-1).mean()
+    count = dist.sum_(torch.tensor([float(len(r))], device=r.device, dtype=r.dtype))
+    mean = dist.sum_(r.sum(0)) / count
+    return dist.sum_((r - mean).pow(2).sum().reshape(1))[0] / count[0]
+
+
+def _global_min(values: torch.Tensor, dist: Dist) -> torch.Tensor:
+    """The smallest of `values` over every rank (inf where there are none)."""
+    mine = values.min() if values.numel() else values.new_tensor(float("inf"))
+    return dist.cat(mine.reshape(1)).min()
 
 
 def geometric_median(points: torch.Tensor, iters: int = 50, eps: float = 1e-6) -> torch.Tensor:

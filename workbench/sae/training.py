@@ -46,6 +46,7 @@ from workbench.artifacts import (
     write_state,
 )
 from workbench.config import check_types, from_dict
+from workbench.distributed import Dist
 from workbench.errors import CheckpointError, InputError, TrainingDiverged, check_field
 from workbench.runs import StopRequest, TrainingInterrupted, refuse_changed_config, refuse_foreign
 from workbench.sae.activations import Batch
@@ -147,8 +148,11 @@ class SAETrainConfig:
 class _Trainer:
     """One SAE's optimiser, schedule and bookkeeping."""
 
-    def __init__(self, name: str, sae: SAE, cfg: SAETrainConfig, out: Optional[Path]):
+    def __init__(self, name: str, sae: SAE, cfg: SAETrainConfig, out: Optional[Path], dist: Optional[Dist] = None):
         self.name, self.sae, self.cfg, self.out = name, sae, cfg, out
+        self.dist = dist or Dist()
+        self.writes = out is not None and self.dist.is_main  # under torchrun only rank 0 writes files
+        sae.dist = self.dist  # the statistics inside a step (AuxK's variance, BatchTopK's threshold) are global
         self.key = sae.cfg.hook_name or name  # which activations of a batch it reads
         self.target_key = sae.cfg.target_hook or self.key  # and which it predicts (a transcoder's differ)
         self.opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
@@ -160,7 +164,7 @@ class _Trainer:
 
     # -- state ----------------------------------------------------------------------------------
     def _checkpoint(self) -> Optional[Path]:
-        if self.out is None:
+        if not self.writes:
             return None
 
         def write(tmp: Path) -> None:
@@ -203,7 +207,8 @@ class _Trainer:
         self.scale_out = state.get("scale_out", self.scale)
         self.stats = ReconstructionStats(**{k: v.to(_device(self.sae)) if isinstance(v, torch.Tensor) else v
                                             for k, v in state["stats"].items()})
-        truncate_log(self.out / LOG_FILE, self.step)
+        if self.writes:
+            truncate_log(self.out / LOG_FILE, self.step)
 
     # -- one step ---------------------------------------------------------------------------------
     def init_from(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -211,11 +216,14 @@ class _Trainer:
         the first batch."""
         if self.scale is None:
             def scale_of(t: torch.Tensor) -> float:
-                return math.sqrt(t.shape[-1]) / float(t.norm(dim=-1).mean().clamp_min(1e-12)) if self.cfg.normalize \
-                    else 1.0
+                if not self.cfg.normalize:
+                    return 1.0
+                count = torch.tensor(len(t), dtype=torch.double, device=t.device)
+                sums = self.dist.sum_(torch.stack([t.norm(dim=-1).double().sum(), count]))
+                return math.sqrt(t.shape[-1]) / max(float(sums[0] / sums[1]), 1e-12)  # mean norm, over every rank
             self.scale = scale_of(x)
             self.scale_out = scale_of(y) if y is not x else self.scale
-            ys = y * self.scale_out
+            ys = self.dist.cat(y * self.scale_out)  # the whole batch, in rank order (b_dec starts the same everywhere)
             init = {"geometric_median": lambda: geometric_median(ys[:4096]), "mean": lambda: ys.mean(0),
                     "zeros": lambda: torch.zeros_like(ys[0])}[self.cfg.b_dec_init]()
             with torch.no_grad():
@@ -227,8 +235,8 @@ class _Trainer:
         for t in (x, y):
             if not torch.isfinite(t).all():
                 raise TrainingDiverged(f"The activations for {self.name} contain NaN or inf at step {self.step}. "
-                                       f"Nothing was overwritten; the last good checkpoint is {self.last_checkpoint()}. "
-                                       "Check the model and hook that produced them.")
+                                       "Nothing was overwritten; the last good checkpoint is "
+                                       f"{self.last_checkpoint()}. Check the model and hook that produced them.")
         self.init_from(x, y)
         xs = x * self.scale
         x, y = xs, (xs if y is x else y * self.scale_out)
@@ -251,6 +259,7 @@ class _Trainer:
                                    "learning rate or the sparsity coefficient, and train into a new --out.")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        self.dist.mean_grads_(sae.parameters())  # each rank's loss is a mean over its share of the batch
         grad_norm = torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
         if not torch.isfinite(grad_norm):
             self.opt.zero_grad(set_to_none=True)
@@ -261,15 +270,16 @@ class _Trainer:
         sae.after_step()
         fired, l0_sum, l1_sum = out.counts(sae.d_sae)
         with torch.no_grad():
-            self.since_fired += x.shape[0]
-            self.since_fired[fired > 0] = 0
-            self.stats.add_counts(y, x_hat, fired, l0_sum, l1_sum)
+            self.stats.add_counts(y, x_hat, fired, l0_sum, l1_sum)  # this rank's; summed over ranks when logged
+            fired_anywhere = self.dist.sum_(fired.clone())
+            self.since_fired += x.shape[0] * self.dist.world
+            self.since_fired[fired_anywhere > 0] = 0
         self.step += 1
         return {"loss": float(loss.detach()), "mse": float(mse.detach()), "sparsity_loss": float(sparsity.detach()),
                 "aux_loss": float(aux.detach())}
 
     def log_record(self, losses: dict[str, float], tok_per_s: float) -> dict[str, Any]:
-        s = self.stats.summary()
+        s = _reduced(self.stats, self.dist).summary()
         self.stats = ReconstructionStats(self.sae.d_sae)
         return {"step": self.step, "tokens": self.step * self.cfg.batch_size, **losses, "l0": s["l0"],
                 "fvu": s["fvu"], "dead_fraction": float((self.since_fired >= self.cfg.dead_window).float().mean()),
@@ -280,7 +290,7 @@ class _Trainer:
     def finish(self) -> Optional[Path]:
         """Fold the activation scale into the weights and save in the SAELens layout."""
         self.sae.fold_scale(self.scale or 1.0, self.scale_out or self.scale or 1.0)
-        if self.out is None:
+        if not self.writes:
             return None
         own_save = getattr(self.sae, "save", None)  # dictionaries with their own file layout (cross-layer transcoders)
         if own_save is not None:
@@ -288,6 +298,17 @@ class _Trainer:
                                              "train": self.cfg.to_dict()})
         return save_sae(self.sae, self.out, extra={"activation_scale_folded": self.scale, "steps": self.step,
                                                    "train": self.cfg.to_dict()})
+
+
+def _reduced(stats: ReconstructionStats, dist: Dist) -> ReconstructionStats:
+    """The stats summed over every rank (a copy; itself with one process)."""
+    if not dist.active:
+        return stats
+    scalars = dist.sum_(torch.tensor([stats.n, stats.sq_err, stats.sum_x_sq, stats.l0_sum, stats.l1_sum, stats.cos_sum,
+                                      stats.ratio_sum], dtype=torch.float64, device=stats.sum_x.device))
+    n, sq_err, sum_x_sq, l0_sum, l1_sum, cos_sum, ratio_sum = scalars.tolist()
+    return ReconstructionStats(stats.d_sae, stats.dense_threshold, int(n), sq_err, dist.sum_(stats.sum_x.clone()),
+                               sum_x_sq, l0_sum, l1_sum, cos_sum, ratio_sum, dist.sum_(stats.fired.clone()))
 
 
 def _out_for(out: Optional[Path], name: str, many: bool) -> Optional[Path]:
@@ -315,7 +336,9 @@ def _resume_all(trainers: list[_Trainer]) -> list[_Trainer]:
     todo = []
     for t in trainers:
         if t.out is not None and (t.out / CFG_FILE).exists():
-            t.sae.load_state_dict(load_sae(t.out, device=_device(t.sae)).state_dict())
+            own_load = getattr(type(t.sae), "load", None)  # dictionaries with their own file layout
+            done = own_load(t.out) if own_load is not None else load_sae(t.out)
+            t.sae.load_state_dict(done.to(_device(t.sae)).state_dict())
             print(f"SAE {t.name} is already finished in {t.out}; it is not trained again.")
         else:
             todo.append(t)
@@ -325,7 +348,7 @@ def _resume_all(trainers: list[_Trainer]) -> list[_Trainer]:
     common = set.intersection(*(t.checkpoint_steps() for t in todo))
     if not common:
         for t in todo:
-            if t.out is not None:
+            if t.writes:
                 (t.out / LOG_FILE).unlink(missing_ok=True)  # the log of a run that never reached a checkpoint
         print(f"Nothing to resume in {todo[0].out} yet (no checkpoint was written); starting from step 0.")
         return todo
@@ -336,7 +359,7 @@ def _resume_all(trainers: list[_Trainer]) -> list[_Trainer]:
 
 def train_saes(saes: dict[str, SAE], batches: Iterable[Batch], cfg: SAETrainConfig,
                out: Optional[Union[str, Path]] = None, resume: bool = False, progress: bool = True,
-               resume_command: Optional[str] = None) -> dict[str, list[dict[str, Any]]]:
+               resume_command: Optional[str] = None, dist: Optional[Dist] = None) -> dict[str, list[dict[str, Any]]]:
     """Train each SAE on `batch[its hook_name]` (or `batch[name]` when it has none) of every batch from
     `batches`; returns each one's log. Several SAEs on the same or different hooks share each batch,
     so one forward pass of the model feeds them all.
@@ -345,22 +368,37 @@ def train_saes(saes: dict[str, SAE], batches: Iterable[Batch], cfg: SAETrainConf
     checkpoints/ and finally cfg.json + sae_weights.safetensors (normalisation folded in). Nothing
     there is overwritten: a finished SAE, an unfinished run or someone else's files are an error.
     `resume` continues the unfinished run from its newest checkpoint, or starts it if it has none;
-    its config must equal the one the run started with. Each folder is locked while training."""
+    its config must equal the one the run started with. Each folder is locked while training.
+
+    Data parallel (`dist` from `workbench.distributed.init_from_env`, under torchrun): `cfg.batch_size`
+    is the whole batch; each rank's `batches` give its share, batch_size / world rows, its own
+    activations. Gradients are averaged over the ranks, and every statistic that decides what
+    training does is taken over the whole batch: the normalisation scale, b_dec's starting point,
+    which latents fired (dead latents, AuxK), AuxK's residual variance and BatchTopK's threshold. So
+    2 ranks with half the batch each train what 1 process does with the whole batch (the shares
+    concatenated in rank order). Rank 0 writes the log, checkpoints and the SAE; every rank resumes
+    from them."""
     out = Path(out) if out is not None else None
+    dist = dist or Dist()
+    if cfg.batch_size % dist.world:
+        raise InputError(f"batch_size {cfg.batch_size} does not split evenly over {dist.world} processes; choose a "
+                         "multiple of the number of processes.")
     many = len(saes) > 1
-    trainers = [_Trainer(name, sae, cfg, _out_for(out, name, many)) for name, sae in saes.items()]
+    trainers = [_Trainer(name, sae, cfg, _out_for(out, name, many), dist) for name, sae in saes.items()]
     hint = f"`{resume_command}`" if resume_command else "resume=True"
-    if not resume:
+    if not resume and dist.is_main:
         for t in trainers:
             _check_fresh(t, hint)
     with contextlib.ExitStack() as locks:
         for t in trainers:
-            if t.out is not None:
+            if t.writes:
                 locks.enter_context(run_lock(t.out, "SAE training run"))
-        if not resume:
+        if not resume and dist.is_main:
             for t in trainers:
                 _check_fresh(t, hint)  # again under the lock: another process may have started in between
+        dist.barrier()
         active = _resume_all(trainers) if resume and out is not None else trainers
+        dist.barrier()  # nobody writes a checkpoint before every rank has read the one it resumes from
         return _train_loop(trainers, active, batches, cfg, progress, hint)
 
 
@@ -373,13 +411,16 @@ def _train_loop(trainers: list[_Trainer], active: list[_Trainer], batches: Itera
         next(it)
     ckpt_steps = cfg.checkpoint_steps()
     saved_at = start if start else -1
-    bar = tqdm(total=cfg.n_steps, initial=start, desc="SAE", unit="step", disable=not progress or None)
+    dist = active[0].dist
+    share = cfg.batch_size // dist.world
+    bar = tqdm(total=cfg.n_steps, initial=start, desc="SAE" + (f" ({dist.world} processes)" if dist.active else ""),
+               unit="step", disable=not (progress and dist.is_main) or None)
     t0, tokens0 = time.perf_counter(), 0
     step = start
     try:
         with StopRequest("SAE training") as stop:
             while step < cfg.n_steps:
-                if stop.requested:
+                if dist.sum_(torch.tensor([float(stop.requested)]))[0] > 0 if dist.active else stop.requested:
                     saved = [t._checkpoint() for t in active] if saved_at != step else [None]
                     bar.close()
                     folder = saved[0] or (active[0].out and dict(list_checkpoints(active[0].out)).get(step))
@@ -395,6 +436,9 @@ def _train_loop(trainers: list[_Trainer], active: list[_Trainer], batches: Itera
                         if key not in batch:
                             raise InputError(f"The activation source gives {sorted(batch)}, not {key!r}, which "
                                              f"{t.name!r} reads.")
+                        if len(batch[key]) != share:
+                            raise InputError(f"Batches of {len(batch[key])} rows, but batch_size {cfg.batch_size} over "
+                                             f"{dist.world} process(es) needs {share} per process.")
                     device = _device(t.sae)
                     losses[t.name] = t.train_step(batch[t.key].to(device), batch[t.target_key].to(device)
                                                   if t.target_key != t.key else None)
@@ -406,13 +450,14 @@ def _train_loop(trainers: list[_Trainer], active: list[_Trainer], batches: Itera
                     for t in active:
                         record = t.log_record(losses[t.name], rate)
                         logs[t.name].append(record)
-                        if t.out is not None:
+                        if t.writes:
                             append_log(t.out / LOG_FILE, record)
                     first = logs[active[0].name][-1]
                     bar.set_postfix(L0=f"{first['l0']:.1f}", FVU=f"{first['fvu']:.3f}", tok_s=f"{rate:,.0f}")
                 if step in ckpt_steps:
                     for t in active:
                         t._checkpoint()
+                    dist.barrier()  # every rank is past this step only once its checkpoint is on disk
                     saved_at = step
     except KeyboardInterrupt:  # a second Ctrl-C: quit now; the newest checkpoint on disk is consistent
         bar.close()

@@ -38,8 +38,20 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from workbench.artifacts import atomic_write_json
+from workbench.distributed import Dist
 from workbench.errors import CheckpointError, InputError
-from workbench.sae.modules import CFG_FILE, SAE, WEIGHTS_FILE, SAEConfig, TrainOut, _JumpReLU, _Step, load_sae, save_sae
+from workbench.sae.modules import (
+    CFG_FILE,
+    SAE,
+    WEIGHTS_FILE,
+    SAEConfig,
+    TrainOut,
+    _JumpReLU,
+    _Step,
+    centred_sq_mean,
+    load_sae,
+    save_sae,
+)
 
 MANIFEST = "transcoders.json"
 CLT_INPUT, CLT_TARGET = "clt.inputs", "clt.targets"
@@ -94,6 +106,9 @@ class CrossLayerTranscoder(nn.Module):
     """Features at layer l read x_l (that layer's MLP input) and write to the MLP outputs of layers
     l..L-1. On the trainer's side it is a dictionary of d_in = L·d_model and d_sae = L·F over the
     concatenated inputs and targets; `cfg.k` is per layer."""
+
+    dist: Dist = Dist()
+    """Set by a data-parallel trainer (see `SAE.dist`)."""
 
     def __init__(self, cfg: SAEConfig, n_layers: int, seed: int = 0, input_hooks: Optional[Sequence[str]] = None):
         super().__init__()
@@ -200,7 +215,7 @@ class CrossLayerTranscoder(nn.Module):
         top = out.pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=-1)
         f_aux = torch.zeros_like(out.pre).scatter_(-1, top.indices, top.values)  # no ReLU, as TopKSAE.aux_loss
         recon = self.decode(f_aux) - self.b_dec
-        denom = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+        denom = centred_sq_mean(residual, self.dist).clamp_min(1e-12)
         return self.cfg.aux_coefficient * min(n_dead / k_aux, 1.0) * (recon - residual).pow(2).sum(-1).mean() / denom
 
     @torch.no_grad()
@@ -236,7 +251,8 @@ class CrossLayerTranscoder(nn.Module):
                                               "input_hooks": self.input_hooks,
                                               "d_model": self.d_model, "d_transcoder": self.d_tc,
                                               "metadata": {"model_name": self.cfg.model_name,
-                                                           "workbench": {"config": self.cfg.to_dict(), **(extra or {})}}})
+                                                           "workbench": {"config": self.cfg.to_dict(),
+                                                                         **(extra or {})}}})
         return folder
 
     @classmethod
@@ -397,12 +413,13 @@ class Transcoders:
         layers = mlp_layers(model)
         if len(layers) != self.n_layers or int(model.cfg.d_model) != self.d_model:
             raise InputError(f"These transcoders ({self.model_name!r}: {self.n_layers} layers of width {self.d_model}) "
-                             f"do not fit this model ({len(layers)} layers of width {int(model.cfg.d_model)}); they were "
-                             "trained on another model. Train transcoders for it with `workbench transcoder train`.")
+                             f"do not fit this model ({len(layers)} layers of width {int(model.cfg.d_model)}); "
+                             "they were trained on another model. "
+                             "Train transcoders for it with `workbench transcoder train`.")
         wanted = mlp_input_hooks(model)
         if [self.in_hook(l) for l in layers] != wanted:
-            raise InputError(f"These transcoders read {self.in_hook(0)!r}, ..., but this model's MLPs read {wanted[0]!r}, "
-                             "...; they were trained on another kind of model.")
+            raise InputError(f"These transcoders read {self.in_hook(0)!r}, ..., but this model's MLPs read "
+                             f"{wanted[0]!r}, ...; they were trained on another kind of model.")
 
 
 def load_transcoders(folder: Union[str, Path], device: Union[str, torch.device] = "cpu") -> Transcoders:
@@ -503,7 +520,8 @@ def make_transcoders(model: Any, d_tc: int, architecture: str = "topk", k: int =
     common = dict(architecture=architecture, k=k, l1_coefficient=l1_coefficient, model_name=model_name)
     if cross_layer:
         if skip:
-            raise InputError("The skip connection is a per-layer transcoder's option; leave it off for a cross-layer one.")
+            raise InputError("The skip connection is a per-layer transcoder's option; leave it off for a "
+                             "cross-layer one.")
         cfg = SAEConfig(d_in=len(layers) * d, d_sae=len(layers) * d_tc, hook_name=CLT_INPUT, target_hook=CLT_TARGET,
                         aux_k=d // 2, **common)
         return {"clt": CrossLayerTranscoder(cfg, len(layers), seed=seed, input_hooks=hooks)}
@@ -522,11 +540,13 @@ def as_transcoders(dictionaries: dict[str, nn.Module], n_layers: int, model_name
 
 @torch.no_grad()
 def evaluate_transcoders(model: Any, tc: Transcoders, rows: torch.Tensor, batch_rows: int = 16) -> dict[str, Any]:
-    """Per layer: FVU of the MLP output, L0 and dead fraction on `rows`; and the next-token loss with the
+    """Per layer: FVU of the MLP output, L0 and dead fraction on `rows` (positions 1 on); and the next-token
+    loss (every position) with the
     model clean, with every MLP replaced by its transcoder (no error terms), with each MLP replaced
     alone, with the error terms added back (which must equal clean), and with every MLP zero- and
     mean-ablated. CE loss recovered = (CE_ablated − CE_replaced) / (CE_ablated − CE_clean), where one
-    MLP replaced alone is measured against zero-ablating that MLP alone."""
+    MLP replaced alone is measured against zero-ablating that MLP alone. Replacing leaves position 0
+    (usually the BOS, whose activations are outliers) as it is, as training leaves it out."""
     from workbench.model import lm_loss
     from workbench.numbers import ratio
     from workbench.probes import run_collect
@@ -547,15 +567,17 @@ def evaluate_transcoders(model: Any, tc: Transcoders, rows: torch.Tensor, batch_
         xs = [per_token(acts[tc.in_hook(l)], B, S).float() for l in range(L)]
         ys = [per_token(acts[output_hook(l)], B, S).float() for l in range(L)]
         preds = tc.reconstruct(xs)
+        # position 0 (the BOS, an outlier the transcoders never train on) is left out, as in training
         for l in range(L):
-            f = tc.encode(l, xs[l])
-            stats[l].add(ys[l].flatten(0, 1), preds[l].flatten(0, 1), f.flatten(0, 1))
+            f = tc.encode(l, xs[l][:, 1:])
+            stats[l].add(ys[l][:, 1:].flatten(0, 1), preds[l][:, 1:].flatten(0, 1), f.flatten(0, 1))
         if means is None:
             means = [y.mean(dim=(0, 1), keepdim=True) for y in ys]
         runs = {"clean": logits, "replaced": _run_replaced(model, tc, toks, range(L)),
                 "replaced_with_errors": _run_replaced(model, tc, toks, range(L),
                                                       errors=[ys[l] - preds[l] for l in range(L)]),
-                "zero_ablated": model.run_with_hooks(toks, fwd_hooks=[(output_hook(l), lambda a, hook: torch.zeros_like(a))
+                "zero_ablated": model.run_with_hooks(toks, fwd_hooks=[(output_hook(l),
+                                                                       lambda a, hook: torch.zeros_like(a))
                                                                       for l in range(L)]),
                 "mean_ablated": model.run_with_hooks(toks, fwd_hooks=[(output_hook(l), lambda a, hook, m=means[l]:
                                                                        m.expand_as(a).to(a.dtype)) for l in range(L)])}
@@ -607,6 +629,7 @@ def _run_replaced(model: Any, tc: Transcoders, toks: torch.Tensor, layers: Seque
         out = f_out + (s if s is not None else 0)
         if errors is not None:
             out = out + errors[l]
+        out[:, 0] = per_token(act, B, S)[:, 0].float()  # position 0 stays clean: the transcoders never train on it
         return out.reshape(act.shape).to(act.dtype)
 
     hooks = [(tc.in_hook(l), lambda a, hook, l=l: keep(a, hook, l)) for l in range(tc.n_layers)]

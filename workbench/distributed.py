@@ -1,0 +1,112 @@
+"""Several processes, one training run: `torch.distributed` as `torchrun` sets it up.
+
+    dist = init_from_env(device)      # gloo on CPU, nccl on CUDA; a single process when not under torchrun
+    dist.rank, dist.world             # this process, and how many there are
+    dist.sum_(t)                      # in place: the sum over every rank (a no-op with one process)
+    dist.cat(t)                       # every rank's t, concatenated in rank order
+    dist.mean_grads_(params)          # one flat all-reduce of every gradient, averaged
+
+Every collective waits at most `timeout_s` (default 300 s): a rank that died makes the others stop
+with a message naming the likely cause, instead of hanging. `torchrun` itself also stops the other
+workers when one fails, and with `--max-restarts N` starts them again, and they resume from the
+newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as torch_dist
+
+from workbench.errors import WorkbenchError
+
+
+class DistributedError(WorkbenchError):
+    """A collective failed: another rank died or the network between them broke."""
+
+
+@dataclass
+class Dist:
+    """This process's place in the run. With world = 1 every method is a no-op."""
+
+    rank: int = 0
+    world: int = 1
+    backend: Optional[str] = None
+    bytes_reduced: int = 0
+    """Bytes this rank has sent through all-reduce so far (for the scaling benchmark)."""
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def _guard(self, what: str, fn, *args) -> None:
+        try:
+            fn(*args)
+        except RuntimeError as err:  # gloo and nccl raise RuntimeError for a peer that is gone or a timeout
+            raise DistributedError(f"Rank {self.rank} of {self.world}: {what} failed ({err}). Another rank probably "
+                                   "died (out of memory, killed, or an error it printed above). Nothing was "
+                                   "overwritten; rerun with --resume (or let torchrun --max-restarts do it) to "
+                                   "continue from the newest checkpoint.") from err
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        """t summed over every rank, in place."""
+        if self.active:
+            self._guard("all-reduce", torch_dist.all_reduce, t)
+            self.bytes_reduced += t.numel() * t.element_size()
+        return t
+
+    def cat(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's t (the same shape on each), concatenated along dim 0 in rank order."""
+        if not self.active:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.world)]
+        self._guard("all-gather", torch_dist.all_gather, parts, t.contiguous())
+        return torch.cat(parts)
+
+    def mean_grads_(self, params: Iterable[torch.nn.Parameter]) -> None:
+        """Average every gradient over the ranks with one all-reduce of one flat buffer."""
+        if not self.active:
+            return
+        grads = [p.grad for p in params if p.grad is not None]
+        flat = torch.cat([g.flatten() for g in grads])
+        self.sum_(flat).div_(self.world)
+        start = 0
+        for g in grads:
+            g.copy_(flat[start:start + g.numel()].view_as(g))
+            start += g.numel()
+
+    def barrier(self) -> None:
+        if self.active:
+            self._guard("barrier", torch_dist.barrier)
+
+
+def under_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_from_env(device: Optional[torch.device] = None, timeout_s: float = 300.0) -> Dist:
+    """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE, MASTER_ADDR...),
+    gloo on a CPU and nccl on CUDA; a one-process Dist when not under torchrun."""
+    if not under_torchrun():
+        return Dist()
+    cuda = device is not None and torch.device(device).type == "cuda"
+    backend = "nccl" if cuda else "gloo"
+    if not torch_dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch_dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return Dist(torch_dist.get_rank(), torch_dist.get_world_size(), backend)
+
+
+def shutdown() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
