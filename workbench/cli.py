@@ -17,6 +17,7 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import os
 import shlex
 import sys
 import textwrap
@@ -227,13 +228,23 @@ def cmd_list(argv: list[str]) -> int:
     return 0
 
 
-def _sae_source(args: argparse.Namespace, model: Any, hooks: list[str], batch_size: int, seed: int):
+def _sae_source(args: argparse.Namespace, model: Any, hooks: list[str], batch_size: int, seed: int,
+                rank: int = 0, world: int = 1):
+    """Activations streamed from the model over the standard library's source; under torchrun each rank
+    reads its own rows (every world-th) and makes its own share of each batch."""
     from workbench.probes import text_batch
     from workbench.sae.activations import stream_activations
 
     seq = min(int(model.cfg.n_ctx), args.seq_len)
-    rows = text_batch(model, args.rows, seq)
-    return stream_activations(model, rows, hooks, batch_size=batch_size, seed=seed)
+    rows = text_batch(model, args.rows, seq)[rank::world]
+    return stream_activations(model, rows, hooks, batch_size=batch_size, seed=seed + rank)
+
+
+def _every(batches, start: int, step: int):
+    """Batches start, start + step, ...: a rank's disjoint share of a store's stream."""
+    for i, batch in enumerate(batches):
+        if i % step == start:
+            yield batch
 
 
 def cmd_sae(argv: list[str]) -> int:
@@ -272,7 +283,12 @@ def cmd_sae(argv: list[str]) -> int:
         parser.add_argument("--batch-size", type=int, default=None)
         parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)
-    model = load(args.model, device=args.device) if args.model else None
+    from workbench.distributed import init_from_env, shutdown
+    dist = init_from_env(resolve_device(args.device)) if sub == "train" else None
+    device = args.device
+    if dist is not None and dist.active and resolve_device(args.device).type == "cuda":
+        device = f"cuda:{torch.cuda.current_device()}"  # one GPU per rank (LOCAL_RANK)
+    model = load(args.model, device=device) if args.model else None
     if model is not None:
         check_hooks(model, args.hook)
     if sub == "cache":
@@ -303,14 +319,21 @@ def cmd_sae(argv: list[str]) -> int:
                   if v is not None})
     cfg = SAETrainConfig.from_dict(train, str(args.config) if args.config else "the command line")
     out = args.out or Path("runs") / f"sae-{hook.replace('.', '_')}-{cfg.sae.arch}"
-    batches = (store.batches(cfg.batch_size, seed=cfg.seed, hooks=[hook]) if store is not None
-               else _sae_source(args, model, [hook], cfg.batch_size, cfg.seed))
+    if cfg.batch_size % dist.world:
+        raise InputError(f"--batch-size {cfg.batch_size} does not split over {dist.world} processes; use a multiple "
+                         f"of {dist.world}.")
+    share = cfg.batch_size // dist.world
+    batches = (_every(store.batches(share, seed=cfg.seed, hooks=[hook]), dist.rank, dist.world) if store is not None
+               else _sae_source(args, model, [hook], share, cfg.seed, dist.rank, dist.world))
+    resume = args.resume or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"  # torchrun --max-restarts
     try:
-        train_sae(cfg, batches, name=hook, out=out, device=resolve_device(args.device), resume=args.resume,
-                  progress=not args.no_progress, resume_command=_resume_command("workbench sae train", argv, out))
+        train_sae(cfg, batches, name=hook, out=out, device=device, resume=resume, progress=not args.no_progress,
+                  resume_command=_resume_command("workbench sae train", argv, out), dist=dist)
     except TrainingInterrupted as err:
         print(f"\n{err}", file=sys.stderr)
         return 130
+    finally:
+        shutdown()
     return 0
 
 

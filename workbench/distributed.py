@@ -103,7 +103,16 @@ def init_from_env(device: Optional[torch.device] = None, timeout_s: float = 300.
     if not torch_dist.is_initialized():
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        torch_dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        timeout = datetime.timedelta(seconds=timeout_s)
+        # torchrun's store outlives a restart; a fresh key prefix per attempt keeps restarted workers from
+        # reading the dead workers' addresses (gloo then fails to connect, at random)
+        agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        store = torch_dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                                    is_master=rank == 0 and not agent_store, timeout=timeout)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        torch_dist.init_process_group(backend, store=torch_dist.PrefixStore(f"workbench-attempt-{attempt}", store),
+                                      rank=rank, world_size=world, timeout=timeout)
     return Dist(torch_dist.get_rank(), torch_dist.get_world_size(), backend)
 
 

@@ -6,8 +6,8 @@ dead-latent counters to OUT/result-<world>.safetensors.
     python tests/distributed/sae_worker.py ARCH OUT                       # the 1-process reference
 
 Each rank's share of step t's batch is rows [rank·B/W, (rank+1)·B/W) of the same global batch; the
-1-process run sees the whole batch, so the two must train the same dictionary. With WB_DIE_AT=<step>,
-rank 1 kills itself (SIGKILL) when it reaches that step.
+1-process run sees the whole batch, so the two must train the same dictionary. With WB_DIE_AT=<step>
+and WB_DIE_MARK=<file>, rank 1 kills itself (SIGKILL) when it reaches that step, once.
 """
 
 from __future__ import annotations
@@ -40,8 +40,9 @@ def batches(rank: int, world: int, seed: int = 0):
         x = torch.relu(x) * (torch.rand(BATCH, D, generator=g) < 0.4)
         yield {"x": x[rank * share:(rank + 1) * share]}
         t += 1
-        die = os.environ.get("WB_DIE_AT")
-        if die and rank == 1 and t == int(die):
+        die, mark = os.environ.get("WB_DIE_AT"), os.environ.get("WB_DIE_MARK", "")
+        if die and rank == 1 and t == int(die) and not os.path.exists(mark):  # once: the restarted rank lives
+            Path(mark).write_text("killed")
             os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -475,8 +475,8 @@ def _train_loop(trainers: list[_Trainer], active: list[_Trainer], batches: Itera
 
 def train_sae(cfg: SAETrainConfig, batches: Iterable[Batch], name: str = "x", out: Optional[Union[str, Path]] = None,
               device: Union[str, torch.device] = "cpu", resume: bool = False, progress: bool = True,
-              resume_command: Optional[str] = None) -> tuple[SAE, list[dict[str, Any]]]:
+              resume_command: Optional[str] = None, dist: Optional[Dist] = None) -> tuple[SAE, list[dict[str, Any]]]:
     """Build the SAE of `cfg.sae`, train it on `batch[cfg.sae.hook_name or name]`, return (sae, log)."""
     sae = make_sae(cfg.sae, seed=cfg.seed).to(device)
-    logs = train_saes({name: sae}, batches, cfg, out, resume, progress, resume_command)
+    logs = train_saes({name: sae}, batches, cfg, out, resume, progress, resume_command, dist)
     return sae, logs[name]
