@@ -254,7 +254,8 @@ def cmd_sae(argv: list[str]) -> int:
     from workbench.errors import InputError
     from workbench.loading import load, resolve_device
     from workbench.sae.activations import ActivationStore, check_hooks, model_activations
-    from workbench.sae.training import SAETrainConfig, train_sae
+    from workbench.sae.modules import make_sae
+    from workbench.sae.training import SAETrainConfig, train_saes
 
     usage = "usage: workbench sae {train,cache} --model M --hook H [options]  (--help on each)"
     if not argv or argv[0] not in ("train", "cache"):
@@ -282,11 +283,13 @@ def cmd_sae(argv: list[str]) -> int:
         parser.add_argument("--lr", type=float, default=None)
         parser.add_argument("--batch-size", type=int, default=None)
         parser.add_argument("--resume", action="store_true")
+        parser.add_argument("--spread-hooks", action="store_true",
+                            help="under torchrun: deal the hooks' SAEs over the processes instead of splitting batches")
     args = parser.parse_args(argv)
     from workbench.distributed import init_from_env, shutdown
     dist = init_from_env(resolve_device(args.device)) if sub == "train" else None
-    device = args.device
-    if dist is not None and dist.active and resolve_device(args.device).type == "cuda":
+    device = str(resolve_device(args.device))
+    if dist is not None and dist.active and device.startswith("cuda"):
         device = f"cuda:{torch.cuda.current_device()}"  # one GPU per rank (LOCAL_RANK)
     model = load(args.model, device=device) if args.model else None
     if model is not None:
@@ -298,37 +301,52 @@ def cmd_sae(argv: list[str]) -> int:
               f"({len(store.manifest['shards'])} shards, manifest.json)")
         return 0
     base = _read_json_object(args.config) if args.config else {}
-    hook = args.hook[0]
-    if len(args.hook) > 1:
-        raise InputError("workbench sae train takes one --hook; train several SAEs from Python with train_saes.")
+    hooks = list(dict.fromkeys(args.hook))
     store = ActivationStore(args.store) if args.store else None
-    if store is not None and hook not in store.d:
-        raise InputError(f"The store {args.store} holds {store.hooks}, not {hook!r}.")
+    missing = [h for h in hooks if store is not None and h not in store.d]
+    if missing:
+        raise InputError(f"The store {args.store} holds {store.hooks}, not {missing[0]!r}.")
+    if args.spread_hooks and len(hooks) < dist.world:
+        raise InputError(f"--spread-hooks deals {len(hooks)} hook(s) over {dist.world} processes; give at least as "
+                         "many --hook as processes, or train data parallel (without --spread-hooks).")
     probe = torch.zeros(1, 2, dtype=torch.long, device=next(model.parameters()).device) if model is not None else None
-    d_in = store.d[hook] if store is not None else model_activations(model, probe, [hook], 0)[hook].shape[-1]
-    sae = base.get("sae", {})
-    if not isinstance(sae, dict):
-        raise ConfigError(f"The 'sae' section of {args.config} must be a JSON object, got {sae!r:.60}.")
-    sae = dict(sae)
-    sae.update({k: v for k, v in {"architecture": args.arch, "k": args.k, "l1_coefficient": args.l1}.items()
-                if v is not None})
-    sae.update(d_in=d_in, d_sae=args.d_sae or sae.get("d_sae") or args.expansion * d_in, hook_name=hook,
-               model_name=str(args.model or sae.get("model_name", "")))
-    train = {**base, "sae": sae}
-    train.update({k: v for k, v in {"n_tokens": args.n_tokens, "lr": args.lr, "batch_size": args.batch_size}.items()
-                  if v is not None})
-    cfg = SAETrainConfig.from_dict(train, str(args.config) if args.config else "the command line")
-    out = args.out or Path("runs") / f"sae-{hook.replace('.', '_')}-{cfg.sae.arch}"
-    if cfg.batch_size % dist.world:
+    widths = (store.d if store is not None
+              else {h: a.shape[-1] for h, a in model_activations(model, probe, hooks, 0).items()})
+    section = base.get("sae", {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"The 'sae' section of {args.config} must be a JSON object, got {section!r:.60}.")
+    flags = {"architecture": args.arch, "k": args.k, "l1_coefficient": args.l1}
+    section = {**section, **{k: v for k, v in flags.items() if v is not None}}
+    configs = {}
+    for hook in hooks:
+        d_in = int(widths[hook])
+        train = {**base, "sae": {**section, "d_in": d_in, "hook_name": hook,
+                                 "d_sae": args.d_sae or section.get("d_sae") or args.expansion * d_in,
+                                 "model_name": str(args.model or section.get("model_name", ""))}}
+        train.update({k: v for k, v in {"n_tokens": args.n_tokens, "lr": args.lr, "batch_size": args.batch_size}.items()
+                      if v is not None})
+        configs[hook] = SAETrainConfig.from_dict(train, str(args.config) if args.config else "the command line")
+    cfg = configs[hooks[0]]
+    name = hooks[0].replace(".", "_") if len(hooks) == 1 else f"{len(hooks)}-hooks"
+    out = args.out or Path("runs") / f"sae-{name}-{cfg.sae.arch}"
+    spread = args.spread_hooks and dist.active
+    if not spread and cfg.batch_size % dist.world:
         raise InputError(f"--batch-size {cfg.batch_size} does not split over {dist.world} processes; use a multiple "
                          f"of {dist.world}.")
-    share = cfg.batch_size // dist.world
-    batches = (_every(store.batches(share, seed=cfg.seed, hooks=[hook]), dist.rank, dist.world) if store is not None
-               else _sae_source(args, model, [hook], share, cfg.seed, dist.rank, dist.world))
+    share = cfg.batch_size if spread else cfg.batch_size // dist.world
+    mine = hooks[dist.rank::dist.world] if spread else hooks  # with --spread-hooks a rank reads only its own hooks
+    if store is not None:
+        batches = store.batches(share, seed=cfg.seed, hooks=mine)
+        batches = batches if spread else _every(batches, dist.rank, dist.world)
+    else:
+        batches = _sae_source(args, model, mine, share, cfg.seed, *((0, 1) if spread else (dist.rank, dist.world)))
     resume = args.resume or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"  # torchrun --max-restarts
+    saes = {h: make_sae(c.sae, seed=c.seed).to(device) for h, c in configs.items()}
+    if spread:
+        saes = {h: saes[h] for h in hooks}  # every rank builds all, train_saes keeps its own
     try:
-        train_sae(cfg, batches, name=hook, out=out, device=device, resume=resume, progress=not args.no_progress,
-                  resume_command=_resume_command("workbench sae train", argv, out), dist=dist)
+        train_saes(saes, batches, cfg, out=out, resume=resume, progress=not args.no_progress,
+                   resume_command=_resume_command("workbench sae train", argv, out), dist=dist, spread=spread)
     except TrainingInterrupted as err:
         print(f"\n{err}", file=sys.stderr)
         return 130

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,6 +41,7 @@ from workbench.artifacts import (
 )
 from workbench.config import check_types, from_dict
 from workbench.data import Batches, DataConfig, build_text_data, build_tokenizer
+from workbench.distributed import Dist, init_from_env, shutdown
 from workbench.errors import (
     CheckpointError,
     ConfigError,
@@ -289,22 +291,43 @@ def train(cfg: TrainConfig, out: Union[str, Path], *, name: str = "run", resume:
 
     `resume=True` continues the run in `out` from its newest checkpoint (or starts it, if it has
     none yet). `resume_command` is the exact command a user types to resume; the messages quote it.
-    The folder is locked while this runs: a second process writing it gets a clear error."""
+    The folder is locked while this runs: a second process writing it gets a clear error.
+
+    Under torchrun (WORLD_SIZE > 1) it trains data parallel: step t's batch is the same pure function
+    of the seed and t as in one process, each rank takes its rows of it (batch_size / world), the
+    gradients are averaged with one all-reduce, and the loss that decides a stop is the whole batch's,
+    so any number of processes trains what one process trains. Rank 0 writes the log, checkpoints and
+    the final model; every rank resumes from them; with `torchrun --max-restarts` a restarted run
+    resumes by itself."""
     run_dir = Path(out)
     dev = resolve_device(device)
+    dist = init_from_env(dev)
+    if dist.active and dev.type == "cuda":
+        dev = torch.device("cuda", torch.cuda.current_device())
+    if cfg.batch_size % dist.world:
+        raise ConfigError(f"batch_size {cfg.batch_size} does not split over {dist.world} processes; use a multiple of "
+                          f"{dist.world}.")
+    resume = resume or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"  # torchrun --max-restarts
     hint = f"`{resume_command}`" if resume_command else f"train(..., out={str(run_dir)!r}, resume=True)"
-    if not resume:
-        _check_fresh_folder(run_dir, hint)
-    with run_lock(run_dir, "training run"):
-        if not resume:  # again, now that the folder is ours: another process may have started in between
+    try:
+        if not resume and dist.is_main:
             _check_fresh_folder(run_dir, hint)
-        return _train(cfg, run_dir, name, resume, dev, progress, hint)
+        with run_lock(run_dir, "training run") if dist.is_main else contextlib.nullcontext():
+            if not resume and dist.is_main:  # again, now that the folder is ours: another process may have started
+                _check_fresh_folder(run_dir, hint)
+            dist.barrier()
+            return _train(cfg, run_dir, name, resume, dev, progress, hint, dist)
+    finally:
+        shutdown()
 
 
 def _train(cfg: TrainConfig, run_dir: Path, name: str, resume: bool, dev: torch.device, progress: bool,
-           hint: str) -> Path:
+           hint: str, dist: Optional[Dist] = None) -> Path:
+    dist = dist or Dist()
+    main = dist.is_main
     mode, resume_from = _resume_point(run_dir, cfg) if resume else ("start", None)
-    if resume and mode == "start":
+    dist.barrier()  # every rank has found the checkpoint it resumes from before rank 0 writes another
+    if resume and mode == "start" and main:
         print(f"Nothing to resume in {run_dir} yet; starting {name} from step 0.")
     tokenizer = load_tokenizer(resume_from / TOKENIZER_FILE) if resume_from is not None else build_tokenizer(cfg.data)
     model = Transformer(cfg.model, tokenizer=TextCodec(tokenizer)).to(dev)
@@ -313,6 +336,8 @@ def _train(cfg: TrainConfig, run_dir: Path, name: str, resume: bool, dev: torch.
     val = batches.validation()
     if mode == "finish":  # killed after the last checkpoint, before the final save: only that is left
         model.load_state_dict(read_weights(resume_from, read_config(resume_from)))
+        if not main:
+            return run_dir
         print(f"The run in {run_dir} reached step {cfg.n_steps}; writing its final model from {resume_from}.")
         return _finish(cfg, run_dir, name, model, val, 0.0)
 
@@ -322,16 +347,20 @@ def _train(cfg: TrainConfig, run_dir: Path, name: str, resume: bool, dev: torch.
         state = read_state(resume_from)
         run.optimizer.load_state_dict(state["optimizer"])
         run.step = int(state["step"])
-        truncate_log(run_dir / LOG_FILE, run.step)
-        print(f"Resuming {name} from step {run.step} ({resume_from})")
-    else:
+        if main:
+            truncate_log(run_dir / LOG_FILE, run.step)
+            print(f"Resuming {name} from step {run.step} ({resume_from})")
+    elif main:
         (run_dir / LOG_FILE).unlink(missing_ok=True)
+    dist.barrier()
+    share = cfg.batch_size // dist.world
+    rows = slice(dist.rank * share, (dist.rank + 1) * share)  # this rank's rows of every step's batch
 
     saved_at = run.step if resume_from is not None else -1  # the step of the newest checkpoint on disk
     last_good = resume_from
     ckpt_steps = set(cfg.checkpoint_steps)
-    bar = tqdm(total=cfg.n_steps, initial=run.step, desc=f"train {name}", disable=not progress,
-               unit="step", dynamic_ncols=True)
+    bar = tqdm(total=cfg.n_steps, initial=run.step, desc=f"train {name}" + (f" ({dist.world} processes)"
+               if dist.active else ""), disable=not (progress and main), unit="step", dynamic_ncols=True)
     model.train()
     t_start = t_last = time.perf_counter()
     tok_since = 0
@@ -350,25 +379,33 @@ def _train(cfg: TrainConfig, run_dir: Path, name: str, resume: bool, dev: torch.
                 if run.step in ckpt_steps and run.step != saved_at:  # checkpoint_steps always ends with n_steps
                     if not _finite_weights(model):
                         raise diverged("the weights became NaN or inf")
-                    evals = evaluate(model, val, cfg.precision)
-                    append_log(run_dir / LOG_FILE, {"step": run.step, "tokens": run.step * cfg.tokens_per_step,
-                                                    **evals})
-                    last_good, saved_at = _save_checkpoint(run_dir, run, cfg, name, evals), run.step
+                    if main:
+                        evals = evaluate(model, val, cfg.precision)
+                        append_log(run_dir / LOG_FILE, {"step": run.step, "tokens": run.step * cfg.tokens_per_step,
+                                                        **evals})
+                        last_good = _save_checkpoint(run_dir, run, cfg, name, evals)
+                    saved_at = run.step
+                    dist.barrier()
                 if run.step >= cfg.n_steps:
                     break
-                if stop.requested:
+                if (dist.sum_(torch.tensor([float(stop.requested)]))[0] > 0) if dist.active else stop.requested:
                     if saved_at != run.step:
                         if not _finite_weights(model):
                             raise diverged("the weights became NaN or inf")
-                        last_good = _save_checkpoint(run_dir, run, cfg, name, {"interrupted": True})
+                        if main:
+                            last_good = _save_checkpoint(run_dir, run, cfg, name, {"interrupted": True})
+                        dist.barrier()
                     bar.close()
                     raise TrainingInterrupted(run.step, last_good, hint)
-                tokens = batches.train(run.step).to(dev, non_blocking=True)
+                tokens = batches.train(run.step)[rows].to(dev, non_blocking=True)
                 for group in run.optimizer.param_groups:
                     group["lr"] = cfg.lr_at(run.step)
                 with _autocast(cfg.precision, dev):
                     loss = model(tokens, return_type="loss")
                 loss.backward()
+                if dist.active:  # the whole batch's gradient and loss: the mean of the ranks' equal shares
+                    dist.mean_grads_(model.parameters())
+                    loss = dist.sum_(loss.detach().clone()) / dist.world
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 if not bool(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)):  # before the step: weights kept
                     run.optimizer.zero_grad(set_to_none=True)
@@ -376,22 +413,25 @@ def _train(cfg: TrainConfig, run_dir: Path, name: str, resume: bool, dev: torch.
                 run.optimizer.step()
                 run.optimizer.zero_grad(set_to_none=True)
                 run.step += 1
-                tok_since += tokens.numel()
+                tok_since += tokens.numel() * dist.world
                 bar.update(1)
                 if run.step % cfg.log_every == 0:
                     now = time.perf_counter()
                     record = {"step": run.step, "tokens": run.step * cfg.tokens_per_step, "loss": loss.item(),
                               "lr": cfg.lr_at(run.step - 1), "grad_norm": grad_norm.item(),
                               "tok_per_s": tok_since / (now - t_last)}
-                    if run.step % cfg.eval_every == 0 and run.step not in ckpt_steps:
+                    if run.step % cfg.eval_every == 0 and run.step not in ckpt_steps and main:
                         record.update(evaluate(model, val, cfg.precision))
-                    append_log(run_dir / LOG_FILE, record)
+                    if main:
+                        append_log(run_dir / LOG_FILE, record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tok_per_s']:,.0f}")
                     t_last, tok_since = now, 0
     except KeyboardInterrupt:  # a second Ctrl-C: quit now; the newest checkpoint on disk is consistent
         bar.close()
         raise TrainingInterrupted(saved_at, last_good, hint, saved=False) from None
     bar.close()
+    if not main:
+        return run_dir
     return _finish(cfg, run_dir, name, model, val, time.perf_counter() - t_start)
 
 

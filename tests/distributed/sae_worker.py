@@ -46,7 +46,30 @@ def batches(rank: int, world: int, seed: int = 0):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+def two_hooks(rank: int):
+    """Whole batches with two activations, the same on every rank (for spreading SAEs over ranks)."""
+    for batch in batches(0, 1):
+        x = batch["x"]
+        yield {"a": x, "b": x.flip(-1) * 2.0}
+
+
+def spread(out: Path) -> None:
+    """SAEs on hooks a and b: dealt over the ranks (torchrun), or trained one at a time (1 process)."""
+    dist = init_from_env()
+    cfg = SAETrainConfig(sae=SAEConfig(d_in=D, d_sae=D_SAE, k=4), n_tokens=30 * BATCH, batch_size=BATCH, lr=3e-3,
+                         dead_window=3 * BATCH, n_checkpoints=0)
+    saes = {h: make_sae(SAEConfig(d_in=D, d_sae=D_SAE, k=4, hook_name=h), seed=1) for h in ("a", "b")}
+    if dist.active:
+        train_saes(saes, two_hooks(dist.rank), cfg, out=out / "spread", progress=False, dist=dist, spread=True)
+    else:
+        for h, sae in saes.items():
+            train_saes({h: sae}, two_hooks(0), cfg, out=out / "alone" / h, progress=False)
+    shutdown()
+
+
 def main() -> None:
+    if sys.argv[1] == "spread":
+        return spread(Path(sys.argv[2]))
     arch, out = sys.argv[1], Path(sys.argv[2])
     steps = int(sys.argv[sys.argv.index("--steps") + 1]) if "--steps" in sys.argv else 50
     ckpt = "--ckpt" in sys.argv

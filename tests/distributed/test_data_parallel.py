@@ -118,3 +118,37 @@ def test_the_console_script_trains_an_sae_on_a_hugging_face_model_under_torchrun
     cfg = json.loads((out / "cfg.json").read_text())
     assert cfg["metadata"]["hook_name"] == "blocks.1.hook_resid_post"
     assert len((out / "log.jsonl").read_text().splitlines()) >= 1
+
+
+@pytest.mark.slow
+def test_saes_spread_over_ranks_train_what_each_trains_alone(tmp_path):
+    """Hook points dealt over 2 ranks (rank 0: hook a, rank 1: hook b) give the dictionaries that
+    training each alone gives, bit for bit, each written by the rank that owns it."""
+    _run([str(WORKER), "spread", str(tmp_path)], tmp_path, 1)
+    _run([str(WORKER), "spread", str(tmp_path)], tmp_path, 2)
+    for hook in ("a", "b"):
+        alone = load_file(str(tmp_path / "alone" / hook / "sae_weights.safetensors"))
+        spread = load_file(str(tmp_path / "spread" / hook / "sae_weights.safetensors"))
+        assert all(torch.equal(alone[k], spread[k]) for k in alone), hook
+
+
+@pytest.mark.slow
+def test_two_ranks_train_the_model_one_process_trains(tmp_path):
+    """`workbench train` under torchrun: each rank takes its half of step t's batch (a pure function of the
+    seed and t, whatever the world size) and the gradients are averaged, so the weights after 20 steps
+    match one process's, and rank 0 alone wrote the run folder."""
+    worker = Path(__file__).with_name("train_worker.py")
+    _run([str(worker), str(tmp_path / "one")], tmp_path, 1)
+    _run([str(worker), str(tmp_path / "two")], tmp_path, 2)
+    one, two = (load_file(str(tmp_path / run / "model.safetensors")) for run in ("one", "two"))
+    assert one.keys() == two.keys()
+    # b_K is left out: softmax ignores a bias added to every key, so its true gradient is 0 and what it
+    # gets is rounding noise, which Adam scales up to steps of size lr in either run
+    diffs = {k: float((one[k] - two[k]).abs().max()) for k in one if not k.endswith("attn.b_K")}
+    assert max(diffs.values()) < 1e-5, diffs
+    logs = [(tmp_path / run / "log.jsonl").read_text().splitlines() for run in ("one", "two")]
+    assert len(logs[0]) == len(logs[1])
+    for a, b in zip(*logs):
+        a, b = json.loads(a), json.loads(b)
+        if "loss" in a:
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)  # the logged loss is the whole batch's

@@ -3,8 +3,9 @@
     stream_activations   runs a workbench or TransformerBridge model over token rows and yields
                          {hook name: [batch, d]} batches through a shuffling buffer that mixes
                          tokens across sequences; one forward pass feeds every hook asked for
-    ActivationStore      sharded safetensors files plus manifest.json; reading holds one shard at
-                         a time, so peak memory stays flat however large the store grows
+    ActivationStore      sharded safetensors files plus manifest.json; reading holds two shards at
+                         a time (the next one is read in the background), so peak memory stays
+                         flat however large the store grows
     TensorSource         an in-memory tensor, reshuffled every epoch (synthetic data, tests)
 
 Every source is an iterator of {name: [batch, d]} dicts and is deterministic for its seed.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -127,6 +129,7 @@ class ActivationStore:
             raise CheckpointError(f"{self.folder / MANIFEST} is damaged ({err}); rebuild the store.") from err
         self.hooks: list[str] = self.manifest["hooks"]
         self.d: dict[str, int] = self.manifest["d"]
+        self._verified: set[str] = set()  # shards whose checksum this process already checked (size: every read)
 
     @property
     def n_tokens(self) -> int:
@@ -191,16 +194,33 @@ class ActivationStore:
 
     def batches(self, batch_size: int, seed: int = 0, hooks: Optional[Sequence[str]] = None, loop: bool = True,
                 verify: bool = True) -> Iterator[Batch]:
-        """Shuffled batches: shards in a random order, rows shuffled within each shard; one shard
-        in memory at a time (each file is memory-mapped while it is read)."""
+        """Shuffled batches: shards in a random order, rows shuffled within each shard. The next shard is
+        read (and, the first time, checked against its checksum) in a background thread while the
+        current one is used, so training does not wait for the disk; two shards are in memory at once."""
         hooks = list(hooks or self.hooks)
         gen = torch.Generator().manual_seed(seed)
+        shards = self.manifest["shards"]
+
+        def order() -> Iterator[int]:
+            while True:
+                yield from torch.randperm(len(shards), generator=gen).tolist()
+                if not loop:
+                    return
+
+        def read(i: int) -> Batch:
+            with self._open(shards[i], verify and shards[i]["file"] not in self._verified) as fh:
+                data = {h: fh.get_tensor(h) for h in hooks}
+            self._verified.add(shards[i]["file"])
+            return data
+
         carry: Optional[Batch] = None
-        while True:
-            for i in torch.randperm(len(self.manifest["shards"]), generator=gen).tolist():
-                shard = self.manifest["shards"][i]
-                with self._open(shard, verify) as fh:
-                    data = {h: fh.get_tensor(h) for h in hooks}
+        indices = order()
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            upcoming = pool.submit(read, next(indices))
+            while upcoming is not None:
+                data = upcoming.result()
+                following = next(indices, None)
+                upcoming = pool.submit(read, following) if following is not None else None
                 if carry is not None:
                     data = {h: torch.cat([carry[h], data[h]]) for h in hooks}
                 n = len(next(iter(data.values())))
@@ -210,5 +230,3 @@ class ActivationStore:
                     yield {h: data[h][perm[b:b + batch_size]] for h in hooks}
                 carry = {h: data[h][perm[usable:]] for h in hooks}
                 del data
-            if not loop:
-                return

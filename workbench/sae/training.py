@@ -359,7 +359,8 @@ def _resume_all(trainers: list[_Trainer]) -> list[_Trainer]:
 
 def train_saes(saes: dict[str, SAE], batches: Iterable[Batch], cfg: SAETrainConfig,
                out: Optional[Union[str, Path]] = None, resume: bool = False, progress: bool = True,
-               resume_command: Optional[str] = None, dist: Optional[Dist] = None) -> dict[str, list[dict[str, Any]]]:
+               resume_command: Optional[str] = None, dist: Optional[Dist] = None, spread: bool = False
+               ) -> dict[str, list[dict[str, Any]]]:
     """Train each SAE on `batch[its hook_name]` (or `batch[name]` when it has none) of every batch from
     `batches`; returns each one's log. Several SAEs on the same or different hooks share each batch,
     so one forward pass of the model feeds them all.
@@ -377,13 +378,24 @@ def train_saes(saes: dict[str, SAE], batches: Iterable[Batch], cfg: SAETrainConf
     which latents fired (dead latents, AuxK), AuxK's residual variance and BatchTopK's threshold. So
     2 ranks with half the batch each train what 1 process does with the whole batch (the shares
     concatenated in rank order). Rank 0 writes the log, checkpoints and the SAE; every rank resumes
-    from them."""
+    from them.
+
+    `spread` (with several SAEs, under torchrun) deals the SAEs out instead, as sparsify's
+    `distribute_modules` does: rank r trains SAEs r, r + world, ... (in the order of `saes`) on whole
+    batches of its own, alone, and writes their folders; each trains exactly as it would alone.
+    Returns the logs of this rank's SAEs."""
     out = Path(out) if out is not None else None
     dist = dist or Dist()
+    many = len(saes) > 1
+    if spread and dist.active:
+        names = list(saes)[dist.rank::dist.world]
+        if not names:
+            raise InputError(f"{len(saes)} SAE(s) spread over {dist.world} processes leaves rank {dist.rank} without "
+                             "one; use at most as many processes as SAEs.")
+        saes, dist = {n: saes[n] for n in names}, Dist()
     if cfg.batch_size % dist.world:
         raise InputError(f"batch_size {cfg.batch_size} does not split evenly over {dist.world} processes; choose a "
                          "multiple of the number of processes.")
-    many = len(saes) > 1
     trainers = [_Trainer(name, sae, cfg, _out_for(out, name, many), dist) for name, sae in saes.items()]
     hint = f"`{resume_command}`" if resume_command else "resume=True"
     if not resume and dist.is_main:
