@@ -232,12 +232,13 @@ def _sae_source(args: argparse.Namespace, model: Any, hooks: list[str], batch_si
                 rank: int = 0, world: int = 1):
     """Activations streamed from the model over the standard library's source; under torchrun each rank
     reads its own rows (every world-th) and makes its own share of each batch."""
-    from workbench.probes import text_batch
+    from workbench.probes import text_batch, text_rows
     from workbench.sae.activations import stream_activations
 
     seq = min(int(model.cfg.n_ctx), args.seq_len)
-    rows = text_batch(model, args.rows, seq)[rank::world]
-    return stream_activations(model, rows, hooks, batch_size=batch_size, seed=seed + rank)
+    rows = (text_rows(model, args.text, args.rows, seq) if args.text != "stdlib" else text_batch(model, args.rows, seq))
+    return stream_activations(model, rows[rank::world], hooks, batch_size=batch_size, seed=seed + rank,
+                              buffer_batches=args.buffer_batches, exclude_special=not args.keep_special)
 
 
 def _every(batches, start: int, step: int):
@@ -268,7 +269,13 @@ def cmd_sae(argv: list[str]) -> int:
     parser.add_argument("--hook", action="append", required=True, help="hook name (repeat for several)")
     parser.add_argument("--out", type=Path, required=sub == "cache", help="output folder")
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
-    parser.add_argument("--rows", type=int, default=2000, help="rows of the standard library's source to read")
+    parser.add_argument("--rows", type=int, default=2000, help="rows of text to read")
+    parser.add_argument("--text", default="stdlib", help="text to read: stdlib (the standard library's source), a file "
+                        "or folder of text files, a dataset saved with datasets' save_to_disk, or hub:<name> (online)")
+    parser.add_argument("--buffer-batches", type=int, default=8,
+                        help="batches held by the shuffling buffer that mixes activations across rows")
+    parser.add_argument("--keep-special", action="store_true",
+                        help="train on special tokens too (BOS, EOS, padding are left out by default)")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per row (capped at n_ctx)")
     parser.add_argument("--n-tokens", type=int, default=None, help="tokens to train on / to store")
     parser.add_argument("--no-progress", action="store_true")
@@ -283,6 +290,8 @@ def cmd_sae(argv: list[str]) -> int:
         parser.add_argument("--lr", type=float, default=None)
         parser.add_argument("--batch-size", type=int, default=None)
         parser.add_argument("--resume", action="store_true")
+        parser.add_argument("--wandb", default="", metavar="PROJECT",
+                            help="also log to Weights & Biases under this project (needs pip install wandb)")
         parser.add_argument("--spread-hooks", action="store_true",
                             help="under torchrun: deal the hooks' SAEs over the processes instead of splitting batches")
     args = parser.parse_args(argv)
@@ -344,9 +353,12 @@ def cmd_sae(argv: list[str]) -> int:
     saes = {h: make_sae(c.sae, seed=c.seed).to(device) for h, c in configs.items()}
     if spread:
         saes = {h: saes[h] for h in hooks}  # every rank builds all, train_saes keeps its own
+    from workbench.sae.training import wandb_logger
+    on_log = wandb_logger(args.wandb, {"hooks": hooks, **cfg.to_dict()}) if args.wandb and dist.is_main else None
     try:
         train_saes(saes, batches, cfg, out=out, resume=resume, progress=not args.no_progress,
-                   resume_command=_resume_command("workbench sae train", argv, out), dist=dist, spread=spread)
+                   resume_command=_resume_command("workbench sae train", argv, out), dist=dist, spread=spread,
+                   on_log=on_log)
     except TrainingInterrupted as err:
         print(f"\n{err}", file=sys.stderr)
         return 130

@@ -159,8 +159,14 @@ def require_hub(what: str) -> None:
                            "or the default 'stdlib' corpus.")
 
 
+def _saved_dataset(folder: Path) -> bool:
+    """A folder written by `datasets`' save_to_disk (a Dataset or a DatasetDict)."""
+    return (folder / "dataset_info.json").exists() or (folder / "dataset_dict.json").exists()
+
+
 def load_text(source: str, max_mb: Optional[float] = None):
-    """A `datasets.Dataset` with one document per row in a 'text' column."""
+    """A `datasets.Dataset` with one document per row in a 'text' column: 'stdlib', 'facts', a local
+    file or folder of text files, a folder written by `datasets`' save_to_disk, or 'hub:<name>'."""
     import datasets
 
     if source.startswith("hub:"):
@@ -174,7 +180,15 @@ def load_text(source: str, max_mb: Optional[float] = None):
         from workbench.facts import KnowledgeBase
 
         return datasets.Dataset.from_dict({"text": KnowledgeBase().documents()})
-    files = stdlib_files() if source == "stdlib" else local_files(Path(source).expanduser())
+    folder = Path(source).expanduser()
+    if source != "stdlib" and _saved_dataset(folder):
+        ds = datasets.load_from_disk(str(folder))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+        if "text" not in ds.column_names:
+            raise InputError(f"The dataset saved in {folder} has no 'text' column (columns: {ds.column_names}).")
+        return ds.select_columns(["text"])
+    files = stdlib_files() if source == "stdlib" else local_files(folder)
     files = _cap(files, max_mb)
     return datasets.load_dataset("text", data_files=[str(f) for f in files], sample_by="document",
                                  split="train", encoding_errors="replace")
@@ -189,7 +203,10 @@ def _source_fingerprint(source: str, max_mb: Optional[float]) -> str:
         from workbench import facts
 
         return "facts:" + hashlib.sha256(inspect.getsource(facts).encode()).hexdigest()  # changes with the generator
-    files = stdlib_files() if source == "stdlib" else local_files(Path(source).expanduser())
+    folder = Path(source).expanduser()
+    if source != "stdlib" and _saved_dataset(folder):
+        return "disk:" + hashlib.sha256(b"".join(p.read_bytes() for p in sorted(folder.glob("*.json")))).hexdigest()
+    files = stdlib_files() if source == "stdlib" else local_files(folder)
     files = _cap(files, max_mb)
     h = hashlib.sha256()
     for f in files:

@@ -154,6 +154,36 @@ def text_batch(model: Any, n_rows: int, seq_len: int) -> torch.Tensor:
     return torch.tensor(ids[: n * seq_len], device=next(model.parameters()).device).view(n, seq_len)
 
 
+def text_rows(model: Any, source: str, n_rows: int, seq_len: int) -> torch.Tensor:
+    """[<= n_rows, seq_len] token ids of the text `source` (see `workbench.data.load_text`: 'stdlib', a
+    file or folder, a saved dataset, 'hub:<name>'), tokenized document by document until enough rows
+    are made (streaming: the rest is never tokenized). Documents are joined by the model's EOS (its
+    BOS where it has no EOS), and every row starts with the BOS when the model has one, so the
+    activations at position 0, which training leaves out, are always a BOS's."""
+    from workbench.data import load_text
+
+    if model.tokenizer is None:
+        raise InputError("This model has no tokenizer, so it cannot read text; use token ids.")
+    tok = model.tokenizer
+    bos, special = special_ids(model)
+    sep = getattr(tok, "eos_token_id", None) if hasattr(tok, "all_special_ids") else bos
+    sep = sep if sep is not None else bos
+    body = seq_len - (1 if bos is not None else 0)
+    rows, stream = [], []
+    for doc in load_text(source):
+        text = doc["text"]
+        ids = tok(text, add_special_tokens=False)["input_ids"] if hasattr(tok, "all_special_ids") else tok.encode(text)
+        stream += list(ids) + ([sep] if sep is not None else [])
+        while len(stream) >= body and len(rows) < n_rows:
+            rows.append(([bos] if bos is not None else []) + stream[:body])
+            stream = stream[body:]
+        if len(rows) >= n_rows:
+            break
+    if not rows:
+        raise InputError(f"The text {source!r} holds fewer than {body} tokens; give more text or a shorter seq_len.")
+    return torch.tensor(rows, device=next(model.parameters()).device)
+
+
 TEXT_PROBES = ("text-distribution", "passage")
 """Induction probes made from text: random tokens at the text's own frequencies, and a passage of
 real text (see `text_probe_tokens`)."""

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from workbench.artifacts import atomic_write_json, write_output_folder
 from workbench.errors import CheckpointError, HookNameError, InputError, unknown_name_message
-from workbench.probes import run_collect
+from workbench.probes import run_collect, special_ids
 
 Batch = dict[str, torch.Tensor]
 MANIFEST = "manifest.json"
@@ -41,31 +41,43 @@ def check_hooks(model: Any, hooks: Sequence[str]) -> None:
 
 
 @torch.no_grad()
-def model_activations(model: Any, tokens: torch.Tensor, hooks: Sequence[str], skip_first: int = 1) -> Batch:
+def model_activations(model: Any, tokens: torch.Tensor, hooks: Sequence[str], skip_first: int = 1,
+                      exclude: Optional[Sequence[int]] = None) -> Batch:
     """{hook: [rows * (positions - skip_first), d]} from one forward pass over `tokens` [rows, S].
-    The first `skip_first` positions (the BOS, whose activations are outliers) are left out; a hook
-    that the model registers but never fires is a DoesNotApplyError naming the model."""
+    The first `skip_first` positions (the BOS, whose activations are outliers) are left out, and so
+    is every position whose token is in `exclude` (special tokens: BOS, EOS, padding); a hook that
+    the model registers but never fires is a DoesNotApplyError naming the model."""
     _, store = run_collect(model, tokens, hooks, stop_early=True)  # nothing after the last hook is needed
     out = {}
     B, S = tokens.shape[:2]
+    keep = None
+    if exclude:
+        keep = ~torch.isin(tokens[:, skip_first:], torch.tensor(sorted(exclude), device=tokens.device)).flatten()
     for h in hooks:
         act = store[h]
         if act.ndim == 4:  # per-head activations [B, S, H, K]: one vector per token
             act = act.flatten(-2)
         elif act.ndim == 2 and act.shape[0] == B * S:  # [B·S, d]: OPT's bridge flattens tokens around its MLP
             act = act.view(B, S, -1)
-        out[h] = act[:, skip_first:].reshape(-1, act.shape[-1]).float()
+        flat = act[:, skip_first:].reshape(-1, act.shape[-1]).float()
+        out[h] = flat if keep is None else flat[keep.to(flat.device)]
     return out
 
 
 def stream_activations(model: Any, token_rows: torch.Tensor, hooks: Sequence[str], batch_size: int = 4096,
                        rows_per_forward: int = 32, buffer_batches: int = 8, seed: int = 0,
-                       skip_first: int = 1, loop: bool = True) -> Iterator[Batch]:
+                       skip_first: int = 1, loop: bool = True, exclude_special: bool = True) -> Iterator[Batch]:
     """Batches of activations at `hooks`, mixed across sequences by a shuffling buffer of
-    `buffer_batches` batches. With `loop`, starts over (in a new order) when the rows run out."""
+    `buffer_batches` batches. With `loop`, starts over (in a new order) when the rows run out. The
+    first `skip_first` positions and, with `exclude_special`, every special token (BOS, EOS, padding)
+    are left out of training."""
     check_hooks(model, hooks)
+    if buffer_batches < 2:
+        raise InputError(f"buffer_batches must be at least 2 (half the buffer is kept to mix with new rows), got "
+                         f"{buffer_batches}.")
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
+    special = sorted(special_ids(model)[1]) if exclude_special else None
     buffer: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
     filled = 0
     epoch = 0
@@ -73,7 +85,7 @@ def stream_activations(model: Any, token_rows: torch.Tensor, hooks: Sequence[str
         order = torch.randperm(len(token_rows), generator=gen)
         for start in range(0, len(order), rows_per_forward):
             rows = token_rows[order[start:start + rows_per_forward]].to(device)
-            acts = model_activations(model, rows, hooks, skip_first)
+            acts = model_activations(model, rows, hooks, skip_first, special)
             for h in hooks:
                 buffer[h].append(acts[h])
             filled += next(iter(acts.values())).shape[0]

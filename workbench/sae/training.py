@@ -22,7 +22,7 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -359,8 +359,8 @@ def _resume_all(trainers: list[_Trainer]) -> list[_Trainer]:
 
 def train_saes(saes: dict[str, SAE], batches: Iterable[Batch], cfg: SAETrainConfig,
                out: Optional[Union[str, Path]] = None, resume: bool = False, progress: bool = True,
-               resume_command: Optional[str] = None, dist: Optional[Dist] = None, spread: bool = False
-               ) -> dict[str, list[dict[str, Any]]]:
+               resume_command: Optional[str] = None, dist: Optional[Dist] = None, spread: bool = False,
+               on_log: Optional[Callable[[str, dict[str, Any]], None]] = None) -> dict[str, list[dict[str, Any]]]:
     """Train each SAE on `batch[its hook_name]` (or `batch[name]` when it has none) of every batch from
     `batches`; returns each one's log. Several SAEs on the same or different hooks share each batch,
     so one forward pass of the model feeds them all.
@@ -383,7 +383,10 @@ def train_saes(saes: dict[str, SAE], batches: Iterable[Batch], cfg: SAETrainConf
     `spread` (with several SAEs, under torchrun) deals the SAEs out instead, as sparsify's
     `distribute_modules` does: rank r trains SAEs r, r + world, ... (in the order of `saes`) on whole
     batches of its own, alone, and writes their folders; each trains exactly as it would alone.
-    Returns the logs of this rank's SAEs."""
+    Returns the logs of this rank's SAEs.
+
+    `on_log(name, record)` is called with every log record on rank 0 (`wandb_logger` sends them to
+    Weights & Biases)."""
     out = Path(out) if out is not None else None
     dist = dist or Dist()
     many = len(saes) > 1
@@ -411,11 +414,12 @@ def train_saes(saes: dict[str, SAE], batches: Iterable[Batch], cfg: SAETrainConf
         dist.barrier()
         active = _resume_all(trainers) if resume and out is not None else trainers
         dist.barrier()  # nobody writes a checkpoint before every rank has read the one it resumes from
-        return _train_loop(trainers, active, batches, cfg, progress, hint)
+        return _train_loop(trainers, active, batches, cfg, progress, hint, on_log)
 
 
 def _train_loop(trainers: list[_Trainer], active: list[_Trainer], batches: Iterable[Batch], cfg: SAETrainConfig,
-                progress: bool, hint: str) -> dict[str, list[dict[str, Any]]]:
+                progress: bool, hint: str, on_log: Optional[Callable[[str, dict[str, Any]], None]] = None
+                ) -> dict[str, list[dict[str, Any]]]:
     start = active[0].step
     logs: dict[str, list[dict[str, Any]]] = {t.name: [] for t in trainers}
     it: Iterator[Batch] = iter(batches)
@@ -464,6 +468,8 @@ def _train_loop(trainers: list[_Trainer], active: list[_Trainer], batches: Itera
                         logs[t.name].append(record)
                         if t.writes:
                             append_log(t.out / LOG_FILE, record)
+                        if on_log is not None and dist.is_main:
+                            on_log(t.name, record)
                     first = logs[active[0].name][-1]
                     bar.set_postfix(L0=f"{first['l0']:.1f}", FVU=f"{first['fvu']:.3f}", tok_s=f"{rate:,.0f}")
                 if step in ckpt_steps:
@@ -483,6 +489,21 @@ def _train_loop(trainers: list[_Trainer], active: list[_Trainer], batches: Itera
             what = "transcoder" if t.sae.cfg.is_transcoder else "SAE"
             print(f"Wrote {what} {t.name} ({t.sae.cfg.arch}, d_sae {t.sae.d_sae}) to {path}")
     return logs
+
+
+def wandb_logger(project: str, config: dict[str, Any]) -> Callable[[str, dict[str, Any]], None]:
+    """An `on_log` that sends each record to Weights & Biases (`pip install wandb`; offline runs with
+    WANDB_MODE=offline), each dictionary's metrics under its own name."""
+    try:
+        import wandb
+    except ImportError:
+        raise InputError("--wandb needs the wandb package: pip install wandb (or leave --wandb out; every metric "
+                         "is in log.jsonl anyway).") from None
+    run = wandb.init(project=project, config=config)
+
+    def log(name: str, record: dict[str, Any]) -> None:
+        run.log({f"{name}/{k}": v for k, v in record.items() if k != "step"}, step=int(record["step"]))
+    return log
 
 
 def train_sae(cfg: SAETrainConfig, batches: Iterable[Batch], name: str = "x", out: Optional[Union[str, Path]] = None,
