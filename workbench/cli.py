@@ -290,6 +290,8 @@ def cmd_sae(argv: list[str]) -> int:
         parser.add_argument("--lr", type=float, default=None)
         parser.add_argument("--batch-size", type=int, default=None)
         parser.add_argument("--resume", action="store_true")
+        parser.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                            help="bf16: forward pass and losses under bfloat16 autocast (fp32 weights and optimizer)")
         parser.add_argument("--wandb", default="", metavar="PROJECT",
                             help="also log to Weights & Biases under this project (needs pip install wandb)")
         parser.add_argument("--spread-hooks", action="store_true",
@@ -332,8 +334,8 @@ def cmd_sae(argv: list[str]) -> int:
         train = {**base, "sae": {**section, "d_in": d_in, "hook_name": hook,
                                  "d_sae": args.d_sae or section.get("d_sae") or args.expansion * d_in,
                                  "model_name": str(args.model or section.get("model_name", ""))}}
-        train.update({k: v for k, v in {"n_tokens": args.n_tokens, "lr": args.lr, "batch_size": args.batch_size}.items()
-                      if v is not None})
+        train.update({k: v for k, v in {"n_tokens": args.n_tokens, "lr": args.lr, "batch_size": args.batch_size,
+                                        "precision": args.precision}.items() if v is not None})
         configs[hook] = SAETrainConfig.from_dict(train, str(args.config) if args.config else "the command line")
     cfg = configs[hooks[0]]
     name = hooks[0].replace(".", "_") if len(hooks) == 1 else f"{len(hooks)}-hooks"
@@ -394,6 +396,8 @@ def cmd_transcoder(argv: list[str]) -> int:
     parser.add_argument("--l1", type=float, default=5.0, help="sparsity coefficient (relu, jumprelu)")
     parser.add_argument("--skip", action="store_true", help="add a linear skip connection x W_skip")
     parser.add_argument("--cross-layer", action="store_true", help="one cross-layer transcoder for all layers")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="bf16: forward pass and losses under bfloat16 autocast")
     parser.add_argument("--n-tokens", type=int, default=1_000_000)
     parser.add_argument("--batch-size", type=int, default=2048)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -409,7 +413,8 @@ def cmd_transcoder(argv: list[str]) -> int:
         tc, _ = train_transcoders(model, args.d_tc or args.expansion * int(model.cfg.d_model), out, args.arch, args.k,
                                   args.skip, args.cross_layer, args.l1, args.n_tokens, args.batch_size, args.lr,
                                   args.rows, args.seed, args.resume, not args.no_progress, name,
-                                  _resume_command("workbench transcoder train", argv, out))
+                                  _resume_command("workbench transcoder train", argv, out),
+                                  precision=args.precision)
     except TrainingInterrupted as err:
         print(f"\n{err}", file=sys.stderr)
         return 130

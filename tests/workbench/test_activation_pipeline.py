@@ -68,3 +68,29 @@ def test_metrics_go_to_weights_and_biases_when_asked(monkeypatch):
     train_saes({"x": make_sae(cfg.sae)}, TensorSource(torch.randn(512, 8), 64), cfg, progress=False,
                on_log=wandb_logger("p", cfg.to_dict()))
     assert [s for s, _ in sent] == [5, 10, 15, 20] and "x/fvu" in sent[0][1]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_bf16_autocast_trains_every_architecture_as_well_as_fp32(device):
+    """precision='bf16': forward pass and losses in bfloat16, weights and optimizer in fp32; on data with
+    known features the reconstruction ends as good as in fp32 (within 2% of the variance)."""
+    from workbench.sae import SAEConfig, SAETrainConfig, TensorSource
+    from workbench.sae.modules import make_sae
+    from workbench.sae.synthetic import SyntheticFeatures
+    from workbench.sae.training import train_saes
+
+    x, _ = SyntheticFeatures(n_features=64, d=32, mean_active=4, seed=0).sample(8192)
+    for arch in ("topk", "relu", "batchtopk", "jumprelu"):
+        fvu = {}
+        for precision in ("fp32", "bf16"):
+            cfg = SAETrainConfig(sae=SAEConfig(d_in=32, d_sae=64, architecture=arch, k=4, l1_coefficient=1.0),
+                                 n_tokens=60 * 512, batch_size=512, n_checkpoints=0, precision=precision,
+                                 dead_window=2048)
+            sae = make_sae(cfg.sae).to(device)
+            logs = train_saes({"x": sae}, TensorSource(x.to(device), 512), cfg, progress=False)
+            assert sae.W_enc.dtype == torch.float32  # master weights stay fp32
+            fvu[precision] = logs["x"][-1]["fvu"]
+        assert abs(fvu["bf16"] - fvu["fp32"]) < 0.02, (arch, fvu)
+    with pytest.raises(Exception, match="precision"):
+        SAETrainConfig(precision="fp16")

@@ -95,6 +95,9 @@ class SAETrainConfig:
     """Checkpoints written during training (log-spaced), besides the final SAE."""
     seed: int = 0
     """Seed of the initialisation."""
+    precision: str = "fp32"
+    """'bf16': the forward pass and losses under bfloat16 autocast (fp32 weights, optimizer and
+    statistics), on a GPU or a CPU with bf16 support; 'fp32': everything in float32."""
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -112,6 +115,7 @@ class SAETrainConfig:
                     "'geometric_median', 'mean' or 'zeros'")
         check_field(self.n_checkpoints >= 0, own, "n_checkpoints", self.n_checkpoints, "≥ 0")
         check_field(self.seed >= 0, own, "seed", self.seed, "an integer ≥ 0")
+        check_field(self.precision in ("fp32", "bf16"), own, "precision", self.precision, "'fp32' or 'bf16'")
 
     @property
     def n_steps(self) -> int:
@@ -243,15 +247,17 @@ class _Trainer:
         sae, cfg = self.sae, self.cfg
         for group in self.opt.param_groups:
             group["lr"] = cfg.lr_at(self.step)
-        out = sae.train_forward(x)
-        skip = sae.skip_out(x)
-        if skip is not None:
-            out.x_hat = out.x_hat + skip
-        x_hat = out.x_hat
-        mse = (x_hat - y).pow(2).sum(-1).mean()
-        dead = self.since_fired >= cfg.dead_window
-        sparsity = sae.sparsity_loss(out, sae.cfg.l1_coefficient * cfg.sparsity_warmup(self.step))
-        aux = sae.aux_loss(y, out, dead)
+        device = _device(sae)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            out = sae.train_forward(x)
+            skip = sae.skip_out(x)
+            if skip is not None:
+                out.x_hat = out.x_hat + skip
+            x_hat = out.x_hat = out.x_hat.float()
+            mse = (x_hat - y).pow(2).sum(-1).mean()
+            dead = self.since_fired >= cfg.dead_window
+            sparsity = sae.sparsity_loss(out, sae.cfg.l1_coefficient * cfg.sparsity_warmup(self.step)).float()
+            aux = sae.aux_loss(y, out, dead).float()
         loss = mse + sparsity + aux
         if not torch.isfinite(loss):
             raise TrainingDiverged(f"The loss of {self.name} became {float(loss)} at step {self.step}. Nothing was "
@@ -298,6 +304,13 @@ class _Trainer:
                                              "train": self.cfg.to_dict()})
         return save_sae(self.sae, self.out, extra={"activation_scale_folded": self.scale, "steps": self.step,
                                                    "train": self.cfg.to_dict()})
+
+
+def _to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """To the dictionary's device; from the CPU to a GPU through pinned memory, without blocking."""
+    if device.type == "cuda" and x.device.type == "cpu":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
 
 
 def _reduced(stats: ReconstructionStats, dist: Dist) -> ReconstructionStats:
@@ -456,7 +469,7 @@ def _train_loop(trainers: list[_Trainer], active: list[_Trainer], batches: Itera
                             raise InputError(f"Batches of {len(batch[key])} rows, but batch_size {cfg.batch_size} over "
                                              f"{dist.world} process(es) needs {share} per process.")
                     device = _device(t.sae)
-                    losses[t.name] = t.train_step(batch[t.key].to(device), batch[t.target_key].to(device)
+                    losses[t.name] = t.train_step(_to(batch[t.key], device), _to(batch[t.target_key], device)
                                                   if t.target_key != t.key else None)
                 step += 1
                 bar.update(1)

@@ -641,7 +641,8 @@ def train_transcoders(model: Any, d_tc: int, out: Optional[Union[str, Path]] = N
                       k: int = 32, skip: bool = False, cross_layer: bool = False, l1_coefficient: float = 5.0,
                       n_tokens: int = 1_000_000, batch_size: int = 2048, lr: float = 1e-3, n_rows: int = 2000,
                       seed: int = 0, resume: bool = False, progress: bool = True, model_name: str = "",
-                      resume_command: Optional[str] = None, n_checkpoints: int = 2) -> tuple[Transcoders, dict]:
+                      resume_command: Optional[str] = None, n_checkpoints: int = 2, precision: str = "fp32"
+                      ) -> tuple[Transcoders, dict]:
     """Train transcoders for every MLP of `model` on its own training text (the standard library's
     source for a model without one), with the SAE trainer: one forward pass feeds every layer. With
     `out`, each layer's run folder (out/layer_<l>, or out/clt) gets the trainer's log, checkpoints
@@ -657,7 +658,8 @@ def train_transcoders(model: Any, d_tc: int, out: Optional[Union[str, Path]] = N
     rows, _ = training_text(model, n_rows, min(int(model.cfg.n_ctx), 256))
     first = next(iter(dictionaries.values()))
     cfg = SAETrainConfig(sae=first.cfg, n_tokens=n_tokens, batch_size=batch_size, lr=lr, seed=seed,
-                         n_checkpoints=n_checkpoints, dead_window=min(200_000, max(batch_size, n_tokens // 10)))
+                         n_checkpoints=n_checkpoints, dead_window=min(200_000, max(batch_size, n_tokens // 10)),
+                         precision=precision)
     out = Path(out) if out is not None else None
     if out is not None and (out / MANIFEST).exists() and not resume:
         raise InputError(f"{out} already holds trained transcoders ({MANIFEST}); nothing was overwritten. Choose "
