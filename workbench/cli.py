@@ -238,7 +238,8 @@ def _sae_source(args: argparse.Namespace, model: Any, hooks: list[str], batch_si
     seq = min(int(model.cfg.n_ctx), args.seq_len)
     rows = (text_rows(model, args.text, args.rows, seq) if args.text != "stdlib" else text_batch(model, args.rows, seq))
     return stream_activations(model, rows[rank::world], hooks, batch_size=batch_size, seed=seed + rank,
-                              buffer_batches=args.buffer_batches, exclude_special=not args.keep_special)
+                              buffer_batches=args.buffer_batches, exclude_special=not args.keep_special,
+                              skip_first=0 if args.keep_first else 1)
 
 
 def _every(batches, start: int, step: int):
@@ -276,6 +277,8 @@ def cmd_sae(argv: list[str]) -> int:
                         help="batches held by the shuffling buffer that mixes activations across rows")
     parser.add_argument("--keep-special", action="store_true",
                         help="train on special tokens too (BOS, EOS, padding are left out by default)")
+    parser.add_argument("--keep-first", action="store_true",
+                        help="train on each row's first position too (left out by default: a BOS, or an outlier)")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per row (capped at n_ctx)")
     parser.add_argument("--n-tokens", type=int, default=None, help="tokens to train on / to store")
     parser.add_argument("--no-progress", action="store_true")

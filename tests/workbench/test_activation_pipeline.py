@@ -94,3 +94,19 @@ def test_bf16_autocast_trains_every_architecture_as_well_as_fp32(device):
         assert abs(fvu["bf16"] - fvu["fp32"]) < 0.02, (arch, fvu)
     with pytest.raises(Exception, match="precision"):
         SAETrainConfig(precision="fp16")
+
+
+def test_sae_train_reads_a_text_folder_and_logs_tokens_per_second(tiny_gpt2, tmp_path):
+    import json
+
+    from workbench.cli import main
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("def main(): return the value of x\n" * 400)
+    out = tmp_path / "sae"
+    assert main(["sae", "train", "--model", f"hf:{tiny_gpt2}", "--hook", "blocks.0.hook_resid_post", "--text",
+                 str(tmp_path / "docs"), "--rows", "64", "--seq-len", "32", "--buffer-batches", "2", "--keep-first",
+                 "--n-tokens", "2048", "--batch-size", "256", "--out", str(out), "--no-progress", "--device",
+                 "cpu"]) == 0
+    record = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+    assert record["tokens"] == 2048 and record["tok_per_s"] > 0

@@ -442,7 +442,8 @@ def _train_loop(trainers: list[_Trainer], active: list[_Trainer], batches: Itera
     saved_at = start if start else -1
     dist = active[0].dist
     share = cfg.batch_size // dist.world
-    bar = tqdm(total=cfg.n_steps, initial=start, desc="SAE" + (f" ({dist.world} processes)" if dist.active else ""),
+    what = "transcoders" if any(t.sae.cfg.is_transcoder for t in active) else "SAE" if len(active) == 1 else "SAEs"
+    bar = tqdm(total=cfg.n_steps, initial=start, desc=what + (f" ({dist.world} processes)" if dist.active else ""),
                unit="step", disable=not (progress and dist.is_main) or None)
     t0, tokens0 = time.perf_counter(), 0
     step = start
