@@ -295,7 +295,7 @@ def train(cfg: TrainConfig, out: Union[str, Path], *, name: str = "run", resume:
 
     Under torchrun (WORLD_SIZE > 1) it trains data parallel: step t's batch is the same pure function
     of the seed and t as in one process, each rank takes its rows of it (batch_size / world), the
-    gradients are averaged with one all-reduce, and the loss that decides a stop is the whole batch's,
+    gradients are averaged by DistributedDataParallel, and the loss that decides a stop is the whole batch's,
     so any number of processes trains what one process trains. Rank 0 writes the log, checkpoints and
     the final model; every rank resumes from them; with `torchrun --max-restarts` a restarted run
     resumes by itself."""
@@ -353,6 +353,8 @@ def _train(cfg: TrainConfig, run_dir: Path, name: str, resume: bool, dev: torch.
     elif main:
         (run_dir / LOG_FILE).unlink(missing_ok=True)
     dist.barrier()
+    # DistributedDataParallel all-reduces gradient buckets while the backward pass runs
+    forward = torch.nn.parallel.DistributedDataParallel(model) if dist.active else model
     share = cfg.batch_size // dist.world
     rows = slice(dist.rank * share, (dist.rank + 1) * share)  # this rank's rows of every step's batch
 
@@ -401,10 +403,9 @@ def _train(cfg: TrainConfig, run_dir: Path, name: str, resume: bool, dev: torch.
                 for group in run.optimizer.param_groups:
                     group["lr"] = cfg.lr_at(run.step)
                 with _autocast(cfg.precision, dev):
-                    loss = model(tokens, return_type="loss")
-                loss.backward()
-                if dist.active:  # the whole batch's gradient and loss: the mean of the ranks' equal shares
-                    dist.mean_grads_(model.parameters())
+                    loss = forward(tokens, return_type="loss")
+                loss.backward()  # under DDP the gradients arrive averaged over the ranks' equal shares
+                if dist.active:  # and the loss that is logged and decides a stop is the whole batch's too
                     loss = dist.sum_(loss.detach().clone()) / dist.world
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 if not bool(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)):  # before the step: weights kept
