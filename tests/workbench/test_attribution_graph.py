@@ -285,3 +285,14 @@ def test_transcoder_quality_is_measured_against_ablation(model, tc):
     assert len(q["layers"]) == 2 and all(0 <= x["fvu"] for x in q["layers"])
     assert q["with_errors_max_loss_change"] < 1e-5  # the error terms make the replacement exact
     assert q["ce"]["zero_ablated"] != q["ce"]["clean"]
+
+
+def test_a_circuit_tracer_file_with_a_missing_or_misshapen_tensor_is_refused(model, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    tc = _trained(model, cross_layer=False, steps=2)
+    export_circuit_tracer(tc, tmp_path / "ct")
+    w = load_file(str(tmp_path / "ct" / "layer_1.safetensors"))
+    save_file({k: v for k, v in w.items() if k != "b_dec"}, str(tmp_path / "ct" / "layer_1.safetensors"))
+    with pytest.raises(CheckpointError, match="b_dec should have shape"):
+        load_circuit_tracer(tmp_path / "ct")

@@ -50,6 +50,7 @@ from workbench.sae.modules import (
     _Step,
     centred_sq_mean,
     load_sae,
+    make_sae,
     save_sae,
 )
 
@@ -489,13 +490,17 @@ def load_circuit_tracer(folder: Union[str, Path], model_name: str = "") -> Trans
                             hook_name=f"blocks.{l}.{cfg.get('feature_input_hook', 'ln2.hook_normalized')}",
                             target_hook=output_hook(l), skip="W_skip" in w,
                             model_name=cfg.get("model_name", model_name))
-        from workbench.sae.modules import make_sae
         t = make_sae(sae_cfg)
+        keys = ("W_enc", "b_enc", "W_dec", "b_dec") + (("W_skip",) if sae_cfg.skip else ()) + (
+            ("threshold",) if arch == "jumprelu" else ())
+        for key in keys:
+            if key not in w or tuple(w[key].shape) != tuple(getattr(t, key).shape):
+                got = tuple(w[key].shape) if key in w else "missing"
+                raise CheckpointError(f"{folder / entry['path']}: {key} should have shape "
+                                      f"{tuple(getattr(t, key).shape)}, got {got}.")
         with torch.no_grad():
-            for key in ("W_enc", "b_enc", "W_dec", "b_dec") + (("W_skip",) if sae_cfg.skip else ()):
+            for key in keys:
                 getattr(t, key).copy_(w[key])
-            if arch == "jumprelu":
-                t.threshold.copy_(w["threshold"])
         per_layer[l] = t.eval()
     return Transcoders(cfg.get("model_name", model_name), len(per_layer), per_layer=per_layer)
 
@@ -525,7 +530,6 @@ def make_transcoders(model: Any, d_tc: int, architecture: str = "topk", k: int =
         cfg = SAEConfig(d_in=len(layers) * d, d_sae=len(layers) * d_tc, hook_name=CLT_INPUT, target_hook=CLT_TARGET,
                         aux_k=d // 2, **common)
         return {"clt": CrossLayerTranscoder(cfg, len(layers), seed=seed, input_hooks=hooks)}
-    from workbench.sae.modules import make_sae
     return {f"layer_{l}": make_sae(SAEConfig(d_in=d, d_sae=d_tc, hook_name=hooks[l], target_hook=output_hook(l),
                                              skip=skip, **common), seed=seed + l) for l in layers}
 
