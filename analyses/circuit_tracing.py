@@ -25,6 +25,7 @@ import plotly.graph_objects as go
 import torch
 from tqdm.auto import tqdm
 
+from workbench.artifacts import strict_json
 from workbench.attribution_graph import (
     AttributionGraph,
     GraphConfig,
@@ -141,14 +142,14 @@ class CircuitTracingResult:
 
     def metrics(self) -> dict[str, Any]:
         return {"transcoders": {"source": self.source, "kind": self.kind, "width": self.width,
-                                **_strict(self.quality)},
-                "sae_comparison": _strict(self.sae),
+                                **strict_json(self.quality)},
+                "sae_comparison": strict_json(self.sae),
                 "graphs": [{"kind": p.kind, "prompt": p.prompt, "nodes": p.graph.n_nodes,
                             "features": p.graph.n_features, "kept_nodes": p.kept_nodes, "kept_edges": p.kept_edges,
-                            **_strict(p.scores), "identity_max_relative_error": finite(
+                            **strict_json(p.scores), "identity_max_relative_error": finite(
                                 p.graph.meta["identity_max_relative_error"]),
                             "logit_max_error": finite(p.graph.meta["logit_max_error"]),
-                            "interventions": _strict(p.interventions), "finding": _strict(p.finding)}
+                            "interventions": strict_json(p.interventions), "finding": strict_json(p.finding)}
                            for p in self.prompts]}
 
     def headlines(self) -> list[str]:
@@ -191,18 +192,6 @@ class CircuitTracingResult:
 
 def _pct(v: Optional[float]) -> str:
     return "n/a" if v is None else f"{v:.1%}"
-
-
-def _strict(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _strict(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_strict(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return finite(float(obj))
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
 
 
 # -- transcoders -----------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Optional
@@ -89,6 +90,9 @@ class Dist:
             self._guard("barrier", torch_dist.barrier)
 
 
+_STORE: list = []
+
+
 def under_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
@@ -103,19 +107,32 @@ def init_from_env(device: Optional[torch.device] = None, timeout_s: float = 300.
     if not torch_dist.is_initialized():
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         timeout = datetime.timedelta(seconds=timeout_s)
-        # torchrun's store outlives a restart; a fresh key prefix per attempt keeps restarted workers from
-        # reading the dead workers' addresses (gloo then fails to connect, at random)
-        agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-        store = torch_dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                                    is_master=rank == 0 and not agent_store, timeout=timeout)
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        torch_dist.init_process_group(backend, store=torch_dist.PrefixStore(f"workbench-attempt-{attempt}", store),
-                                      rank=rank, world_size=world, timeout=timeout)
+        if attempt == "0":
+            torch_dist.init_process_group(backend, timeout=timeout)
+        else:  # a restart: a fresh key prefix, so no worker reads a dead worker's address from the store
+            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            store = torch_dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                                        is_master=rank == 0 and not agent_store, timeout=timeout, use_libuv=False)
+            _STORE.append(store)  # kept alive while the group uses it
+            torch_dist.init_process_group(backend, store=torch_dist.PrefixStore(f"workbench-attempt-{attempt}", store),
+                                          rank=rank, world_size=world, timeout=timeout)
     return Dist(torch_dist.get_rank(), torch_dist.get_world_size(), backend)
 
 
+
 def shutdown() -> None:
+    """Leave the process group. On a clean exit the ranks first meet at a barrier, so that none tears
+    down its connections while another still uses them (a worker could abort on exit otherwise); while
+    an exception is on its way out (a `finally`), the others may be inside another collective, so
+    this rank just leaves and they get a clear error."""
     if torch_dist.is_initialized():
+        if sys.exc_info()[1] is None:
+            try:
+                torch_dist.barrier()
+            except RuntimeError:  # a peer is already gone: nothing to wait for
+                pass
         torch_dist.destroy_process_group()
+        _STORE.clear()
