@@ -189,20 +189,29 @@ TEXT_PROBES = ("text-distribution", "passage")
 real text (see `text_probe_tokens`)."""
 
 
+def _own_text(model: Any, split: str, n_rows: int, row_len: int) -> Optional[tuple[torch.Tensor, str]]:
+    """Rows of the model's own training text, split 'train' or 'val', when its folder records it."""
+    if model.tokenizer is None:
+        raise InputError("This model has no tokenizer, so it cannot read text; use token ids.")
+    data = (getattr(model, "meta", None) or {}).get("train", {}).get("data")
+    if data is None or not hasattr(model.tokenizer, "tok"):
+        return None
+    cfg = DataConfig(**data)
+    if not cfg.uses_text:
+        return None
+    rows = getattr(build_text_data(cfg, int(model.cfg.n_ctx), model.tokenizer.tok), split)[:n_rows]
+    where = f"the training split of {cfg.text!r}" if split == "train" else f"held-out validation text of {cfg.text!r}"
+    return torch.from_numpy(rows.astype("int64")), where
+
+
 def training_text(model: Any, n_rows: int = 2000, row_len: int = 256) -> tuple[torch.Tensor, str]:
     """([<= n_rows, T] token ids, on the CPU; where they come from): the training split of the model's
     own training text when its folder records it, else the standard library's source (as
     `held_out_text`, whose rows these never overlap when both come from the model's text)."""
-    if model.tokenizer is None:
-        raise InputError("This model has no tokenizer, so it cannot read text; use token ids.")
-    data = (getattr(model, "meta", None) or {}).get("train", {}).get("data")
-    if data is not None and hasattr(model.tokenizer, "tok"):
-        cfg = DataConfig(**data)
-        if cfg.uses_text:
-            train = build_text_data(cfg, int(model.cfg.n_ctx), model.tokenizer.tok).train[:n_rows]
-            return torch.from_numpy(train.astype("int64")), f"the training split of {cfg.text!r}"
-    rows = text_batch(model, n_rows, min(row_len, int(model.cfg.n_ctx))).cpu()
-    return rows, "the Python standard library's source"
+    own = _own_text(model, "train", n_rows, row_len)
+    if own is not None:
+        return own
+    return text_batch(model, n_rows, min(row_len, int(model.cfg.n_ctx))).cpu(), "the Python standard library's source"
 
 
 def held_out_text(model: Any, n_rows: int = 512, row_len: int = 256) -> tuple[torch.Tensor, str]:
@@ -212,14 +221,9 @@ def held_out_text(model: Any, n_rows: int = 512, row_len: int = 256) -> tuple[to
     trained (text it never trained on); otherwise the Python standard library's source in the
     model's tokenizer, cut into rows of `row_len` tokens. An error if the model has no tokenizer.
     """
-    if model.tokenizer is None:
-        raise InputError("This model has no tokenizer, so it cannot read text; use token ids.")
-    data = (getattr(model, "meta", None) or {}).get("train", {}).get("data")
-    if data is not None and hasattr(model.tokenizer, "tok"):
-        cfg = DataConfig(**data)
-        if cfg.uses_text:
-            val = build_text_data(cfg, int(model.cfg.n_ctx), model.tokenizer.tok).val[:n_rows]
-            return torch.from_numpy(val.astype("int64")), f"held-out validation text of {cfg.text!r}"
+    own = _own_text(model, "val", n_rows, row_len)
+    if own is not None:
+        return own
     rows = text_batch(model, n_rows, min(row_len, int(model.cfg.n_ctx))).cpu()
     return rows, "the Python standard library's source (the model may have trained on it)"
 
