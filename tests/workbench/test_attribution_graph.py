@@ -226,6 +226,8 @@ def test_a_model_where_freezing_does_not_take_effect_is_refused(model, tc, monke
 
 def test_transcoder_sets_and_circuit_tracer_files_round_trip(model, tc, tmp_path):
     tc.save(tmp_path / "set")
+    with pytest.raises(InputError, match="not empty"):
+        tc.save(tmp_path / "set")  # never over a folder that holds anything
     back = load_transcoders(tmp_path / "set")
     x = torch.randn(2, 5, 32)
     for a, b in zip(tc.reconstruct([x, x]), back.reconstruct([x, x])):

@@ -390,6 +390,9 @@ class Transcoders:
         """Every layer's files, then transcoders.json (so a folder with a manifest is complete). fp16
         halves the files (the shipped transcoders); they load as float32."""
         folder = Path(folder)
+        if folder.exists() and any(folder.iterdir()):
+            raise InputError(f"{folder} is not empty; transcoders are saved into a new or empty folder, so nothing "
+                             "there is overwritten. Choose another folder.")
         folder.mkdir(parents=True, exist_ok=True)
         if self.clt is not None:
             self.clt.save(folder / "clt")
