@@ -2,9 +2,19 @@
 
 Config (from the foundation issue): 2 layers, d_model 256, 8 heads, n_ctx 256, d_vocab 1024,
 batch 16, LayerNorm, AdamW; once attention-only and once with d_mlp 1024. Each is timed in fp32
-and under bf16 autocast, both models alike, interleaved in rounds (median taken) so that machine
-noise hits both. Also: a matmul peak measured in the same run, effective GFLOP/s as a share of
-it, and the cost of `run_with_cache` with one residual hook against a plain forward.
+and under bf16 autocast, interleaved in rounds (median taken) so that machine noise hits all:
+
+    workbench          the workbench model with the workbench trainer's optimizer (fused AdamW)
+    workbench_foreach  the same with foreach AdamW (torch's default; what it used before): the
+                       fused optimizer's effect
+    workbench_compiled the same with its blocks torch.compile'd (TrainConfig.compile / --compile);
+                       its compile time is reported, and the steps after which it has paid off
+    bridge             TransformerBridge.boot_native on the same config, torch's default AdamW
+
+Also: a matmul peak measured in the same run, effective GFLOP/s as a share of it, and the cost of
+`run_with_cache` against a plain forward (one residual hook, and every hook) for both models.
+`import workbench` tunes glibc's malloc for the whole process (workbench/allocator.py), so the
+bridge in this process gains from it too; run with WORKBENCH_MALLOC=default to see its effect.
 
     python benchmarks/train_speed.py [--device auto|cpu|cuda] [--rounds 3] [--steps 4]
 
@@ -31,6 +41,7 @@ from transformer_lens import TransformerBridge, TransformerBridgeConfig  # noqa:
 
 from workbench.loading import resolve_device  # noqa: E402
 from workbench.model import ModelConfig, Transformer  # noqa: E402
+from workbench.train import fused_adam  # noqa: E402
 
 B, S, D, H, L, V = 16, 256, 256, 8, 2, 1024
 
@@ -55,9 +66,12 @@ def sync(device):
 class Trainer:
     """A model with its AdamW, stepping on fixed random tokens."""
 
-    def __init__(self, model, device, precision):
+    def __init__(self, model, device, precision, optimizer="default"):
         self.model, self.device, self.precision = model, device, precision
-        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        if optimizer == "fused":  # what workbench.train uses
+            self.opt = fused_adam(torch.optim.AdamW, model.parameters(), lr=1e-4)
+        else:
+            self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True if optimizer == "foreach" else None)
         self.tokens = torch.randint(0, V, (B, S), generator=torch.Generator().manual_seed(0)).to(device)
 
     def step(self):
@@ -96,29 +110,36 @@ def flops_per_token(d_mlp):
     return 6 * matmul_params + 6 * L * S * D
 
 
-def hook_overhead(device, rounds, reps=10):
-    """Median over rounds of time(run_with_cache with one residual hook) / time(plain forward)."""
-    model = make_workbench(1024, device).eval()
+def hook_overhead(device, rounds, reps=5):
+    """Median over rounds of time(run_with_cache) / time(plain forward), with one residual hook and with
+    every hook, for the workbench model and the bridge (d_mlp 1024, no_grad)."""
+    models = {"workbench": make_workbench(1024, device).eval(), "bridge": make_bridge(1024, device).eval()}
     tokens = torch.randint(0, V, (B, S), generator=torch.Generator().manual_seed(1)).to(device)
+    calls = {
+        "plain": lambda m: m(tokens),
+        "one_hook": lambda m: m.run_with_cache(tokens, names_filter="blocks.0.hook_resid_post"),
+        "every_hook": lambda m: m.run_with_cache(tokens),
+    }
 
-    def timed(fn):
+    def timed(fn, model):
         sync(device)
         start = time.perf_counter()
         for _ in range(reps):
-            fn()
+            fn(model)
         sync(device)
         return time.perf_counter() - start
 
-    ratios = []
+    ratios = {f"{name}_{call}": [] for name in models for call in ("one_hook", "every_hook")}
     with torch.no_grad():
-        for _ in range(3):
-            model(tokens)
-            model.run_with_cache(tokens, names_filter="blocks.0.hook_resid_post")
+        for model in models.values():
+            for call in calls.values():
+                call(model)
         for _ in range(max(3, rounds * 2)):
-            plain = timed(lambda: model(tokens))
-            cached = timed(lambda: model.run_with_cache(tokens, names_filter="blocks.0.hook_resid_post"))
-            ratios.append(cached / plain)
-    return statistics.median(ratios)
+            for name, model in models.items():
+                times = {call: timed(fn, model) for call, fn in calls.items()}
+                for call in ("one_hook", "every_hook"):
+                    ratios[f"{name}_{call}"].append(times[call] / times["plain"])
+    return {key: statistics.median(r) for key, r in ratios.items()}
 
 
 def main(argv=None):
@@ -139,27 +160,51 @@ def main(argv=None):
     figures = {"device": str(device)}
     for label, d_mlp in (("attn_only", None), ("mlp", 1024)):
         for precision in args.precisions:
-            runs = {"workbench": Trainer(make_workbench(d_mlp, device), device, precision),
+            compiled = make_workbench(d_mlp, device)
+            start = time.perf_counter()
+            for block in compiled.blocks:
+                block.compile()
+            runs = {"workbench": Trainer(make_workbench(d_mlp, device), device, precision, "fused"),
+                    "workbench_foreach": Trainer(make_workbench(d_mlp, device), device, precision, "foreach"),
+                    "workbench_compiled": Trainer(compiled, device, precision, "fused"),
                     "bridge": Trainer(make_bridge(d_mlp, device), device, precision)}
+            runs["workbench_compiled"].tokens_per_s(2)  # compiles (forward and backward) on its first steps
+            compile_s = time.perf_counter() - start
             for t in runs.values():  # warm-up
                 t.tokens_per_s(2)
             samples = {k: [] for k in runs}
             for _ in range(args.rounds):
                 for k, t in runs.items():
                     samples[k].append(t.tokens_per_s(args.steps))
-            wb, tb = statistics.median(samples["workbench"]), statistics.median(samples["bridge"])
+            tok = {k: statistics.median(v) for k, v in samples.items()}
+            wb, tb = tok["workbench"], tok["bridge"]
             gflops = wb * flops_per_token(d_mlp) / 1e9
             key = f"{label}_{precision}"
+            step_s, step_compiled_s = B * S / wb, B * S / tok["workbench_compiled"]
+            pays_off = compile_s / (step_s - step_compiled_s) if step_compiled_s < step_s else None
             figures.update({f"tok_s_workbench_{key}": round(wb), f"tok_s_bridge_{key}": round(tb),
                             f"ratio_vs_bridge_{key}": round(wb / tb, 3),
+                            f"ratio_fused_vs_foreach_adamw_{key}": round(wb / tok["workbench_foreach"], 3),
+                            f"ratio_compiled_vs_not_{key}": round(tok["workbench_compiled"] / wb, 3),
+                            f"ratio_compiled_vs_bridge_{key}": round(tok["workbench_compiled"] / tb, 3),
+                            f"compile_s_{key}": round(compile_s, 1),
+                            f"compile_pays_off_after_steps_{key}": round(pays_off) if pays_off else None,
                             f"gflops_workbench_{key}": round(gflops, 1),
                             f"share_of_matmul_peak_{key}": round(gflops / peaks[precision], 3)})
             print(f"{label:>9} {precision}: workbench {wb:>8,.0f} tok/s | TransformerBridge {tb:>8,.0f} tok/s | "
                   f"ratio {wb / tb:.2f}x | {gflops:,.0f} GFLOP/s = {gflops / peaks[precision]:.0%} of matmul peak")
+            print(f"{'':>15} fused AdamW vs foreach: {wb / tok['workbench_foreach']:.3f}x | compiled blocks "
+                  f"{tok['workbench_compiled']:,.0f} tok/s = {tok['workbench_compiled'] / wb:.2f}x, "
+                  f"{tok['workbench_compiled'] / tb:.2f}x the bridge; compiling took {compile_s:.1f} s"
+                  + (f", paid off after {pays_off:,.0f} steps" if pays_off else ", never pays off"))
 
     overhead = hook_overhead(device, args.rounds)
-    figures["hook_overhead_ratio"] = round(overhead, 4)
-    print(f"run_with_cache (one residual hook) / plain forward: {overhead:.3f}x")
+    for key, ratio in overhead.items():
+        figures[f"cache_over_plain_ratio_{key}"] = round(ratio, 4)
+    figures["hook_overhead_ratio"] = round(overhead["workbench_one_hook"], 4)
+    print(f"run_with_cache / plain forward: workbench one hook {overhead['workbench_one_hook']:.3f}x, every hook "
+          f"{overhead['workbench_every_hook']:.3f}x | TransformerBridge one hook {overhead['bridge_one_hook']:.3f}x, "
+          f"every hook {overhead['bridge_every_hook']:.3f}x")
     print(json.dumps(figures))
 
 

@@ -16,6 +16,7 @@ and Q, K and V come from one fused matmul.
 
 from __future__ import annotations
 
+import functools
 import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -115,11 +116,44 @@ class LayerNorm(nn.Module):
         self.hook_normalized = HookPoint()  # [B, S, D]
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
-        if not _hooked(self.hook_scale):  # the fused kernel, unless someone reads or edits the scale
-            return self.hook_normalized(F.layer_norm(x_BSD, x_BSD.shape[-1:], self.w, self.b, self.eps))
+        if not _hooked(self.hook_scale):
+            return self.hook_normalized(self._fused(x_BSD))
+        if not self.hook_scale.bwd_hooks:
+            # When the scale is only read (run_with_cache), keep the fused kernel: the hook gets the
+            # scale, and unless it returns another tensor (an edit, or a detached copy that freezes
+            # it) or changes its values (checked by value, so edits through .data count too), the
+            # fused output is the same number.
+            if torch.is_grad_enabled() and x_BSD.requires_grad:  # a scale with a gradient, as the hook may use it
+                out_BSD = None
+                var_BS1, _ = torch.var_mean(x_BSD, -1, correction=0, keepdim=True)
+                given_BS1 = (var_BS1 + self.eps).sqrt()
+            else:  # the fused kernel's own 1/scale: no extra pass over x (measured 3 ms per call at 16×256×256)
+                out_BSD, _, rstd_BS1 = torch.native_layer_norm(x_BSD, x_BSD.shape[-1:], self.w, self.b, self.eps)
+                given_BS1 = rstd_BS1.reciprocal()
+            kept_BS1 = given_BS1.clone()
+            scale_BS1 = self.hook_scale(given_BS1)
+            if scale_BS1 is given_BS1 and torch.equal(scale_BS1, kept_BS1):
+                return self.hook_normalized(self._fused(x_BSD) if out_BSD is None else out_BSD)
+        else:  # a backward hook needs the gradient to flow through the scale
+            scale_BS1 = self.hook_scale((x_BSD.var(-1, correction=0, keepdim=True) + self.eps).sqrt())
         x_BSD = x_BSD - x_BSD.mean(-1, keepdim=True)
-        scale_BS1 = self.hook_scale((x_BSD.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
         return self.hook_normalized(x_BSD / scale_BS1 * self.w + self.b)
+
+    def _fused(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x_BSD, x_BSD.shape[-1:], self.w, self.b, self.eps)
+
+
+def _causal_bias(S: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[S, S]: 0 on and below the diagonal, -inf above it (added to the attention scores); made once
+    per shape, except inside torch.compile, which folds it into the graph."""
+    if torch.compiler.is_compiling():
+        return torch.full((S, S), float("-inf"), dtype=dtype, device=device).triu(1)
+    return _cached_causal_bias(S, dtype, device)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_causal_bias(S: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.full((S, S), float("-inf"), dtype=dtype, device=device).triu(1)
 
 
 class Attention(nn.Module):
@@ -154,12 +188,8 @@ class Attention(nn.Module):
         qkv_BS3HK = torch.addmm(b_3HK, x_BSD.reshape(B * S, -1), W_D3HK).view(B, S, 3, H, K)
         q_BSHK, k_BTHK, v_BTHK = qkv_BS3HK.unbind(2)  # one stack in backward, not three zero-fills
         q_BSHK, k_BTHK, v_BTHK = self.hook_q(q_BSHK), self.hook_k(k_BTHK), self.hook_v(v_BTHK)
-        if _hooked(self.hook_attn_scores) or _hooked(self.hook_pattern):
-            scores_BHST = torch.einsum("bshk,bthk->bhst", q_BSHK, k_BTHK) / math.sqrt(K)
-            causal_ST = torch.ones(S, S, dtype=torch.bool, device=x_BSD.device).triu(1)
-            scores_BHST = self.hook_attn_scores(scores_BHST.masked_fill(causal_ST, float("-inf")))
-            pattern_BHST = self.hook_pattern(scores_BHST.softmax(-1))
-            z_BSHK = torch.einsum("bhst,bthk->bshk", pattern_BHST, v_BTHK)
+        if _hooked(self.hook_attn_scores) or _hooked(self.hook_pattern) or _materialise_on(q_BSHK):
+            z_BSHK = self._attend_materialised(q_BSHK, k_BTHK, v_BTHK)
         else:
             z_BHSK = F.scaled_dot_product_attention(
                 q_BSHK.transpose(1, 2), k_BTHK.transpose(1, 2), v_BTHK.transpose(1, 2), is_causal=True
@@ -168,6 +198,32 @@ class Attention(nn.Module):
         z_BSHK = self.hook_z(z_BSHK)
         out_BD = torch.addmm(self.b_O, z_BSHK.reshape(B * S, H * K), self.W_O.reshape(H * K, -1))
         return out_BD.view(B, S, -1)
+
+
+    def _attend_materialised(self, q_BSHK: torch.Tensor, k_BTHK: torch.Tensor, v_BTHK: torch.Tensor
+                             ) -> torch.Tensor:
+        """Attention through an explicit pattern, which is also what the output is computed from, so
+        any edit of it through hook_pattern (or hook_attn_scores) takes effect. Scaling and the causal
+        mask happen inside one baddbmm; the softmax is taken in fp32 when the scores are bf16/fp16.
+        (Measured: once the pattern exists, pattern @ V is cheaper on CPU than a second, fused
+        attention pass, so a read-only pattern hook gains nothing from keeping the fused kernel.)"""
+        B, S, H, K = q_BSHK.shape
+        q_XSK = q_BSHK.transpose(1, 2).reshape(B * H, S, K)
+        k_XKT = k_BTHK.permute(0, 2, 3, 1).reshape(B * H, K, S)
+        scores_XST = torch.baddbmm(_causal_bias(S, q_XSK.dtype, q_XSK.device), q_XSK, k_XKT, alpha=1 / math.sqrt(K))
+        scores_BHST = self.hook_attn_scores(scores_XST.view(B, H, S, S))
+        low = scores_BHST.dtype in (torch.bfloat16, torch.float16)
+        pattern_BHST = self.hook_pattern(scores_BHST.softmax(-1, dtype=torch.float32 if low else None))
+        v_XTK = v_BTHK.transpose(1, 2).reshape(B * H, S, K)
+        z_XSK = torch.bmm(pattern_BHST.to(v_BTHK.dtype).reshape(B * H, S, S), v_XTK)  # reshape: a view here
+        return z_XSK.view(B, H, S, K).transpose(1, 2)
+
+
+def _materialise_on(q_BSHK: torch.Tensor) -> bool:
+    """Whether unhooked attention also takes the materialised path: bf16 on CPU, where the fused
+    kernel's backward is the slow part (measured in benchmarks/train_speed.py: fused 45 ms against
+    26 ms forward + backward for one layer at batch 16 × 256, 8 heads of 32)."""
+    return q_BSHK.dtype == torch.bfloat16 and q_BSHK.device.type == "cpu"
 
 
 class MLP(nn.Module):

@@ -59,7 +59,7 @@ from workbench.loading import TRANSFORMER_KIND, models_dir, resolve_device, save
 from workbench.model import ModelConfig, Transformer
 from workbench.runs import StopRequest, TrainingInterrupted
 from workbench.tokenizer import TextCodec
-from workbench.train import _check_fresh_folder, _finite_weights, _resume_point
+from workbench.train import _check_fresh_folder, _finite_weights, _resume_point, fused_adam
 
 TASK = "modular-addition"
 """The `task` field of a modular-addition preset and of its models' config.json."""
@@ -312,8 +312,8 @@ def load_modular_config(preset_or_path: Union[str, Path]) -> Optional[tuple[str,
 
 
 def _make_optimizer(model: Transformer, cfg: ModularConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                             betas=(cfg.beta1, cfg.beta2), foreach=True)
+    return fused_adam(torch.optim.AdamW, model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                      betas=(cfg.beta1, cfg.beta2))
 
 
 def _meta(cfg: ModularConfig, name: str, step: int, data: ModularData, extra: dict[str, Any]) -> dict[str, Any]:

@@ -211,3 +211,90 @@ def test_hook_shapes_and_str_tokens(attn_model):
     assert shapes["blocks.0.attn.hook_pattern"] == (1, 4, 5, 5)
     assert attn_model.to_str_tokens(attn_model.to_tokens("hi!")[0]) == ["h", "i", "!"]
     assert attn_model.to_string(attn_model.to_tokens("hello")) == ["hello"]
+
+
+def _scale_edits():
+    def returned(x, hook):
+        return x * 2
+
+    def in_place(x, hook):
+        x.mul_(2)
+
+    def through_data(x, hook):
+        x.data.mul_(2)  # not seen by autograd's version counter: the value comparison catches it
+
+    def through_view(x, hook):
+        x[:, 1:] *= 2  # position 0 kept; an edit of part of the tensor through a view
+
+    return [returned, in_place, through_data, through_view]
+
+
+@pytest.mark.parametrize("edit", _scale_edits(), ids=lambda f: f.__name__)
+def test_every_kind_of_edit_of_the_layernorm_scale_takes_effect(mlp_model, tokens, edit):
+    """A read-only scale hook keeps the fused LayerNorm; any edit must still change the output, and
+    by exactly as much as the unfused computation with the edited scale gives."""
+    edited = mlp_model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.ln2.hook_scale", edit)])
+    assert not torch.allclose(edited, mlp_model(tokens))
+    resid = mlp_model.run_with_cache(tokens, names_filter="blocks.0.hook_resid_mid")[1]["blocks.0.hook_resid_mid"]
+    ln = mlp_model.blocks[0].ln2
+    centred = resid - resid.mean(-1, keepdim=True)
+    scale = (centred.pow(2).mean(-1, keepdim=True) + ln.eps).sqrt()
+    returned = edit(scale, None)
+    scale = scale if returned is None else returned
+    expected = mlp_model.run_with_hooks(tokens, fwd_hooks=[
+        ("blocks.0.ln2.hook_normalized", lambda x, hook: centred / scale * ln.w + ln.b)])
+    torch.testing.assert_close(edited, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("edit", _scale_edits(), ids=lambda f: f.__name__)
+def test_every_kind_of_edit_of_the_pattern_takes_effect_even_while_caching(attn_model, tokens, edit):
+    """Edits through hook_pattern change the output, with every hook also cached: the cache holds
+    the edited pattern, and hook_z is what that pattern makes of V."""
+    plain = attn_model(tokens)
+    with attn_model.hooks(fwd_hooks=[("blocks.0.attn.hook_pattern", edit)]):
+        edited, cache = attn_model.run_with_cache(tokens)
+        again = attn_model(tokens)
+    assert not torch.allclose(edited, plain)
+    torch.testing.assert_close(edited, again)
+    z = torch.einsum("bhst,bthk->bshk", cache["blocks.0.attn.hook_pattern"], cache["blocks.0.attn.hook_v"])
+    torch.testing.assert_close(cache["blocks.0.attn.hook_z"], z, atol=1e-5, rtol=1e-5)
+
+
+def test_caching_every_hook_under_inference_mode_equals_the_plain_forward(mlp_model, tokens):
+    with torch.inference_mode():
+        logits, cache = mlp_model.run_with_cache(tokens)
+        plain = mlp_model(tokens)
+    torch.testing.assert_close(logits, plain, atol=1e-5, rtol=1e-5)
+    scores = cache["blocks.1.attn.hook_attn_scores"]
+    q, k = cache["blocks.1.attn.hook_q"], cache["blocks.1.attn.hook_k"]
+    expected = torch.einsum("bshk,bthk->bhst", q, k) / q.shape[-1] ** 0.5
+    lower = torch.ones(tokens.shape[1], tokens.shape[1], dtype=torch.bool).tril()
+    torch.testing.assert_close(scores[..., lower], expected[..., lower], atol=1e-5, rtol=1e-5)
+    ln = cache["blocks.1.ln1.hook_scale"]
+    resid = cache["blocks.1.hook_resid_pre"]
+    torch.testing.assert_close(ln, (resid.var(-1, correction=0, keepdim=True) + 1e-5).sqrt())
+
+
+def test_a_backward_hook_on_the_scale_sees_its_gradient(mlp_model, tokens):
+    grads = []
+    mlp_model.add_hook("blocks.0.ln1.hook_scale", lambda g, hook: grads.append(g), dir="bwd")
+    try:
+        mlp_model(tokens, return_type="loss").backward()
+    finally:
+        mlp_model.reset_hooks()
+        mlp_model.zero_grad(set_to_none=True)
+    assert len(grads) == 1 and grads[0].shape == (*tokens.shape, 1) and grads[0].abs().sum() > 0
+
+
+def test_a_hook_that_returns_the_scale_detached_freezes_it(mlp_model, tokens):
+    """Same values, no gradient through the scale: the gradient reaching the embedding must change
+    (attribution freezes LayerNorm scales this way)."""
+    def embed_grad(fwd_hooks):
+        with mlp_model.hooks(fwd_hooks=fwd_hooks):
+            loss = mlp_model(tokens, return_type="loss")
+        (grad,) = torch.autograd.grad(loss, mlp_model.W_E)
+        return grad
+
+    names = [f"blocks.{l}.ln{i}.hook_scale" for l in range(2) for i in (1, 2)]
+    frozen = embed_grad([(name, lambda x, hook: x.detach()) for name in names])
+    assert not torch.allclose(frozen, embed_grad([]), atol=1e-6)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import workbench
@@ -42,6 +43,7 @@ from workbench.sae import (
 from workbench.sae import training as sae_training
 from workbench.sae.dashboards import collect_feature_data, render_dashboards
 from workbench.sae.interventions import downstream_metrics, feature_hook, splice_hook
+from workbench.sae.kernels import sparse_code, topk_indices
 from workbench.sae.metrics import cosine, explained_variance, fvu, l0, l1, l2_ratio, mse_per_token
 from workbench.sae.modules import TopKSAE
 
@@ -143,6 +145,56 @@ def test_topk_sparse_training_path_has_the_dense_gradients():
     assert torch.allclose(out.x_hat, x_hat, atol=1e-6)
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
         assert torch.allclose(getattr(sparse, name).grad, getattr(dense, name).grad, atol=1e-5), name
+
+
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("centred", [True, False])
+def test_sparse_code_kernel_has_the_dense_gradients_for_every_input(relu, centred):
+    """The sparse TopK kernel against autograd through dense latents, for x, b_dec (or none, as a
+    transcoder), W_enc, b_enc and W_dec; latents repeat across tokens and some kept values are < 0."""
+    gen = torch.Generator().manual_seed(1)
+    B, d_in, d_sae, k = 24, 8, 20, 5
+    x = torch.randn(B, d_in, generator=gen)
+    params = {n: torch.randn(*shape, generator=gen) for n, shape in
+              (("b_dec", (d_in,)), ("W_enc", (d_in, d_sae)), ("b_enc", (d_sae,)), ("W_dec", (d_sae, 6)))}
+    g_out = torch.randn(B, 6, generator=gen)
+
+    def run(sparse):
+        p = {n: t.clone().requires_grad_() for n, t in params.items()}
+        xi = x.clone().requires_grad_()
+        b_dec = p["b_dec"] if centred else None
+        xc = xi - b_dec if centred else xi
+        pre = xc @ p["W_enc"] + p["b_enc"]
+        idx = pre.detach().topk(k, dim=-1).indices
+        if sparse:
+            vals, decoded = sparse_code(xi, b_dec, p["W_enc"], p["b_enc"], p["W_dec"], idx, pre.detach(), relu=relu)
+        else:
+            vals = pre.gather(1, idx)
+            vals = F.relu(vals) if relu else vals
+            decoded = torch.zeros(B, d_sae).scatter(1, idx, vals) @ p["W_dec"]
+        ((decoded * g_out).sum() + vals.pow(2).sum()).backward()
+        grads = {n: t.grad for n, t in p.items() if t.grad is not None}
+        return decoded.detach(), {"x": xi.grad, **grads}
+
+    decoded, grads = run(True)
+    ref_decoded, ref_grads = run(False)
+    torch.testing.assert_close(decoded, ref_decoded)
+    assert grads.keys() == ref_grads.keys() == {"x", "W_enc", "b_enc", "W_dec", *(["b_dec"] if centred else [])}
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("n", [2048, 4096, 16384])
+def test_blocked_topk_finds_exactly_the_k_largest(n):
+    gen = torch.Generator().manual_seed(n)
+    pre = torch.randn(64, n, generator=gen)
+    pre[:8] = pre[:8].round()  # many ties
+    pre[8:16, :40] += 10  # the largest values bunched in a few blocks
+    pre[16:24] = pre[16:24].sort(dim=1).values  # and all at one end
+    for k in (32, 256):  # k = 256: AuxK's k_aux at d_in 512, with smaller blocks
+        idx = topk_indices(pre, k)
+        assert idx.shape == (64, k) and all(len(set(row.tolist())) == k for row in idx)
+        assert torch.equal(pre.gather(1, idx).sort(1).values, pre.topk(k, dim=1).values.sort(1).values)
 
 
 # -- files ---------------------------------------------------------------------------------------------

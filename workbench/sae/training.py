@@ -52,6 +52,7 @@ from workbench.runs import StopRequest, TrainingInterrupted, refuse_changed_conf
 from workbench.sae.activations import Batch
 from workbench.sae.metrics import ReconstructionStats
 from workbench.sae.modules import CFG_FILE, SAE, WEIGHTS_FILE, SAEConfig, geometric_median, make_sae, save_sae
+from workbench.train import fused_adam
 
 __all__ = ["SAETrainConfig", "TrainingDiverged", "train_sae", "train_saes"]
 TRAINING_WEIGHTS = "training_weights.safetensors"
@@ -159,7 +160,7 @@ class _Trainer:
         sae.dist = self.dist  # the statistics inside a step (AuxK's variance, BatchTopK's threshold) are global
         self.key = sae.cfg.hook_name or name  # which activations of a batch it reads
         self.target_key = sae.cfg.target_hook or self.key  # and which it predicts (a transcoder's differ)
-        self.opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+        self.opt = fused_adam(torch.optim.Adam, sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
         self.since_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=_device(sae))
         self.scale: Optional[float] = None
         self.scale_out: Optional[float] = None
