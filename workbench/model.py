@@ -10,8 +10,9 @@ in TransformerLens's layout (`blocks.{l}.attn.W_Q` is [H, D, K]) and stacked on 
 (`model.W_Q` is [L, H, D, K]), so `FactoredMatrix` and TL-style analysis code work on it.
 
 Speed: the attention pattern is only materialised when a hook on `hook_attn_scores` or
-`hook_pattern` asks for it; otherwise attention runs through `scaled_dot_product_attention`,
-and Q, K and V come from one fused matmul.
+`hook_pattern` asks for it, or under bf16 on a CPU (where that is faster); otherwise attention runs
+through `scaled_dot_product_attention`. Q, K and V come from one fused matmul, and a read-only hook
+on a LayerNorm scale keeps the fused LayerNorm kernel.
 """
 
 from __future__ import annotations
@@ -199,7 +200,6 @@ class Attention(nn.Module):
         out_BD = torch.addmm(self.b_O, z_BSHK.reshape(B * S, H * K), self.W_O.reshape(H * K, -1))
         return out_BD.view(B, S, -1)
 
-
     def _attend_materialised(self, q_BSHK: torch.Tensor, k_BTHK: torch.Tensor, v_BTHK: torch.Tensor
                              ) -> torch.Tensor:
         """Attention through an explicit pattern, which is also what the output is computed from, so
@@ -221,8 +221,9 @@ class Attention(nn.Module):
 
 def _materialise_on(q_BSHK: torch.Tensor) -> bool:
     """Whether unhooked attention also takes the materialised path: bf16 on CPU, where the fused
-    kernel's backward is the slow part (measured in benchmarks/train_speed.py: fused 45 ms against
-    26 ms forward + backward for one layer at batch 16 × 256, 8 heads of 32)."""
+    kernel's backward is the slow part (measured on the 2-core development machine: 45 ms against
+    26 ms forward + backward for one layer at batch 16 × 256, 8 heads of 32; the whole-step effect
+    is in benchmarks/train_speed.py)."""
     return q_BSHK.dtype == torch.bfloat16 and q_BSHK.device.type == "cpu"
 
 

@@ -15,8 +15,9 @@ All of them read the pairs in latent-major order: one stable integer sort of the
 latents and whose columns are tokens, already sorted. The two weight gradients are then two
 sparse × dense products and g one sampled dense × dense product (SDDMM), all library kernels.
 
-What it replaces, measured in `python benchmarks/sae_speed.py`: a sparse CSR transpose (which
-sorts) for W_enc and embedding_bag's backward (which sorts again) for W_dec.
+It replaces a sparse CSR transpose (which sorts) for W_enc and embedding_bag's backward (which
+sorts again) for W_dec. `python benchmarks/sae_speed.py` times the whole step; peers mode
+(`benchmarks/peers.py`) compares it with sparsify and SAELens.
 """
 
 from __future__ import annotations
@@ -97,8 +98,8 @@ def sparse_code(x: torch.Tensor, b_dec: Optional[torch.Tensor], W_enc: torch.Ten
 
 def topk_indices(pre: torch.Tensor, k: int, block: int = 8) -> torch.Tensor:
     """The indices [B, k] of each row's k largest values (in no particular order), exactly as a set
-    (up to ties), found in 0.65-0.87× the time of `topk` on this CPU at 4,096-16,384 columns
-    (measured: `python benchmarks/sae_speed.py` times the whole step).
+    (up to ties), found in 0.65-0.87× the time of `torch.topk` at 4,096-16,384 columns and k 32
+    (measured alone on the 2-core development machine).
 
     The columns are split into blocks of `block` (column c belongs to block c mod n_blocks). The k
     largest values lie in the k blocks with the largest maxima: a value outside those blocks is at
