@@ -150,7 +150,7 @@ def cmd_train(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=None, help="override the model and data seeds")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="override precision")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the transformer blocks (faster steps after 10-20 s of compiling)")
+                        help="torch.compile the transformer blocks (a few seconds of compiling; faster bf16 steps)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if load_modular_config(args.config) is not None:  # an algorithmic task has its own full-batch trainer

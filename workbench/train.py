@@ -97,7 +97,7 @@ class TrainConfig:
     """'bf16': bfloat16 autocast for matmuls, fp32 master weights and optimizer."""
     compile: bool = False
     """torch.compile each transformer block for training (fuses element-wise work; it needs a C++
-    compiler on CPU and takes 10-20 s at the start; measured effect in benchmarks/train_speed.py)."""
+    compiler on CPU and takes a few seconds at the start; measured effect in benchmarks/train_speed.py)."""
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -198,10 +198,11 @@ def fused_adam(cls: type[torch.optim.Optimizer], params: Any, **kwargs: Any) -> 
     instead of a dozen element-wise passes (its effect: benchmarks/train_speed.py).
 
     torch 2.13's fused CPU kernel walks a parameter, its gradient and its Adam state as if they were
-    laid out alike. Autograd gives a gradient its parameter's layout, but Adam state read back from a
-    checkpoint is contiguous: for a parameter that is not (a transposed copy, say) the resumed run
-    applied its updates to the wrong elements (measured: 0.39 off after two steps on a 3×5 weight).
-    So the fused form is used only when every parameter is contiguous."""
+    laid out alike; one laid out otherwise is updated at the wrong elements (measured: 0.39 off after
+    two steps on a 3×5 weight given a transposed gradient). Autograd gives a gradient its parameter's
+    layout, but Adam state read back from a checkpoint is contiguous, so for a parameter that is not
+    (the SAE's W_enc was a transposed copy) resumed runs diverged from uninterrupted ones. So the
+    fused form is used only when every parameter is contiguous."""
     params = list(params)
     tensors = [p for item in params for p in (item["params"] if isinstance(item, dict) else [item])]
     if all(p.is_contiguous() for p in tensors):
