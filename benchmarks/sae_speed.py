@@ -12,8 +12,8 @@ FLOPs a step needs (what an ideal implementation must do; multiply-add = 2):
            largest) + 8·B·d_in·(k + k_aux) for the kept pairs: decode, and in backward the
            gradient of each kept value, of W_dec and of W_enc (2·d_in each per pair).
     ReLU   6 · 2·B·d_in·d_sae: encoder and decoder, forward and two backward products each.
-The share is those FLOPs per second over a matmul peak (the best of 3 fp32 2048³ matmuls) taken
-in the same round, because on a shared machine the peak moves from minute to minute.
+The share is those FLOPs per second over a matmul peak (train_speed.py's: 3 fp32 2048³ matmuls)
+taken in the same round, because on a shared machine the peak moves from minute to minute.
 
     python benchmarks/sae_speed.py [--device auto|cpu|cuda] [--rounds 3] [--steps 3]
 
@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.train_speed import matmul_peak, sync  # noqa: E402  (the same peak and sync as the LM benchmark)
 from workbench.loading import resolve_device  # noqa: E402
 from workbench.sae.modules import SAEConfig, make_sae  # noqa: E402
 from workbench.sae.training import SAETrainConfig, _Trainer  # noqa: E402
@@ -130,21 +131,6 @@ def main() -> None:
     device = resolve_device(args.device)
     torch.manual_seed(0)
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    def matmul_peak() -> float:
-        a, b = torch.randn(2048, 2048, device=device), torch.randn(2048, 2048, device=device)
-        best = float("inf")
-        for _ in range(4):
-            sync()
-            start = time.perf_counter()
-            a @ b
-            sync()
-            best = min(best, time.perf_counter() - start)
-        return 2 * 2048**3 / best / 1e9
-
     data = {d_in: torch.randn(4 * BATCH, d_in, device=device) for d_in in {c[1] for c in CONFIGS}}
     steppers = {}
     for arch, d_in, d_sae in CONFIGS:
@@ -157,14 +143,14 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in steppers}
     peaks: list[float] = []
     for _ in range(args.rounds):
-        peaks.append(matmul_peak())
+        peaks.append(matmul_peak(device, torch.float32, reps=3))
         for name, (step, d_in) in steppers.items():
             x = data[d_in]
-            sync()
+            sync(device)
             start = time.perf_counter()
             for i in range(args.steps):
                 step(x[(i % 4) * BATCH:(i % 4 + 1) * BATCH])
-            sync()
+            sync(device)
             times[name].append((time.perf_counter() - start) / args.steps)
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; batch {BATCH}, "
           f"TopK k {K} with {DEAD_FRACTION:.0%} of latents dead (AuxK on) or none (noaux); "

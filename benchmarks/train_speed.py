@@ -201,7 +201,6 @@ def main(argv=None):
     overhead = hook_overhead(device, args.rounds)
     for key, ratio in overhead.items():
         figures[f"cache_over_plain_ratio_{key}"] = round(ratio, 4)
-    figures["hook_overhead_ratio"] = round(overhead["workbench_one_hook"], 4)
     print(f"run_with_cache / plain forward: workbench one hook {overhead['workbench_one_hook']:.3f}x, every hook "
           f"{overhead['workbench_every_hook']:.3f}x | TransformerBridge one hook {overhead['bridge_one_hook']:.3f}x, "
           f"every hook {overhead['bridge_every_hook']:.3f}x")

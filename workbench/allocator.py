@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-import sys
+import platform
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers (malloc.h)
 THRESHOLD = 1 << 30
@@ -31,14 +31,12 @@ def tune() -> bool:
     """Raise glibc's mmap and trim thresholds to 1 GiB; True when they were set (once per process)."""
     if _state["tuned"]:
         return True
-    if os.environ.get("WORKBENCH_MALLOC", "").lower() == "default" or not sys.platform.startswith("linux"):
-        return False
+    if os.environ.get("WORKBENCH_MALLOC", "").lower() == "default" or platform.libc_ver()[0] != "glibc":
+        return False  # elsewhere (musl, macOS, Windows) mallopt is absent or means something else
     try:
         libc = ctypes.CDLL("libc.so.6")
-        gnu_version = libc.gnu_get_libc_version  # absent outside glibc, where mallopt means something else
-    except (OSError, AttributeError):
+    except OSError:
         return False
-    del gnu_version
     ok = libc.mallopt(M_MMAP_THRESHOLD, THRESHOLD) == 1 and libc.mallopt(M_TRIM_THRESHOLD, THRESHOLD) == 1
     _state["tuned"] = ok
     return ok
