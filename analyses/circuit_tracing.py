@@ -25,7 +25,6 @@ import plotly.graph_objects as go
 import torch
 from tqdm.auto import tqdm
 
-from workbench.artifacts import strict_json
 from workbench.attribution_graph import (
     AttributionGraph,
     GraphConfig,
@@ -40,11 +39,11 @@ from workbench.attribution_graph import (
 )
 from workbench.config import check_types
 from workbench.errors import check_field
-from workbench.numbers import finite
 from workbench.plotting import bars, captioned, heatmap, table
 from workbench.probes import held_out_text, special_ids
 from workbench.report import Analysis
 from workbench.sae.dashboards import collect_feature_data, render_dashboards
+from workbench.sae.interventions import splice_hook
 from workbench.sae.transcoders import (
     MANIFEST,
     Transcoders,
@@ -140,16 +139,14 @@ class CircuitTracingResult:
     prompts: list[TracedPrompt]
     pages: dict[str, str]
 
-    def metrics(self) -> dict[str, Any]:
-        return {"transcoders": {"source": self.source, "kind": self.kind, "width": self.width,
-                                **strict_json(self.quality)},
-                "sae_comparison": strict_json(self.sae),
+    def metrics(self) -> dict[str, Any]:  # made strict JSON (no NaN) where the report writes metrics.json
+        return {"transcoders": {"source": self.source, "kind": self.kind, "width": self.width, **self.quality},
+                "sae_comparison": self.sae,
                 "graphs": [{"kind": p.kind, "prompt": p.prompt, "nodes": p.graph.n_nodes,
                             "features": p.graph.n_features, "kept_nodes": p.kept_nodes, "kept_edges": p.kept_edges,
-                            **strict_json(p.scores), "identity_max_relative_error": finite(
-                                p.graph.meta["identity_max_relative_error"]),
-                            "logit_max_error": finite(p.graph.meta["logit_max_error"]),
-                            "interventions": strict_json(p.interventions), "finding": strict_json(p.finding)}
+                            **p.scores, "identity_max_relative_error": p.graph.meta["identity_max_relative_error"],
+                            "logit_max_error": p.graph.meta["logit_max_error"],
+                            "interventions": p.interventions, "finding": p.finding}
                            for p in self.prompts]}
 
     def headlines(self) -> list[str]:
@@ -267,8 +264,8 @@ def compare_with_sae(model: Any, tc: Transcoders, quality: dict[str, Any], rows:
             x = model_activations(model, toks, [hook])[hook]
             f = sae.encode(x)
             stats.add(x, sae.decode(f), f)
-            total += float(lm_loss(model.run_with_hooks(toks, fwd_hooks=[(hook, _splice_after_first(sae))]).float(),
-                                   toks)) * len(toks)
+            spliced = model.run_with_hooks(toks, fwd_hooks=[(hook, splice_hook(sae, keep_first=True))])
+            total += float(lm_loss(spliced.float(), toks)) * len(toks)
     s = stats.summary()
     ce_sae = total / len(rows)
     t = quality["layers"][layer]
@@ -278,16 +275,6 @@ def compare_with_sae(model: Any, tc: Transcoders, quality: dict[str, Any], rows:
             "sae": {"fvu": s["fvu"], "l0": s["l0"], "dead_fraction": s["dead_fraction"],
                     "ce_loss_recovered": ratio(ce[f"zero_layer_{layer}"] - ce_sae,
                                                ce[f"zero_layer_{layer}"] - ce["clean"], MIN_ABLATION_GAP)}}
-
-
-def _splice_after_first(sae: Any):
-    """The SAE's reconstruction in place of the activation from position 1 on (position 0 stays clean, as
-    the transcoders are evaluated)."""
-    def hook(act, hook):
-        out = sae(act.float()).to(act.dtype)
-        out[:, 0] = act[:, 0]
-        return out
-    return hook
 
 
 # -- prompts ---------------------------------------------------------------------------------------------

@@ -320,20 +320,32 @@ class Worker:
                                          text=True, env=env, cwd=str(HERE.parent))
         self.info = self._read()
 
+    def _failed(self, what: str) -> WorkerError:
+        """Stop the worker (so none is left running) and say what happened, with its command and log tail."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        tail = self.log.read_text()[-3000:] if self.log.exists() else ""
+        return WorkerError(f"worker {self.label} {what} (exit status {self.proc.returncode}); command:\n    "
+                           f"{shlex.join(self.cmd)}\nits last output:\n{tail}")
+
     def _read(self) -> dict[str, Any]:
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if not line:
-            self.proc.wait()
-            tail = self.log.read_text()[-3000:] if self.log.exists() else ""
-            raise WorkerError(f"worker {self.label} stopped (exit status {self.proc.returncode}); command:\n    "
-                              f"{shlex.join(self.cmd)}\nits last output:\n{tail}")
-        return json.loads(line)
+            raise self._failed("stopped")
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError:
+            raise self._failed(f"printed {line[:200]!r} where a JSON line was due") from None
 
     def measure(self) -> dict[str, Any]:
         assert self.proc.stdin is not None
-        self.proc.stdin.write("time\n")
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write("time\n")
+            self.proc.stdin.flush()
+        except OSError:  # a broken pipe: the worker is gone
+            raise self._failed("stopped") from None
         return self._read()
 
     def close(self) -> None:
@@ -402,7 +414,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 t0 = time.perf_counter()
                 try:
                     result = run_workload(workload, name, pythons[name], args, Path(tmp))
-                except (WorkerError, json.JSONDecodeError) as err:
+                except WorkerError as err:
                     print(f"{name} / {workload.name}: FAILED\n{err}", file=sys.stderr, flush=True)
                     failed.append(f"{name}/{workload.name}")
                     continue

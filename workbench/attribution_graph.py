@@ -43,6 +43,8 @@ from workbench.probes import run_collect
 from workbench.sae.transcoders import Transcoders, output_hook, per_token
 
 GRAPH_FILE, GRAPH_META = "graph.safetensors", "graph.json"
+GRAPH_FORMAT = 2
+"""2: the adjacency may be stored sparse (adjacency_index + adjacency_values); 1: always dense."""
 IDENTITY_TOL = 1e-3
 """Largest |target − (bias + Σ edges)| allowed, relative to max(1, |target|) (float32 sums of
 thousands of terms)."""
@@ -645,7 +647,7 @@ def graph_files(graph: AttributionGraph) -> dict[str, Union[str, bytes]]:
                     "logit_tokens": graph.logit_tokens.contiguous(),
                     "logit_probs": graph.logit_probs.float().contiguous(),
                     **adjacency, "bias": graph.bias.contiguous(), "values": graph.values.contiguous()})
-    meta = json.dumps(strict_json({"kind": "workbench.AttributionGraph", "format_version": 1,
+    meta = json.dumps(strict_json({"kind": "workbench.AttributionGraph", "format_version": GRAPH_FORMAT,
                                    "model_name": graph.model_name, "tokens": graph.tokens,
                                    "token_strs": graph.token_strs,
                                    "n_layers": graph.n_layers, "transcoders": graph.transcoders, "meta": graph.meta}),
@@ -676,6 +678,17 @@ def load_graph(folder: Union[str, Path], model: Any = None) -> AttributionGraph:
         raise CheckpointError(f"The attribution graph in {folder} is damaged ({type(err).__name__}: {err}).") from err
     if meta.get("kind") != "workbench.AttributionGraph":
         raise CheckpointError(f"{folder / GRAPH_META} is not an attribution graph file.")
+    if meta.get("format_version", 1) > GRAPH_FORMAT:
+        raise CheckpointError(f"{folder / GRAPH_META} is graph format {meta['format_version']}, newer than this "
+                              f"workbench reads ({GRAPH_FORMAT}); upgrade the workbench to load it.")
+    sparse = ("adjacency_index", "adjacency_values")
+    needed = ["features", "activations", "logit_tokens", "logit_probs", "bias", "values"]
+    missing = [k for k in needed if k not in t] + ([] if "adjacency" in t or all(k in t for k in sparse)
+                                                   else ["adjacency (or adjacency_index and adjacency_values)"])
+    missing += [k for k in ("model_name", "tokens", "token_strs", "n_layers") if k not in meta]
+    if missing:
+        raise CheckpointError(f"The attribution graph in {folder} lacks {', '.join(missing)}; the files are damaged "
+                              "or incomplete. Build the graph again.")
     graph = AttributionGraph(meta["model_name"], meta["tokens"], meta["token_strs"], int(meta["n_layers"]),
                              t["features"], t["activations"], t["logit_tokens"], t["logit_probs"], torch.zeros(0),
                              t["bias"], t["values"], meta.get("transcoders", ""), meta.get("meta", {}))
@@ -683,11 +696,12 @@ def load_graph(folder: Union[str, Path], model: Any = None) -> AttributionGraph:
     if "adjacency" in t:
         graph.adjacency = t["adjacency"]
     else:
-        index = t["adjacency_index"].long()
-        if len(index) and (int(index.min()) < 0 or int(index.max()) >= N * N):
-            raise CheckpointError(f"{folder / GRAPH_FILE}: an edge index is outside the {N} × {N} adjacency; "
-                                  "the file is damaged.")
-        graph.adjacency = torch.zeros(N * N).index_put_((index,), t["adjacency_values"]).view(N, N)
+        index, values = t["adjacency_index"].long(), t["adjacency_values"].float()
+        if index.ndim != 1 or index.shape != values.shape or (
+                len(index) and (int(index.min()) < 0 or int(index.max()) >= N * N)):
+            raise CheckpointError(f"{folder / GRAPH_FILE}: the edge list does not fit the {N} × {N} adjacency "
+                                  f"({tuple(index.shape)} indices, {tuple(values.shape)} values); the file is damaged.")
+        graph.adjacency = torch.zeros(N * N).index_put_((index,), values).view(N, N)
     if graph.adjacency.shape != (N, N):
         raise CheckpointError(f"{folder / GRAPH_FILE}: the adjacency is {tuple(graph.adjacency.shape)}, but the nodes "
                               f"listed need ({N}, {N}); the file is damaged.")

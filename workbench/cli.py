@@ -17,7 +17,7 @@ import argparse
 import ast
 import dataclasses
 import inspect
-import os
+import itertools
 import shlex
 import sys
 import textwrap
@@ -236,21 +236,14 @@ def _sae_source(args: argparse.Namespace, model: Any, hooks: list[str], batch_si
                 rank: int = 0, world: int = 1):
     """Activations streamed from the model over the standard library's source; under torchrun each rank
     reads its own rows (every world-th) and makes its own share of each batch."""
-    from workbench.probes import text_batch, text_rows
+    from workbench.probes import text_rows
     from workbench.sae.activations import stream_activations
 
     seq = min(int(model.cfg.n_ctx), args.seq_len)
-    rows = (text_rows(model, args.text, args.rows, seq) if args.text != "stdlib" else text_batch(model, args.rows, seq))
+    rows = text_rows(model, args.text, args.rows, seq)  # BOS-first rows, whose position 0 training leaves out
     return stream_activations(model, rows[rank::world], hooks, batch_size=batch_size, seed=seed + rank,
                               buffer_batches=args.buffer_batches, exclude_special=not args.keep_special,
                               skip_first=0 if args.keep_first else 1)
-
-
-def _every(batches, start: int, step: int):
-    """Batches start, start + step, ...: a rank's disjoint share of a store's stream."""
-    for i, batch in enumerate(batches):
-        if i % step == start:
-            yield batch
 
 
 def cmd_sae(argv: list[str]) -> int:
@@ -304,7 +297,7 @@ def cmd_sae(argv: list[str]) -> int:
         parser.add_argument("--spread-hooks", action="store_true",
                             help="under torchrun: deal the hooks' SAEs over the processes instead of splitting batches")
     args = parser.parse_args(argv)
-    from workbench.distributed import init_from_env, shutdown
+    from workbench.distributed import init_from_env, restart_count, shutdown
     dist = init_from_env(resolve_device(args.device)) if sub == "train" else None
     device = str(resolve_device(args.device))
     if dist is not None and dist.active and device.startswith("cuda"):
@@ -355,13 +348,11 @@ def cmd_sae(argv: list[str]) -> int:
     mine = hooks[dist.rank::dist.world] if spread else hooks  # with --spread-hooks a rank reads only its own hooks
     if store is not None:
         batches = store.batches(share, seed=cfg.seed, hooks=mine)
-        batches = batches if spread else _every(batches, dist.rank, dist.world)
+        batches = batches if spread else itertools.islice(batches, dist.rank, None, dist.world)  # a rank's share
     else:
         batches = _sae_source(args, model, mine, share, cfg.seed, *((0, 1) if spread else (dist.rank, dist.world)))
-    resume = args.resume or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"  # torchrun --max-restarts
-    saes = {h: make_sae(c.sae, seed=c.seed).to(device) for h, c in configs.items()}
-    if spread:
-        saes = {h: saes[h] for h in hooks}  # every rank builds all, train_saes keeps its own
+    resume = args.resume or restart_count() > 0  # torchrun --max-restarts
+    saes = {h: make_sae(c.sae, seed=c.seed).to(device) for h, c in configs.items()}  # train_saes keeps a rank's own
     from workbench.sae.training import wandb_logger
     on_log = wandb_logger(args.wandb, {"hooks": hooks, **cfg.to_dict()}) if args.wandb and dist.is_main else None
     try:

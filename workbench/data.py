@@ -204,10 +204,10 @@ def _source_fingerprint(source: str, max_mb: Optional[float]) -> str:
 
         return "facts:" + hashlib.sha256(inspect.getsource(facts).encode()).hexdigest()  # changes with the generator
     folder = Path(source).expanduser()
-    if source != "stdlib" and _saved_dataset(folder):
-        return "disk:" + hashlib.sha256(b"".join(p.read_bytes() for p in sorted(folder.glob("*.json")))).hexdigest()
-    files = stdlib_files() if source == "stdlib" else local_files(folder)
-    files = _cap(files, max_mb)
+    if source != "stdlib" and _saved_dataset(folder):  # every file, splits' Arrow shards included
+        files = sorted(p for p in folder.rglob("*") if p.is_file())
+    else:
+        files = _cap(stdlib_files() if source == "stdlib" else local_files(folder), max_mb)
     h = hashlib.sha256()
     for f in files:
         st = f.stat()

@@ -85,6 +85,14 @@ class Dist:
             g.copy_(flat[start:start + g.numel()].view_as(g))
             start += g.numel()
 
+    def any_(self, flag: bool) -> bool:
+        """Whether `flag` is true on any rank (one all-reduce, on the device the backend reduces on:
+        nccl has no CPU tensors)."""
+        if not self.active:
+            return flag
+        device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
+        return bool(self.sum_(torch.tensor([float(flag)], device=device))[0] > 0)
+
     def barrier(self) -> None:
         if self.active:
             self._guard("barrier", torch_dist.barrier)
@@ -95,6 +103,12 @@ _STORE: list = []
 
 def under_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def restart_count() -> int:
+    """Which torchrun attempt this is: 0 for the first, n after n restarts (--max-restarts), which
+    resume from the newest checkpoint."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
 
 def init_from_env(device: Optional[torch.device] = None, timeout_s: float = 300.0) -> Dist:
@@ -108,8 +122,8 @@ def init_from_env(device: Optional[torch.device] = None, timeout_s: float = 300.
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         timeout = datetime.timedelta(seconds=timeout_s)
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        if attempt == "0":
+        attempt = restart_count()
+        if attempt == 0:
             torch_dist.init_process_group(backend, timeout=timeout)
         else:  # a restart: a fresh key prefix, so no worker reads a dead worker's address from the store
             rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -120,7 +134,6 @@ def init_from_env(device: Optional[torch.device] = None, timeout_s: float = 300.
             torch_dist.init_process_group(backend, store=torch_dist.PrefixStore(f"workbench-attempt-{attempt}", store),
                                           rank=rank, world_size=world, timeout=timeout)
     return Dist(torch_dist.get_rank(), torch_dist.get_world_size(), backend)
-
 
 
 def shutdown() -> None:

@@ -165,7 +165,7 @@ def text_rows(model: Any, source: str, n_rows: int, seq_len: int) -> torch.Tenso
     if model.tokenizer is None:
         raise InputError("This model has no tokenizer, so it cannot read text; use token ids.")
     tok = model.tokenizer
-    bos, special = special_ids(model)
+    bos, _ = special_ids(model)
     sep = getattr(tok, "eos_token_id", None) if hasattr(tok, "all_special_ids") else bos
     sep = sep if sep is not None else bos
     body = seq_len - (1 if bos is not None else 0)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,7 +40,7 @@ from workbench.artifacts import (
 )
 from workbench.config import check_types, from_dict
 from workbench.data import Batches, DataConfig, build_text_data, build_tokenizer
-from workbench.distributed import Dist, init_from_env, shutdown
+from workbench.distributed import Dist, init_from_env, restart_count, shutdown
 from workbench.errors import (
     CheckpointError,
     ConfigError,
@@ -334,7 +333,7 @@ def train(cfg: TrainConfig, out: Union[str, Path], *, name: str = "run", resume:
     if cfg.batch_size % dist.world:
         raise ConfigError(f"batch_size {cfg.batch_size} does not split over {dist.world} processes; use a multiple of "
                           f"{dist.world}.")
-    resume = resume or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"  # torchrun --max-restarts
+    resume = resume or restart_count() > 0  # torchrun --max-restarts
     hint = f"`{resume_command}`" if resume_command else f"train(..., out={str(run_dir)!r}, resume=True)"
     try:
         if not resume and dist.is_main:
@@ -420,7 +419,7 @@ def _train(cfg: TrainConfig, run_dir: Path, name: str, resume: bool, dev: torch.
                     dist.barrier()
                 if run.step >= cfg.n_steps:
                     break
-                if (dist.sum_(torch.tensor([float(stop.requested)]))[0] > 0) if dist.active else stop.requested:
+                if dist.any_(stop.requested):
                     if saved_at != run.step:
                         if not _finite_weights(model):
                             raise diverged("the weights became NaN or inf")

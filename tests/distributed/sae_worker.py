@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from workbench.distributed import init_from_env, shutdown  # noqa: E402
+from workbench.distributed import init_from_env, restart_count, shutdown  # noqa: E402
 from workbench.sae.modules import SAEConfig, make_sae  # noqa: E402
 from workbench.sae.training import SAETrainConfig, train_saes  # noqa: E402
 
@@ -79,7 +79,7 @@ def main() -> None:
                          n_tokens=steps * BATCH, batch_size=BATCH, lr=3e-3, dead_window=3 * BATCH, log_every=5,
                          n_checkpoints=4 if ckpt else 0)
     sae = make_sae(cfg.sae, seed=0)
-    resume = bool(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0") or "--resume" in sys.argv
+    resume = restart_count() > 0 or "--resume" in sys.argv
     run = out / "run" if ckpt else None
     logs = train_saes({"x": sae}, batches(dist.rank, dist.world), cfg, out=run, resume=resume, progress=False,
                       dist=dist)

@@ -228,6 +228,7 @@ def test_transcoder_sets_and_circuit_tracer_files_round_trip(model, tc, tmp_path
     tc.save(tmp_path / "set")
     with pytest.raises(InputError, match="not empty"):
         tc.save(tmp_path / "set")  # never over a folder that holds anything
+    assert [p.name for p in tmp_path.iterdir()] == ["set"]  # built beside it and renamed: no temporary left
     back = load_transcoders(tmp_path / "set")
     x = torch.randn(2, 5, 32)
     for a, b in zip(tc.reconstruct([x, x]), back.reconstruct([x, x])):
@@ -298,3 +299,25 @@ def test_a_circuit_tracer_file_with_a_missing_or_misshapen_tensor_is_refused(mod
     save_file({k: v for k, v in w.items() if k != "b_dec"}, str(tmp_path / "ct" / "layer_1.safetensors"))
     with pytest.raises(CheckpointError, match="b_dec should have shape"):
         load_circuit_tracer(tmp_path / "ct")
+    save_file({k: v for k, v in w.items() if k != "W_enc"}, str(tmp_path / "ct" / "layer_1.safetensors"))
+    with pytest.raises(CheckpointError, match="W_enc should be a"):
+        load_circuit_tracer(tmp_path / "ct")
+
+
+def test_a_graph_file_that_is_newer_incomplete_or_inconsistent_is_refused(graph, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    save_graph(graph, tmp_path / "g")
+    meta_path, tensor_path = tmp_path / "g" / "graph.json", tmp_path / "g" / "graph.safetensors"
+    meta, tensors = json.loads(meta_path.read_text()), load_file(str(tensor_path))
+    meta_path.write_text(json.dumps({**meta, "format_version": 99}))
+    with pytest.raises(CheckpointError, match="upgrade the workbench"):
+        load_graph(tmp_path / "g")
+    meta_path.write_text(json.dumps(meta))
+    save_file({k: v for k, v in tensors.items() if k != "bias"}, str(tensor_path))
+    with pytest.raises(CheckpointError, match="lacks bias"):
+        load_graph(tmp_path / "g")
+    if "adjacency_index" in tensors:  # the sparse form: indices and values must pair up
+        save_file({**tensors, "adjacency_values": tensors["adjacency_values"][:-1].contiguous()}, str(tensor_path))
+        with pytest.raises(CheckpointError, match="edge list does not fit"):
+            load_graph(tmp_path / "g")

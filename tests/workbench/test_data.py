@@ -165,3 +165,15 @@ def test_default_synthetic_rows_are_uniform_random_segments(corpus):
 def test_bad_data_config_names_the_field(field, value):
     with pytest.raises(ConfigError, match=f"DataConfig.{field}"):
         DataConfig(**{field: value})
+
+
+def test_two_saved_datasets_with_the_same_splits_never_share_a_token_cache(tmp_path):
+    """The cache key of a save_to_disk folder covers every file in it, not just the split names a
+    DatasetDict's top-level JSON lists, so different text is never served from another's cache."""
+    import datasets
+
+    from workbench.data import _source_fingerprint
+
+    for name, text in (("a", "first text " * 50), ("b", "second text " * 50)):
+        datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": [text]})}).save_to_disk(str(tmp_path / name))
+    assert _source_fingerprint(str(tmp_path / "a"), None) != _source_fingerprint(str(tmp_path / "b"), None)

@@ -29,13 +29,16 @@ def _flat(act: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
     return (act.flatten(-2), act.shape) if act.ndim == 4 else (act, act.shape)
 
 
-def splice_hook(sae: SAE, keep_error: bool = False) -> Hook:
-    """A forward hook that replaces the activation by the SAE's reconstruction (plus the error term)."""
+def splice_hook(sae: SAE, keep_error: bool = False, keep_first: bool = False) -> Hook:
+    """A forward hook that replaces the activation by the SAE's reconstruction (plus the error term);
+    with `keep_first`, position 0 keeps its own activation (for dictionaries trained without it)."""
     def hook(act: torch.Tensor, hook: Any) -> torch.Tensor:
         x, shape = _flat(act)
         x_hat = sae(x.float())
-        out = x_hat + (x.float() - x_hat).detach() if keep_error else x_hat
-        return out.to(act.dtype).view(shape)
+        out = (x_hat + (x.float() - x_hat).detach() if keep_error else x_hat).to(act.dtype).view(shape)
+        if keep_first:
+            out[:, 0] = act[:, 0]
+        return out
     return hook
 
 

@@ -451,7 +451,7 @@ def _train_loop(trainers: list[_Trainer], active: list[_Trainer], batches: Itera
     try:
         with StopRequest("SAE training") as stop:
             while step < cfg.n_steps:
-                if dist.sum_(torch.tensor([float(stop.requested)]))[0] > 0 if dist.active else stop.requested:
+                if dist.any_(stop.requested):
                     saved = [t._checkpoint() for t in active] if saved_at != step else [None]
                     bar.close()
                     folder = saved[0] or (active[0].out and dict(list_checkpoints(active[0].out)).get(step))

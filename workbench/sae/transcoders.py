@@ -27,8 +27,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -390,16 +393,28 @@ class Transcoders:
         """Every layer's files, then transcoders.json (so a folder with a manifest is complete). fp16
         halves the files (the shipped transcoders); they load as float32."""
         folder = Path(folder)
+        if folder.exists() and not folder.is_dir():
+            raise InputError(f"{folder} is a file; transcoders are saved into a new or empty folder. Choose another "
+                             "folder name.")
         if folder.exists() and any(folder.iterdir()):
             raise InputError(f"{folder} is not empty; transcoders are saved into a new or empty folder, so nothing "
                              "there is overwritten. Choose another folder.")
-        folder.mkdir(parents=True, exist_ok=True)
-        if self.clt is not None:
-            self.clt.save(folder / "clt")
-        else:
-            for l, tc in self.per_layer.items():
-                save_sae(tc, folder / f"layer_{l}", dtype=dtype)
-        return self.write_manifest(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp", dir=folder.parent))  # built here, then renamed
+        try:
+            if self.clt is not None:
+                self.clt.save(tmp / "clt")
+            else:
+                for l, tc in self.per_layer.items():
+                    save_sae(tc, tmp / f"layer_{l}", dtype=dtype)
+            self.write_manifest(tmp)
+            if folder.exists():
+                folder.rmdir()  # empty, checked above
+            os.replace(tmp, folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # the temporary folder this call made, nothing else
+            raise
+        return folder
 
     def write_manifest(self, folder: Union[str, Path]) -> Path:
         folder = Path(folder)
@@ -488,6 +503,10 @@ def load_circuit_tracer(folder: Union[str, Path], model_name: str = "") -> Trans
             w = load_file(str(folder / entry["path"]))
         except Exception as err:
             raise CheckpointError(f"{folder / entry['path']} could not be read ({err}).") from err
+        if "W_enc" not in w or w["W_enc"].ndim != 2:
+            got = tuple(w["W_enc"].shape) if "W_enc" in w else "missing"
+            raise CheckpointError(f"{folder / entry['path']}: W_enc should be a [d_model, d_transcoder] matrix, got "
+                                  f"{got}. Export the transcoders again with `workbench transcoder export`.")
         d_model, d_tc = w["W_enc"].shape
         sae_cfg = SAEConfig(d_in=d_model, d_sae=d_tc, architecture=arch, k=int(cfg.get("k", 32)),
                             hook_name=f"blocks.{l}.{cfg.get('feature_input_hook', 'ln2.hook_normalized')}",
@@ -579,18 +598,14 @@ def evaluate_transcoders(model: Any, tc: Transcoders, rows: torch.Tensor, batch_
             f = tc.encode(l, xs[l][:, 1:])
             stats[l].add(ys[l][:, 1:].flatten(0, 1), preds[l][:, 1:].flatten(0, 1), f.flatten(0, 1))
         if means is None:
-            means = [y.mean(dim=(0, 1), keepdim=True) for y in ys]
+            means = [y[:, 1:].mean(dim=(0, 1), keepdim=True) for y in ys]
         runs = {"clean": logits, "replaced": _run_replaced(model, tc, toks, range(L)),
                 "replaced_with_errors": _run_replaced(model, tc, toks, range(L),
                                                       errors=[ys[l] - preds[l] for l in range(L)]),
-                "zero_ablated": model.run_with_hooks(toks, fwd_hooks=[(output_hook(l),
-                                                                       lambda a, hook: torch.zeros_like(a))
-                                                                      for l in range(L)]),
-                "mean_ablated": model.run_with_hooks(toks, fwd_hooks=[(output_hook(l), lambda a, hook, m=means[l]:
-                                                                       m.expand_as(a).to(a.dtype)) for l in range(L)])}
+                "zero_ablated": _run_ablated(model, toks, range(L), _zeros),
+                "mean_ablated": _run_ablated(model, toks, range(L), lambda l, a, m=means: m[l])}
         runs.update({f"replaced_layer_{l}": _run_replaced(model, tc, toks, [l]) for l in range(L)})
-        runs.update({f"zero_layer_{l}": model.run_with_hooks(toks, fwd_hooks=[(output_hook(l), lambda a, hook:
-                                                                             torch.zeros_like(a))]) for l in range(L)})
+        runs.update({f"zero_layer_{l}": _run_ablated(model, toks, [l], _zeros) for l in range(L)})
         for name, lg in runs.items():
             ce.setdefault(name, []).append(float(lm_loss(lg.float(), toks)) * len(toks))
     n = len(rows)
@@ -608,6 +623,24 @@ def evaluate_transcoders(model: Any, tc: Transcoders, rows: torch.Tensor, batch_
             "ce_loss_recovered_zero": recovered("replaced", "zero_ablated"),
             "ce_loss_recovered_mean": recovered("replaced", "mean_ablated"),
             "with_errors_max_loss_change": abs(loss["replaced_with_errors"] - loss["clean"])}
+
+
+def _zeros(layer: int, act: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(act)
+
+
+def _run_ablated(model: Any, toks: torch.Tensor, layers: Sequence[int], value: Any) -> torch.Tensor:
+    """Logits with the MLP outputs of `layers` set to value(layer, act) (broadcast to act) from position 1
+    on. Position 0 stays clean in these baselines as in the replacements (`_run_replaced`), so CE loss
+    recovered compares like with like."""
+    B, S = toks.shape
+
+    def set_output(act, hook, l):
+        out = value(l, act).expand_as(act).reshape(B, S, -1).clone()
+        out[:, 0] = act.reshape(B, S, -1)[:, 0]
+        return out.reshape(act.shape).to(act.dtype)
+
+    return model.run_with_hooks(toks, fwd_hooks=[(output_hook(l), partial(set_output, l=l)) for l in layers])
 
 
 def _run_replaced(model: Any, tc: Transcoders, toks: torch.Tensor, layers: Sequence[int],
