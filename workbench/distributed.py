@@ -15,6 +15,7 @@ newest checkpoint.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import sys
 from collections.abc import Iterable
@@ -149,3 +150,7 @@ def shutdown() -> None:
                 pass
         torch_dist.destroy_process_group()
         _STORE.clear()
+        # Release, while the interpreter is whole, anything that still holds the group's work (a cycle
+        # the collector has not reached): gloo's threads destroyed at interpreter teardown can abort the
+        # process ("terminate called without an active exception") after a finished run, intermittently.
+        gc.collect()
