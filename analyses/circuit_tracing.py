@@ -16,7 +16,9 @@ occurrence, through attention.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import shutil
+import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -38,10 +40,11 @@ from workbench.attribution_graph import (
     viewer_data,
 )
 from workbench.config import check_types
-from workbench.errors import check_field
+from workbench.errors import CheckpointError, ConfigError, InputError, check_field
 from workbench.plotting import bars, captioned, heatmap, table
 from workbench.probes import held_out_text, special_ids
 from workbench.report import Analysis
+from workbench.runs import TrainingInterrupted
 from workbench.sae.dashboards import collect_feature_data, render_dashboards
 from workbench.sae.interventions import splice_hook
 from workbench.sae.transcoders import (
@@ -50,6 +53,7 @@ from workbench.sae.transcoders import (
     evaluate_transcoders,
     load_transcoders,
     mlp_layers,
+    model_name_of,
     output_hook,
     train_transcoders,
 )
@@ -67,17 +71,23 @@ class CircuitTracingConfig:
     """A folder written by `workbench transcoder train`; empty: the model's shipped transcoders, or ones
     trained now (and cached) with the settings below."""
     prompts: tuple[str, ...] = ()
-    """Prompts to trace; empty: facts the model recalls (a `facts` model) or induction prompts."""
+    """Prompts to trace, as text; each gets the model's BOS first (where it has one), as the default prompts
+    have it, so a default prompt's text gives its graph. Empty: facts the model recalls (a `facts` model) or
+    induction prompts."""
     n_prompts: int = 3
     """Default prompts traced."""
     node_threshold: float = 0.8
     """Pruning: keep the features and errors holding this share of the influence on the logits."""
     edge_threshold: float = 0.98
     """Pruning: keep the edges holding this share of the influence among the kept nodes."""
+    node_definitions: str = "workbench"
+    """'workbench' (raw logits, token plus position embedding, every error node, sources not counted in
+    the shares) or 'circuit-tracer' (its choices: `GraphConfig.circuit_tracer_compatible()`), so that
+    the graphs, pruning and scores can be set beside circuit-tracer's or Neuronpedia's."""
     ablate: int = 3
     """Interventions: ablate each of the graph's this many most influential features, one at a time."""
     d_tc: int = 0
-    """Features per layer when training transcoders here (0: 8 × d_model)."""
+    """Features per layer when training transcoders here; 0, the default, means 8 × d_model."""
     k: int = 16
     """Features per token and layer (TopK with AuxK) when training here."""
     n_tokens: int = 1_000_000
@@ -105,7 +115,14 @@ class CircuitTracingConfig:
             value = getattr(self, name)
             check_field(isinstance(value, int) and value > 0, own, name, value, "a positive integer")
         check_field(self.ablate >= 0, own, "ablate", self.ablate, "an integer ≥ 0")
+        check_field(self.node_definitions in ("workbench", "circuit-tracer"), own, "node_definitions",
+                    self.node_definitions, "'workbench' or 'circuit-tracer'")
         check_field(self.d_tc >= 0, own, "d_tc", self.d_tc, "an integer ≥ 0 (0: 8 × d_model)")
+
+
+def graph_config(cfg: CircuitTracingConfig) -> GraphConfig:
+    """The graphs' node definitions (see `GraphConfig`)."""
+    return GraphConfig.circuit_tracer_compatible() if cfg.node_definitions == "circuit-tracer" else GraphConfig()
 
 
 @dataclass(frozen=True, eq=False)
@@ -141,7 +158,7 @@ class CircuitTracingResult:
 
     def metrics(self) -> dict[str, Any]:  # made strict JSON (no NaN) where the report writes metrics.json
         return {"transcoders": {"source": self.source, "kind": self.kind, "width": self.width, **self.quality},
-                "sae_comparison": self.sae,
+                "sae_comparison": self.sae, "node_definitions": self.config.node_definitions,
                 "graphs": [{"kind": p.kind, "prompt": p.prompt, "nodes": p.graph.n_nodes,
                             "features": p.graph.n_features, "kept_nodes": p.kept_nodes, "kept_edges": p.kept_edges,
                             **p.scores, "identity_max_relative_error": p.graph.meta["identity_max_relative_error"],
@@ -203,19 +220,64 @@ def get_transcoders(model: Any, cfg: CircuitTracingConfig) -> tuple[Transcoders,
         return tc, cfg.transcoders
     folder = getattr(model, "folder", None)
     if folder is not None and (Path(folder) / SHIPPED / MANIFEST).exists():
-        tc = load_transcoders(Path(folder) / SHIPPED, device)
-        tc.check_model(model)
-        return tc, f"shipped in {Path(folder).name}/{SHIPPED}"
+        return _its_own(load_transcoders(Path(folder) / SHIPPED, device), model), \
+            f"shipped in {Path(folder).name}/{SHIPPED}"
+    cached = cache_folder(model, cfg)
+    if (cached / MANIFEST).exists():
+        return _its_own(load_transcoders(cached, device), model), f"trained earlier, cached in {cached}"
+    unfinished = cached.exists()
+    return _train_into_cache(model, cfg, cached), (f"trained now ({cfg.n_tokens:,} tokens"
+                                                   f"{', continuing an interrupted run' if unfinished else ''}), "
+                                                   f"cached in {cached}")
+
+
+def _its_own(tc: Transcoders, model: Any) -> Transcoders:
+    """Shipped or cached transcoders, named after `model` and checked against it: they belong to it by
+    where they are (its own folder, or a cache keyed by its weights), whatever name they were saved
+    under (the folder may have been renamed since)."""
+    tc = replace(tc, model_name=model_name_of(model))
+    tc.check_model(model)
+    return tc
+
+
+def _train_into_cache(model: Any, cfg: CircuitTracingConfig, cached: Path) -> Transcoders:
+    """Train the study's transcoders into the cache folder `cached`. A run an earlier study left there
+    unfinished (Ctrl-C, a kill) is continued; one that cannot be (damaged, or from other settings) is
+    removed and trained again. Ctrl-C here stops as it does everywhere else (KeyboardInterrupt, exit 130)
+    after saving a checkpoint that the next run continues from."""
+    d_tc = cfg.d_tc or 8 * int(model.cfg.d_model)
+    unfinished = cached.exists()
+    print(f"{'Continuing the unfinished transcoder training' if unfinished else 'Training transcoders'} for this "
+          f"model in the cache {cached} ({cfg.n_tokens:,} tokens; later runs with the same settings reuse them)",
+          file=sys.stderr)
+
+    def train(resume: bool) -> Transcoders:
+        return train_transcoders(model, d_tc, cached, "topk", cfg.k, skip=True, n_tokens=cfg.n_tokens, seed=cfg.seed,
+                                 n_checkpoints=0, resume=resume)[0]
+
+    try:
+        try:
+            return train(resume=unfinished)
+        except (CheckpointError, ConfigError, InputError) as err:
+            if not unfinished:
+                raise
+            print(f"The unfinished run in {cached} cannot be continued ({err}); training afresh.", file=sys.stderr)
+            shutil.rmtree(cached)  # the study's own cache folder, nothing else
+            return train(resume=False)
+    except TrainingInterrupted as stop:
+        print(f"\nTranscoder training interrupted at step {stop.step}; run the study again with the same settings "
+              f"to continue it from the cache {cached}.", file=sys.stderr)
+        raise KeyboardInterrupt(str(stop)) from None
+
+
+def cache_folder(model: Any, cfg: CircuitTracingConfig) -> Path:
+    """Where the study keeps the transcoders it trains for `model` with `cfg`'s settings (keyed by the
+    model's weights and those settings, so it never serves another model's)."""
     from workbench.data import cache_dir
 
     d_tc = cfg.d_tc or 8 * int(model.cfg.d_model)
     key = hashlib.sha256(repr((_fingerprint(model), d_tc, cfg.k, cfg.n_tokens, cfg.seed)).encode()).hexdigest()[:16]
-    cached = cache_dir() / "transcoders" / key
-    if (cached / MANIFEST).exists():
-        return load_transcoders(cached, device), f"trained earlier, cached in {cached}"
-    tc, _ = train_transcoders(model, d_tc, cached, "topk", cfg.k, skip=True, n_tokens=cfg.n_tokens, seed=cfg.seed,
-                              n_checkpoints=0)
-    return tc, f"trained now ({cfg.n_tokens:,} tokens), cached in {cached}"
+    return cache_dir() / "transcoders" / key
 
 
 def _fingerprint(model: Any) -> str:
@@ -367,11 +429,16 @@ def compute(model: Any, cfg: CircuitTracingConfig) -> CircuitTracingResult:
     intervened-on attribution graph per prompt, with feature dashboards for the viewer."""
     check_supported(model)  # before any training: a model whose attention cannot be frozen is refused now
     tc, source = get_transcoders(model, cfg)
-    name = getattr(getattr(model, "folder", None), "name", "") or type(model).__name__
+    name = model_name_of(model) or type(model).__name__
     rows, _ = held_out_text(model, cfg.eval_rows, min(int(model.cfg.n_ctx), 128))
     rows = rows.to(next(model.parameters()).device)
     quality = evaluate_transcoders(model, tc, rows)
-    sae = compare_with_sae(model, tc, quality, rows, cfg) if cfg.compare_sae else {}
+    try:
+        sae = compare_with_sae(model, tc, quality, rows, cfg) if cfg.compare_sae else {}
+    except TrainingInterrupted as stop:  # Ctrl-C: exit as everywhere else; nothing of this SAE is kept
+        print("\nThe SAE comparison was interrupted (it is trained anew each run; the transcoders stay cached).",
+              file=sys.stderr)
+        raise KeyboardInterrupt(str(stop)) from None
     if cfg.prompts:
         specs = [("given", p, {}) for p in cfg.prompts]
     else:
@@ -379,7 +446,7 @@ def compute(model: Any, cfg: CircuitTracingConfig) -> CircuitTracingResult:
     traced: list[TracedPrompt] = []
     graphs = []
     for kind, prompt, info in tqdm(specs, desc="attribution graphs", unit="prompt", disable=None, leave=False):
-        g = build_graph(model, tc, prompt, GraphConfig(), progress=False)
+        g = build_graph(model, tc, prompt, graph_config(cfg), progress=False)
         graphs.append((kind, prompt, info, g))
     pages, examples, hrefs = _dashboards(model, tc, [g for *_, g in graphs], rows, cfg)
     for kind, _prompt, info, g in graphs:

@@ -4,18 +4,22 @@ verdict backed by behaviour, and the in-context-learning phase change over train
     python -m analyses.induction_heads --model attn-only-2l
     workbench run induction-heads --model hf:/path/to/a/saved/model --seq-len 20
 
-One cached forward pass on a random sequence repeated once gives the induction, previous-token,
-duplicate-token and first-token scores (defined once, in workbench.attention_scores). A sequence
-repeated `prefix_copies` times gives Olsson et al.'s prefix-matching score; the head's full OV
-circuit gives its copying score. Ablating each head (zero and mean) measures how much the model's
-loss on the repeated half relies on it. A head is labelled "induction" only when its attention
-(induction and prefix-matching scores) and its behaviour (ablation effect specific to the repeated
-half) both say so. For a model folder with checkpoints, the same probe runs at every checkpoint.
+Every head is measured on three kinds of repeated sequence (KINDS): random tokens over the whole
+vocabulary, random tokens at the frequencies of real text, and a passage of held-out text. On each
+kind, one cached forward pass on a sequence repeated once gives the induction, previous-token,
+duplicate-token and first-token scores (defined once, in workbench.attention_scores), and a
+sequence repeated `prefix_copies` times gives Olsson et al.'s prefix-matching score. Ablating each
+head (mean; on random tokens also zero) measures how much the loss on the second copy relies on it.
+The head's full OV circuit gives its copying score, which does not depend on the input.
 
-Induction is then measured on three kinds of repeated sequence (KINDS): random tokens over the
-whole vocabulary (the probe above), random tokens at the frequencies of real text, and a passage of
-held-out text. The verdict says which kinds the induction heads work on: a head that copies only
-tokens that never occur in text is no use on a repeated sentence.
+Labels are earned kind by kind, with the same thresholds on every kind: a head is an induction head
+on a kind when its attention (induction and prefix-matching scores) and its behaviour (an ablation
+effect specific to the second copy) both say so there. A head's labels are those it earns on at
+least one kind, and the result says on which: a model trained on a skewed token distribution
+attends weakly to tokens it rarely saw, so a head that does induction on the text it was trained on
+may miss the threshold on uniform random tokens. The induction heads work on a kind when one of
+them is labelled induction on it. For a model folder with checkpoints, the probe runs at every
+checkpoint.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from workbench.config import check_types
 from workbench.data import Batches, DataConfig, build_text_data
 from workbench.errors import InputError, check_field
 from workbench.numbers import finite, json_array
-from workbench.plotting import captioned, heatmap, lines, table
+from workbench.plotting import captioned, heatmap, heatmap_picker, lines, table
 from workbench.probes import (
     TEXT_PROBES,
     half_losses,
@@ -59,8 +63,13 @@ from workbench.report import Analysis
 from workbench.tokenizer import readable_tokens
 from workbench.widgets import Widget, attention_viewer
 
-SCORES = ("induction", "prefix matching", "previous token", "duplicate token", "first token", "copying")
+ATTENTION_SCORES = ("induction", "prefix matching", "previous token", "duplicate token", "first token")
+"""The scores read from attention patterns, measured on every kind of sequence."""
+SCORES = (*ATTENTION_SCORES, "copying")
 LABELS = ("induction", "previous-token", "duplicate-token", "copying")
+KIND_LABELS = LABELS[:3]
+"""The labels earned on a kind of sequence. 'copying' is read from the weights (the OV circuit), so it
+is the same on every input."""
 KINDS = {"random tokens": "uniform", "text-frequency tokens": "text-distribution", "text passage": "passage"}
 """The kinds of repeated sequence induction is measured on, and the probe that makes each (the first
 is `probe_tokens` over the whole vocabulary; the others `text_probe_tokens`)."""
@@ -81,15 +90,15 @@ class InductionConfig:
     prepend_bos: bool = True
     """Start every sequence with the model's BOS (for workbench models, the end-of-text id)."""
     induction_threshold: float = 0.3
-    """Label 'induction' needs induction and prefix-matching scores of at least this, and the
-    ablation effect below."""
+    """Label 'induction' on a kind of sequence needs induction and prefix-matching scores of at least
+    this on that kind, and the ablation effect below there."""
     ablation_threshold: float = 0.1
-    """Label 'induction' needs mean-ablating the head to raise the repeated-half loss by at least
-    this many nats per token more than it raises the first-half loss."""
+    """Label 'induction' on a kind of sequence needs mean-ablating the head to raise the second copy's
+    loss by at least this many nats per token more than it raises the first copy's."""
     prev_token_threshold: float = 0.4
-    """Label 'previous-token': previous-token score at least this."""
+    """Label 'previous-token' on a kind of sequence: previous-token score at least this on it."""
     duplicate_threshold: float = 0.3
-    """Label 'duplicate-token': duplicate-token score at least this."""
+    """Label 'duplicate-token' on a kind of sequence: duplicate-token score at least this on it."""
     copying_threshold: float = 0.5
     """Label 'copying': copying score (sum λ / sum |λ| of the full OV circuit) at least this."""
     icl_early: int = 10
@@ -104,10 +113,11 @@ class InductionConfig:
     top_heads: int = 6
     """Heads shown in the attention-pattern picker."""
     max_ablated_heads: int = 12
-    """Heads ablated one at a time (zero and mean: two forward passes each). All of them when the model
-    has at most this many; otherwise every head whose induction and prefix-matching scores both reach
-    induction_threshold (the only heads the verdict can label induction), then the highest induction
-    scores, up to this many. The others are not measured (null in metrics.json)."""
+    """Heads ablated one at a time (on random tokens zero and mean, on each text kind mean: four forward
+    passes each). All of them when the model has at most this many; otherwise every head whose
+    induction and prefix-matching scores both reach induction_threshold on some kind of sequence (the
+    only heads the verdict can label induction), then the highest induction scores on any kind, up to
+    this many. The others are not measured (null in metrics.json)."""
     seed: int = 0
     """Seed of the random sequences."""
 
@@ -174,21 +184,45 @@ class CheckpointCurves:
 
 @dataclass(frozen=True, eq=False)
 class KindResult:
-    """Induction on one kind of repeated sequence (length seq_len, repeated once)."""
+    """Every head on one kind of repeated sequence (length seq_len, repeated once): its attention
+    scores, what ablating it does, and the labels it earns there. Arrays are [L, H]."""
 
     kind: str
     source: str
     """Where its tokens came from."""
-    induction_LH: np.ndarray
+    scores: dict[str, np.ndarray]
+    """One [L, H] array per entry of ATTENTION_SCORES. Prefix matching is measured on prefix_seq_len
+    tokens of this kind repeated prefix_copies times."""
+    ablation_LH: dict[str, np.ndarray]
+    """'mean first' / 'mean repeated': loss increase on the first and second copy when the head alone is
+    mean-ablated on this kind (NaN where it was not ablated; see InductionConfig.max_ablated_heads)."""
     first_loss: float
     """Mean loss on the first copy (tokens 2..L)."""
     repeated_loss: float
     """Mean loss on the same tokens of the second copy."""
     ablation: dict[str, float]
-    """'mean first' / 'mean repeated': loss increase with the joint heads mean-ablated on this kind."""
-    works: bool
-    """The induction heads work here: one scores ≥ induction_threshold on it, and mean-ablating them
-    raises the second-copy loss by ≥ ablation_threshold more than the first-copy loss."""
+    """'mean first' / 'mean repeated': loss increase with the joint heads mean-ablated together on this kind."""
+    labels: dict[str, tuple[str, ...]]
+    """Head name -> the KIND_LABELS it earns on this kind."""
+
+    @property
+    def induction_LH(self) -> np.ndarray:
+        return self.scores["induction"]
+
+    def heads_labelled(self, label: str) -> list[str]:
+        """The heads that earn `label` (one of KIND_LABELS) on this kind, layer-major."""
+        return [h for h, ls in self.labels.items() if label in ls]
+
+    @property
+    def works(self) -> bool:
+        """The induction heads work here: at least one head is labelled induction on this kind."""
+        return bool(self.heads_labelled("induction"))
+
+    @property
+    def induction_heads_text(self) -> str:
+        """'induction heads L1H1, L1H3', or 'no induction head'."""
+        heads = self.heads_labelled("induction")
+        return f"induction heads {', '.join(heads)}" if heads else "no induction head"
 
     @property
     def loss_drop(self) -> float:
@@ -203,21 +237,20 @@ class InductionResult:
     name: str
     config: InductionConfig
     scores: dict[str, np.ndarray]
-    """One [L, H] array per entry of SCORES."""
+    """One [L, H] array per entry of SCORES, on random tokens (the classic probe; each kind's attention
+    scores are in `kinds`); copying comes from the weights."""
     ablation: dict[str, np.ndarray]
-    """'<zero|mean> <first|repeated>': increase of the half's mean loss when the head is ablated."""
+    """'<zero|mean> <first|repeated>': increase of the half's mean loss when the head is ablated, on
+    random tokens (each kind's mean ablation is in `kinds`)."""
     clean_first_loss: float
     clean_repeated_loss: float
-    labels: dict[str, tuple[str, ...]]
-    """Head name -> its labels."""
-    evidence: dict[str, str]
-    """Head name -> the numbers that earned (or missed) its labels."""
     joint_heads: tuple[str, ...]
-    """Heads ablated together for the per-token loss plot (the induction heads, else the top head)."""
+    """Heads ablated together for the per-token loss plot (the induction heads, else the head with the
+    highest induction score on any kind)."""
     joint_ablation: dict[str, float]
-    """'<zero|mean> <first|repeated>' for those heads ablated together."""
+    """'<zero|mean> <first|repeated>' for those heads ablated together, on random tokens."""
     loss_by_position: dict[str, np.ndarray]
-    """'clean' and 'ablated': mean per-token loss [S-1] on the repeated sequences."""
+    """'clean' and 'ablated': mean per-token loss [S-1] on the repeated random sequences."""
     tokens: tuple[str, ...]
     patterns_NSS: np.ndarray
     pattern_heads: tuple[str, ...]
@@ -225,8 +258,8 @@ class InductionResult:
     curves: Optional[CheckpointCurves]
     phase_note: str
     kinds: dict[str, KindResult]
-    """Kind of sequence (KINDS, in order) -> induction on it; text kinds are missing for a model
-    without a tokenizer (see kinds_note)."""
+    """Kind of sequence (KINDS, in order) -> every head on it, labels included; text kinds are missing
+    for a model without a tokenizer (see kinds_note)."""
     kinds_note: str
     passage_tokens: tuple[str, ...]
     """The first repeated text passage, as strings ('' when there is none)."""
@@ -234,8 +267,47 @@ class InductionResult:
     """The attention of `pattern_heads` on that passage."""
 
     @property
+    def labels(self) -> dict[str, tuple[str, ...]]:
+        """Head name -> its labels (in LABELS order): each of KIND_LABELS that it earns on at least one
+        kind of sequence (`label_kinds` says which), and 'copying' from its OV circuit."""
+        copying = self.scores["copying"].ravel() >= self.config.copying_threshold
+        return {h: tuple(label for label in LABELS
+                         if (copying[i] if label == "copying" else self.label_kinds(h, label)))
+                for i, h in enumerate(self.heads)}
+
+    def label_kinds(self, head: str, label: str) -> list[str]:
+        """The kinds of sequence on which `head` earns `label` (one of KIND_LABELS)."""
+        if label not in KIND_LABELS:
+            raise InputError(f"{label!r} is not a label earned on a kind of sequence; use one of "
+                             f"{', '.join(KIND_LABELS)} ('copying' comes from the weights).")
+        return [kind for kind, k in self.kinds.items() if label in k.labels[head]]
+
+    def label_kinds_text(self, head: str, label: str) -> str:
+        """Where `head` earns `label`, in words: 'on every kind', 'on text-frequency tokens, text passage'."""
+        where = self.label_kinds(head, label)
+        return "on every kind" if where == list(self.kinds) and len(where) > 1 else f"on {', '.join(where)}"
+
+    @property
+    def evidence(self) -> dict[str, str]:
+        """Head name -> the numbers that earned (or missed) its labels, kind by kind."""
+        out = {}
+        for h in self.heads:
+            i = self.at(h)
+            parts = []
+            for kind, k in self.kinds.items():
+                s = {score: float(arr[i]) for score, arr in k.scores.items()}
+                first, repeated = float(k.ablation_LH["mean first"][i]), float(k.ablation_LH["mean repeated"][i])
+                ablated = (f"mean ablation {repeated:+.2f} nats on the second copy vs {first:+.2f} on the first"
+                           if np.isfinite(repeated) else "not ablated")
+                parts.append(f"{kind}: induction {s['induction']:.2f}, prefix matching {s['prefix matching']:.2f}, "
+                             f"previous token {s['previous token']:.2f}, duplicate {s['duplicate token']:.2f}, "
+                             f"{ablated}")
+            out[h] = "; ".join(parts) + f"; copying {self.scores['copying'][i]:.2f} (OV circuit)"
+        return out
+
+    @property
     def works_on(self) -> list[str]:
-        """The kinds of sequence the induction heads work on."""
+        """The kinds of sequence the induction heads work on (where a head is labelled induction)."""
         return [k for k, v in self.kinds.items() if v.works]
 
     @property
@@ -252,10 +324,14 @@ class InductionResult:
         return divmod(self.heads.index(head), self.shape[1])
 
     def heads_labelled(self, label: str) -> list[str]:
+        """The heads that earn `label` on at least one kind of sequence (copying: from the weights)."""
         return [h for h, ls in self.labels.items() if label in ls]
 
     def metrics(self) -> dict[str, Any]:
         out: dict[str, Any] = {f"{label}_heads": self.heads_labelled(label) for label in LABELS}
+        for label in KIND_LABELS:  # head -> the kinds of sequence it earns the label on
+            out[f"{label.replace('-', '_')}_heads_kinds"] = {h: self.label_kinds(h, label)
+                                                             for h in self.heads_labelled(label)}
         for score, arr in self.scores.items():
             key = score.replace(" ", "_")
             out[f"max_{key}"], out[f"max_{key}_head"] = float(arr.max()), self.heads[int(arr.argmax())]
@@ -265,7 +341,7 @@ class InductionResult:
         if np.isnan(self.ablation["mean repeated"]).any():
             out["ablation_note"] = (f"null: heads not ablated (max_ablated_heads = {self.config.max_ablated_heads} of "
                                     f"{self.ablation['mean repeated'].size}); every head that could be labelled "
-                                    "induction was")
+                                    "induction on some kind of sequence was")
         out["clean_loss_first_half"], out["clean_loss_repeated_half"] = self.clean_first_loss, self.clean_repeated_loss
         out["joint_ablation_heads"] = list(self.joint_heads)
         out.update({f"joint_ablation_{k.replace(' ', '_')}": v for k, v in self.joint_ablation.items()})
@@ -283,38 +359,54 @@ class InductionResult:
             out[f"{key}_max_induction_head"] = self.heads[int(k.induction_LH.argmax())]
             out[f"{key}_first_copy_loss"], out[f"{key}_second_copy_loss"] = k.first_loss, k.repeated_loss
             out[f"{key}_joint_ablation_mean_repeated"] = k.ablation["mean repeated"]
+            for label in KIND_LABELS:
+                out[f"{key}_{label.replace('-', '_')}_heads"] = k.heads_labelled(label)
+            for score, arr in k.scores.items():
+                out[f"{key}_{score.replace(' ', '_')}_LH"] = json_array(arr)
+            for half, arr in k.ablation_LH.items():
+                out[f"{key}_ablation_{half.replace(' ', '_')}_LH"] = json_array(arr)
         out["text_kinds_source"] = next((k.source for n, k in self.kinds.items() if n != "random tokens"),
                                         self.kinds_note)
         return out
 
     def kinds_verdict(self) -> str:
         """One sentence: which kinds of sequence the induction heads work on."""
-        if not self.heads_labelled("induction"):
-            return "no induction head, so induction works on no kind of sequence"
         yes = self.works_on
-        no = [k for k in self.kinds if k not in yes]
-        text = (f"the induction heads work on {', '.join(yes)}" if yes else
-                "the induction heads work on none of the kinds of sequence measured")
-        if yes and no:
-            text += f"; not on {', '.join(no)}"
+        if not yes:  # no head is labelled induction on any kind
+            text = "no induction head, so induction works on no kind of sequence"
+        else:
+            no = [k for k in self.kinds if k not in yes]
+            text = f"the induction heads work on {', '.join(yes)}" + (f"; not on {', '.join(no)}" if no else "")
         return text + (f" ({self.kinds_note})" if self.kinds_note else "")
+
+    def _best_kind(self, head: str) -> str:
+        """Of the kinds `head` is labelled induction on, the one where its induction score is highest."""
+        i = self.at(head)
+        return max(self.label_kinds(head, "induction"), key=lambda kind: self.kinds[kind].scores["induction"][i])
 
     def headlines(self) -> list[str]:
         out = []
         ind = self.heads_labelled("induction")
-        s, abl = self.scores, self.ablation["mean repeated"]
         if ind:
-            out.append("induction heads: " + "; ".join(
-                f"{h} (score {s['induction'][self.at(h)]:.2f}, prefix matching {s['prefix matching'][self.at(h)]:.2f}, "
-                f"copying {s['copying'][self.at(h)]:.2f}, mean ablation {abl[self.at(h)]:+.2f} nats on the "
-                "repeated half)" for h in ind))
+            parts = []
+            for h in ind:
+                i, k = self.at(h), self.kinds[self._best_kind(h)]
+                s, abl = k.scores, k.ablation_LH
+                parts.append(
+                    f"{h} {self.label_kinds_text(h, 'induction')} ({k.kind}: score {s['induction'][i]:.2f}, prefix "
+                    f"matching {s['prefix matching'][i]:.2f}, mean ablation {abl['mean repeated'][i]:+.2f} nats on "
+                    f"the second copy vs {abl['mean first'][i]:+.2f} on the first; copying "
+                    f"{self.scores['copying'][i]:.2f})")
+            out.append("induction heads: " + "; ".join(parts))
         else:
-            out.append(f"no induction head; the highest induction score is {s['induction'].max():.2f} "
-                       f"({self.heads[int(s['induction'].argmax())]}), threshold {self.config.induction_threshold}")
+            kind, k = max(self.kinds.items(), key=lambda item: item[1].induction_LH.max())
+            out.append(f"no induction head on any kind of sequence; the highest induction score is "
+                       f"{k.induction_LH.max():.2f} ({self.heads[int(k.induction_LH.argmax())]}, on {kind}), "
+                       f"threshold {self.config.induction_threshold}")
         j = self.joint_ablation
         which = (f"ablating the induction heads together ({', '.join(self.joint_heads)})" if ind else
                  f"for comparison, ablating the top-scoring head {self.joint_heads[0]}")
-        out.append(f"{which}, mean ablation: repeated-half loss {self.clean_repeated_loss:.2f} → "
+        out.append(f"{which}, mean ablation on random tokens: repeated-half loss {self.clean_repeated_loss:.2f} → "
                    f"{self.clean_repeated_loss + j['mean repeated']:.2f} nats/token ({j['mean repeated']:+.2f}); "
                    f"first half {j['mean first']:+.2f}")
         c = self.curves
@@ -326,13 +418,16 @@ class InductionResult:
         else:
             out.append(self.phase_note)
         out.append(self.kinds_verdict() + ": " + "; ".join(
-            f"{kind}: best score {k.induction_LH.max():.2f} ({self.heads[int(k.induction_LH.argmax())]}), "
+            f"{kind}: {k.induction_heads_text}, best score {k.induction_LH.max():.2f} "
+            f"({self.heads[int(k.induction_LH.argmax())]}), "
             f"loss {k.first_loss:.2f} → {k.repeated_loss:.2f} nats/token from the first copy to the second"
             for kind, k in self.kinds.items()))
-        for label in ("previous-token", "duplicate-token", "copying"):
+        for label in ("previous-token", "duplicate-token"):
             heads = self.heads_labelled(label)
             if heads:
-                out.append(f"{label} heads: {', '.join(heads)}")
+                out.append(f"{label} heads: " + "; ".join(f"{h} {self.label_kinds_text(h, label)}" for h in heads))
+        if self.heads_labelled("copying"):
+            out.append(f"copying heads (from the OV circuit): {', '.join(self.heads_labelled('copying'))}")
         return out
 
 
@@ -433,163 +528,169 @@ def checkpoint_curves(model: Any, cfg: InductionConfig, rep: torch.Tensor, prefi
 
 
 # -- the analysis -------------------------------------------------------------------------------------
-def ablated_heads(scores: dict[str, np.ndarray], cfg: InductionConfig) -> list[tuple[int, int]]:
-    """The heads ablated one at a time (see InductionConfig.max_ablated_heads), in (layer, head) order."""
-    L, H = scores["induction"].shape
+def ablated_heads(kind_scores: list[dict[str, np.ndarray]], cfg: InductionConfig) -> list[tuple[int, int]]:
+    """The heads ablated one at a time (see InductionConfig.max_ablated_heads), in (layer, head) order,
+    from each kind of sequence's attention scores."""
+    L, H = kind_scores[0]["induction"].shape
     if L * H <= cfg.max_ablated_heads:
         return [(l, h) for l in range(L) for h in range(H)]
-    ind, pm = scores["induction"].ravel(), scores["prefix matching"].ravel()
-    candidates = [i for i in range(L * H) if ind[i] >= cfg.induction_threshold and pm[i] >= cfg.induction_threshold]
-    rest = [i for i in np.argsort(-ind).tolist() if i not in candidates]
+    passes = np.zeros(L * H, dtype=bool)  # induction and prefix matching both reach the threshold on some kind
+    for s in kind_scores:
+        passes |= (s["induction"].ravel() >= cfg.induction_threshold) & (
+            s["prefix matching"].ravel() >= cfg.induction_threshold)
+    candidates = np.flatnonzero(passes).tolist()
+    best = np.max([s["induction"].ravel() for s in kind_scores], axis=0)
+    rest = [i for i in np.argsort(-best).tolist() if i not in candidates]
     chosen = candidates + rest[: max(0, cfg.max_ablated_heads - len(candidates))]
     return [divmod(i, H) for i in sorted(chosen)]
 
 
-def _verdict(scores: dict[str, np.ndarray], ablation: dict[str, np.ndarray], cfg: InductionConfig
-             ) -> tuple[dict[str, tuple[str, ...]], dict[str, str]]:
-    labels, evidence = {}, {}
+def kind_labels(scores: dict[str, np.ndarray], ablation_LH: dict[str, np.ndarray], cfg: InductionConfig
+                ) -> dict[str, tuple[str, ...]]:
+    """Head name -> the KIND_LABELS it earns on one kind of sequence, from that kind's [L, H] attention
+    scores and mean-ablation effects (a head that was not ablated, NaN, cannot be labelled induction)."""
+    labels = {}
     for i, name in enumerate(head_names(*scores["induction"].shape)):
         s = {k: float(v.flat[i]) for k, v in scores.items()}
-        first, repeated = float(ablation["mean first"].flat[i]), float(ablation["mean repeated"].flat[i])
-        got = []
-        if (s["induction"] >= cfg.induction_threshold and s["prefix matching"] >= cfg.induction_threshold
-                and repeated - first >= cfg.ablation_threshold):
-            got.append("induction")
-        if s["previous token"] >= cfg.prev_token_threshold:
-            got.append("previous-token")
-        if s["duplicate token"] >= cfg.duplicate_threshold:
-            got.append("duplicate-token")
-        if s["copying"] >= cfg.copying_threshold:
-            got.append("copying")
-        labels[name] = tuple(got)
-        evidence[name] = (f"induction {s['induction']:.2f}, prefix matching {s['prefix matching']:.2f}, "
-                          f"previous token {s['previous token']:.2f}, duplicate {s['duplicate token']:.2f}, "
-                          f"copying {s['copying']:.2f}; mean ablation {repeated:+.2f} nats on the repeated half "
-                          f"vs {first:+.2f} on the first")
-    return labels, evidence
+        specific = float(ablation_LH["mean repeated"].flat[i]) - float(ablation_LH["mean first"].flat[i])
+        holds = {
+            "induction": (s["induction"] >= cfg.induction_threshold and s["prefix matching"] >= cfg.induction_threshold
+                          and specific >= cfg.ablation_threshold),  # False when NaN
+            "previous-token": s["previous token"] >= cfg.prev_token_threshold,
+            "duplicate-token": s["duplicate token"] >= cfg.duplicate_threshold,
+        }
+        labels[name] = tuple(label for label in KIND_LABELS if holds[label])
+    return labels
 
 
-def _text_probes(model: Any, cfg: InductionConfig) -> tuple[dict[str, torch.Tensor], str, str]:
-    """({kind: repeated tokens} for the text kinds, where the text came from, a note when there are none)."""
+class _KindProbe:
+    """One kind of sequence run clean: its scores, copy losses and mean hook_z, and head ablation on it."""
+
+    def __init__(self, model: Any, kind: str, source: str, tokens: torch.Tensor, pm_tokens: torch.Tensor,
+                 prefix: int, pm_prefix: int, cfg: InductionConfig) -> None:
+        self.model, self.kind, self.source, self.cfg = model, kind, source, cfg
+        self.tokens, self.prefix = tokens, prefix
+        L = model.cfg.n_layers
+        self.loss, store = _forward(model, tokens, keep=("attn.hook_pattern", "attn.hook_z"))  # loss [B, S-1]
+        pats = [store[f"blocks.{l}.attn.hook_pattern"].float() for l in range(L)]  # each [B, H, S, S]
+        _, pm_store = _forward(model, pm_tokens, keep=("attn.hook_pattern",))
+        per_layer = {
+            "induction": [induction_score(p, cfg.seq_len, prefix) for p in pats],
+            "prefix matching": [prefix_matching_score(pm_store[f"blocks.{l}.attn.hook_pattern"].float(), pm_tokens,
+                                                      pm_prefix + cfg.prefix_seq_len) for l in range(L)],
+            "previous token": [previous_token_score(p) for p in pats],
+            "duplicate token": [duplicate_token_score(p, cfg.seq_len, prefix) for p in pats],
+            "first token": [first_token_score(p, start=1) for p in pats],
+        }
+        self.scores = {k: torch.stack(v).cpu().numpy() for k, v in per_layer.items()}
+        self.first_row_patterns_LHSS = torch.stack([p[0] for p in pats]).cpu().numpy()  # for the viewers only
+        self.z_mean = {l: store[f"blocks.{l}.attn.hook_z"].float().mean(0, keepdim=True) for l in range(L)}
+        self.first, self.second = half_losses(self.loss, prefix, cfg.seq_len)
+
+    def ablate(self, heads: list[tuple[int, int]], mode: str) -> tuple[float, float, torch.Tensor]:
+        """(first-copy, second-copy loss increase, per-token loss [B, S-1]) with `heads` zero- or mean-ablated."""
+        ablated, _ = _forward(self.model, self.tokens, hooks=_ablation_hooks(heads, mode, self.z_mean))
+        first, second = half_losses(ablated, self.prefix, self.cfg.seq_len)
+        return first - self.first, second - self.second, ablated
+
+
+def _kind_probes(model: Any, cfg: InductionConfig) -> tuple[dict[str, _KindProbe], str]:
+    """{kind: its probe run clean}, in KINDS order, and a note when the text kinds cannot be made."""
+    rep, prefix = probe_tokens(model, cfg.seq_len, 2, cfg.n_sequences, cfg.seed, cfg.prepend_bos)
+    pm_rep, pm_prefix = probe_tokens(model, cfg.prefix_seq_len, cfg.prefix_copies, cfg.n_sequences,
+                                     cfg.seed + 1, cfg.prepend_bos)
+    probes = {"random tokens": _KindProbe(
+        model, "random tokens", "tokens drawn uniformly from the vocabulary (special tokens left out)", rep, pm_rep,
+        prefix, pm_prefix, cfg)}
     if model.tokenizer is None:
-        return {}, "", "the text kinds need a tokenizer, and this model has none"
-    text_RT, source = held_out_text(model)
-    probes = {}
+        return probes, "the text kinds need a tokenizer, and this model has none"
+    text_RT, text_source = held_out_text(model)
     for i, (kind, probe) in enumerate(KINDS.items()):
         if probe in TEXT_PROBES:
-            probes[kind], _ = text_probe_tokens(model, probe, text_RT, cfg.seq_len, 2, cfg.n_sequences,
-                                                cfg.seed + 2 + i, cfg.prepend_bos)
-    return probes, source, ""
-
-
-def _kind_result(kind: str, source: str, induction_LH: np.ndarray, first: float, second: float,
-                 ablation: dict[str, float], induction_heads: list[tuple[int, int]], cfg: InductionConfig
-                 ) -> KindResult:
-    """The numbers for one kind of sequence, and whether the induction heads work on it."""
-    best = max((float(induction_LH[l, h]) for l, h in induction_heads), default=0.0)
-    works = (best >= cfg.induction_threshold
-             and ablation["mean repeated"] - ablation["mean first"] >= cfg.ablation_threshold)
-    return KindResult(kind, source, induction_LH, first, second, ablation, works)
-
-
-@torch.no_grad()
-def _measure_kind(model: Any, kind: str, source: str, tokens: torch.Tensor, prefix: int, cfg: InductionConfig,
-                  induction_heads: list[tuple[int, int]], joint: list[tuple[int, int]]
-                  ) -> tuple[KindResult, list[torch.Tensor]]:
-    """Induction scores and copy losses on `tokens`, and the loss change when the `joint` heads are
-    mean-ablated (means over this batch); also each layer's pattern [B, H, S, S]."""
-    L = model.cfg.n_layers
-    loss, store = _forward(model, tokens, keep=("attn.hook_pattern", "attn.hook_z"))
-    first, second = half_losses(loss, prefix, cfg.seq_len)
-    z_mean = {l: store[f"blocks.{l}.attn.hook_z"].float().mean(0, keepdim=True) for l in range(L)}
-    ablated, _ = _forward(model, tokens, hooks=_ablation_hooks(joint, "mean", z_mean))
-    a_first, a_second = half_losses(ablated, prefix, cfg.seq_len)
-    result = _kind_result(kind, source, _induction_LH(store, L, cfg.seq_len, prefix).cpu().numpy(), first, second,
-                          {"mean first": a_first - first, "mean repeated": a_second - second}, induction_heads, cfg)
-    return result, [store[f"blocks.{l}.attn.hook_pattern"].float() for l in range(L)]
+            tokens, _ = text_probe_tokens(model, probe, text_RT, cfg.seq_len, 2, cfg.n_sequences, cfg.seed + 2 + i,
+                                          cfg.prepend_bos)
+            pm_tokens, kind_pm_prefix = text_probe_tokens(model, probe, text_RT, cfg.prefix_seq_len, cfg.prefix_copies,
+                                                          cfg.n_sequences, cfg.seed + 2 + len(KINDS) + i,
+                                                          cfg.prepend_bos)
+            what = "tokens drawn at their frequencies in " if probe == "text-distribution" else "passages of "
+            probes[kind] = _KindProbe(model, kind, what + text_source, tokens, pm_tokens, prefix, kind_pm_prefix, cfg)
+    return probes, ""
 
 
 @torch.no_grad()
 def compute(model: Any, cfg: InductionConfig) -> InductionResult:
-    """Score, ablate and label every head; follow the induction score over the model's checkpoints."""
+    """Score, ablate and label every head on every kind of sequence; follow the induction score over the
+    model's checkpoints."""
     require_attention(model)
     describe(model).require("z edits", "head ablation at hook_z")
     L, H = model.cfg.n_layers, model.cfg.n_heads
-    rep, prefix = probe_tokens(model, cfg.seq_len, 2, cfg.n_sequences, cfg.seed, cfg.prepend_bos)
-    pm_rep, pm_prefix = probe_tokens(model, cfg.prefix_seq_len, cfg.prefix_copies, cfg.n_sequences,
-                                     cfg.seed + 1, cfg.prepend_bos)
-
-    loss, store = _forward(model, rep, keep=("attn.hook_pattern", "attn.hook_z"))
-    pats = [store[f"blocks.{l}.attn.hook_pattern"].float() for l in range(L)]  # each [B, H, S, S]
-    _, pm_store = _forward(model, pm_rep, keep=("attn.hook_pattern",))
-    weights = folded_weights(model)
-    per_layer = {
-        "induction": [induction_score(p, cfg.seq_len, prefix) for p in pats],
-        "prefix matching": [prefix_matching_score(pm_store[f"blocks.{l}.attn.hook_pattern"].float(), pm_rep,
-                                                  pm_prefix + cfg.prefix_seq_len) for l in range(L)],
-        "previous token": [previous_token_score(p) for p in pats],
-        "duplicate token": [duplicate_token_score(p, cfg.seq_len, prefix) for p in pats],
-        "first token": [first_token_score(p, start=1) for p in pats],
-        "copying": [copying_score(ov_circuit(weights, l)) for l in range(L)],
-    }
-    scores = {k: torch.stack(v).cpu().numpy() for k, v in per_layer.items()}
-
-    clean_first, clean_second = half_losses(loss, prefix, cfg.seq_len)
-    z_mean = {l: store[f"blocks.{l}.attn.hook_z"].float().mean(0, keepdim=True) for l in range(L)}
-
-    def ablation_effect(heads: list[tuple[int, int]], mode: str) -> tuple[float, float, torch.Tensor]:
-        ablated, _ = _forward(model, rep, hooks=_ablation_hooks(heads, mode, z_mean))
-        first, second = half_losses(ablated, prefix, cfg.seq_len)
-        return first - clean_first, second - clean_second, ablated
-
-    ablation = {f"{m} {half}": np.full((L, H), np.nan) for m in ("zero", "mean") for half in ("first", "repeated")}
-    jobs = [(l, h, m) for l, h in ablated_heads(scores, cfg) for m in ("zero", "mean")]
-    for l, h, mode in tqdm(jobs, desc="ablations", unit="run", disable=None, leave=False):
-        d_first, d_second, _ = ablation_effect([(l, h)], mode)
-        ablation[f"{mode} first"][l, h], ablation[f"{mode} repeated"][l, h] = d_first, d_second
-
-    labels, evidence = _verdict(scores, ablation, cfg)
     names = head_names(L, H)
-    induction_heads = [divmod(i, H) for i, name in enumerate(names) if "induction" in labels[name]]
-    joint = induction_heads or [divmod(int(np.argmax(scores["induction"])), H)]
+
+    # 1. every kind of sequence, run clean: attention scores and copy losses
+    probes, kinds_note = _kind_probes(model, cfg)
+    rand = probes["random tokens"]
+    scores = {**rand.scores, "copying": torch.stack([copying_score(ov_circuit(folded_weights(model), l))
+                                                     for l in range(L)]).cpu().numpy()}
+
+    # 2. each chosen head ablated alone: zero and mean on random tokens, mean on the text kinds
+    chosen = ablated_heads([p.scores for p in probes.values()], cfg)
+    ablation = {f"{m} {half}": np.full((L, H), np.nan) for m in ("zero", "mean") for half in ("first", "repeated")}
+    kind_ablation = {kind: {half: np.full((L, H), np.nan) for half in ("mean first", "mean repeated")}
+                     for kind in probes if kind != "random tokens"}
+    jobs = [(kind, l, h, m) for kind in probes for l, h in chosen
+            for m in (("zero", "mean") if kind == "random tokens" else ("mean",))]
+    for kind, l, h, mode in tqdm(jobs, desc="ablations", unit="run", disable=None, leave=False):
+        d_first, d_second, _ = probes[kind].ablate([(l, h)], mode)
+        into = ablation if kind == "random tokens" else kind_ablation[kind]
+        into[f"{mode} first"][l, h], into[f"{mode} repeated"][l, h] = d_first, d_second
+    kind_ablation["random tokens"] = {half: ablation[half] for half in ("mean first", "mean repeated")}
+
+    # 3. labels, kind by kind, with the same thresholds on every kind
+    labels_by_kind = {kind: kind_labels(p.scores, kind_ablation[kind], cfg) for kind, p in probes.items()}
+    induction_heads = [divmod(i, H) for i, name in enumerate(names)
+                       if any("induction" in labels[name] for labels in labels_by_kind.values())]
+    best_induction = np.max([p.scores["induction"] for p in probes.values()], axis=0)  # [L, H], over kinds
+    joint = induction_heads or [divmod(int(np.argmax(best_induction)), H)]
+
+    # 4. the induction heads ablated together, on every kind
     joint_ablation, ablated_loss = {}, None
     for mode in ("zero", "mean"):
-        d_first, d_second, per_token = ablation_effect(joint, mode)
+        d_first, d_second, per_token = rand.ablate(joint, mode)
         joint_ablation[f"{mode} first"], joint_ablation[f"{mode} repeated"] = d_first, d_second
         ablated_loss = per_token if mode == "mean" else ablated_loss
+    kinds = {}
+    for kind, p in probes.items():
+        if kind == "random tokens":
+            joint_mean = {k: v for k, v in joint_ablation.items() if k.startswith("mean")}
+        else:
+            d_first, d_second, _ = p.ablate(joint, "mean")
+            joint_mean = {"mean first": d_first, "mean repeated": d_second}
+        kinds[kind] = KindResult(kind, p.source, p.scores, kind_ablation[kind], p.first, p.second, joint_mean,
+                                 labels_by_kind[kind])
 
-    order = np.argsort(-scores["induction"].ravel())[: cfg.top_heads].tolist()
+    # 5. the attention viewers and the checkpoints
+    order = np.argsort(-best_induction.ravel())[: cfg.top_heads].tolist()
     for extra in ("previous token", "duplicate token"):  # the best head of each other kind, too
-        best = int(np.argmax(scores[extra]))
+        best = int(np.argmax(np.max([p.scores[extra] for p in probes.values()], axis=0)))
         if best not in order:
             order.append(best)
-    # the same measurements on the text kinds of sequence: scores, copy losses, the joint heads ablated
-    text_probes, text_source, kinds_note = _text_probes(model, cfg)
-    kinds = {"random tokens": _kind_result(
-        "random tokens", "tokens drawn uniformly from the vocabulary (special tokens left out)", scores["induction"],
-        clean_first, clean_second, {k: v for k, v in joint_ablation.items() if k.startswith("mean")},
-        induction_heads, cfg)}
     passage_patterns, passage_tokens = None, ()
-    for kind, tokens in text_probes.items():
-        what = "tokens drawn at their frequencies in " if KINDS[kind] == "text-distribution" else "passages of "
-        kinds[kind], patterns = _measure_kind(model, kind, what + text_source, tokens, prefix, cfg, induction_heads,
-                                              joint)
-        if KINDS[kind] == "passage":
-            passage_tokens = tuple(readable_tokens(model.tokenizer, tokens[0].tolist()))
-            passage_patterns = np.stack([patterns[i // H][0, i % H].cpu().numpy() for i in order])
-
-    curves, note = checkpoint_curves(model, cfg, rep, prefix, text_probes)
+    passage = next((p for kind, p in probes.items() if KINDS[kind] == "passage"), None)
+    if passage is not None:
+        passage_tokens = tuple(readable_tokens(model.tokenizer, passage.tokens[0].tolist()))
+        passage_patterns = np.stack([passage.first_row_patterns_LHSS[i // H, i % H] for i in order])
+    curves, note = checkpoint_curves(model, cfg, rand.tokens, rand.prefix,
+                                     {kind: p.tokens for kind, p in probes.items() if kind != "random tokens"})
     folder = getattr(model, "folder", None)
     return InductionResult(
         name=folder.name if folder is not None else type(model).__name__, config=cfg, scores=scores,
-        ablation=ablation, clean_first_loss=clean_first, clean_repeated_loss=clean_second,
-        labels=labels, evidence=evidence, joint_heads=tuple(names[l * H + h] for l, h in joint),
-        joint_ablation=joint_ablation,
-        loss_by_position={"clean": loss.mean(0).cpu().numpy(), "ablated": ablated_loss.mean(0).cpu().numpy()},
-        tokens=tuple(readable_tokens(model.tokenizer, rep[0].tolist()) if model.tokenizer is not None
-                     else map(str, rep[0].tolist())),
-        patterns_NSS=np.stack([pats[i // H][0, i % H].cpu().numpy() for i in order]),
-        pattern_heads=tuple(names[i] for i in order), prefix=prefix, curves=curves, phase_note=note,
+        ablation=ablation, clean_first_loss=rand.first, clean_repeated_loss=rand.second,
+        joint_heads=tuple(names[l * H + h] for l, h in joint), joint_ablation=joint_ablation,
+        loss_by_position={"clean": rand.loss.mean(0).cpu().numpy(), "ablated": ablated_loss.mean(0).cpu().numpy()},
+        tokens=tuple(readable_tokens(model.tokenizer, rand.tokens[0].tolist()) if model.tokenizer is not None
+                     else map(str, rand.tokens[0].tolist())),
+        patterns_NSS=np.stack([rand.first_row_patterns_LHSS[i // H, i % H] for i in order]),
+        pattern_heads=tuple(names[i] for i in order), prefix=rand.prefix, curves=curves, phase_note=note,
         kinds=kinds, kinds_note=kinds_note, passage_tokens=passage_tokens, passage_patterns_NSS=passage_patterns)
 
 
@@ -606,19 +707,34 @@ def figures(r: InductionResult) -> dict[str, Union[go.Figure, Widget]]:
     with its caption."""
     heads, H = r.heads, r.shape[1]
     n = r.config.seq_len
+    evidence = r.evidence
+
+    def described(h: str) -> str:
+        return ", ".join(f"{label} ({r.label_kinds_text(h, label)})" if label in KIND_LABELS else label
+                         for label in r.labels[h])
+
     figs: dict[str, Union[go.Figure, Widget]] = {"verdict": captioned(table(
-        [(h, f"{', '.join(r.labels[h]) or '—'}  ·  {r.evidence[h]}") for h in heads],
-        f"{r.name}: head labels and the numbers behind them"),
-        "Each head's labels and the scores behind them. A head is an induction head only when its attention "
-        "(induction and prefix-matching scores) and its behaviour (ablating it hurts the repeated half more than the "
-        "first) agree.")}
+        [(h, f"{described(h) or '—'}  ·  {evidence[h]}") for h in heads],
+        f"{r.name}: head labels, the kinds of sequence they hold on, and the numbers behind them"),
+        "Each head's labels, on which kinds of sequence they hold, and the scores behind them on every kind. A head "
+        "is an induction head on a kind only when its attention (induction and prefix-matching scores) and its "
+        "behaviour (ablating it hurts the second copy more than the first) agree there; the thresholds are the same "
+        "on every kind.")}
     figs["head scores"] = captioned(heatmap(
         np.stack([r.scores[s].ravel() for s in SCORES], axis=1), list(SCORES), heads,
         f"Head scores (random length-{n} sequence repeated once; copying from the OV circuit)", "score", "head",
         colorbar="score (attention probability; copying −1 to 1)", colorscale="RdBu", zmid=0),
         "Attention scores of every head on random tokens repeated once, and the copying score of its OV circuit. "
         "Induction heads score high on induction, prefix matching and copying together, in layer 1; the "
-        "previous-token head they build on is in layer 0.")
+        "previous-token head they build on is in layer 0. The same scores on the text kinds are in the next figure.")
+    figs["head scores by kind of sequence"] = captioned(heatmap_picker(
+        np.stack([np.stack([k.scores[s].ravel() for s in ATTENTION_SCORES], axis=1) for k in r.kinds.values()]),
+        list(r.kinds), list(ATTENTION_SCORES), heads, "Attention scores on each kind of sequence (pick the kind)",
+        "score", "head", colorbar="score (attention probability)", zmin=0, zmax=1,
+        hover="%{y}, %{x}: %{z:.2f}", height=max(400, 60 + 22 * len(heads))),
+        "Every head's attention scores on each kind of sequence, from which its labels on that kind come. A model "
+        "trained on text attends weakly to tokens it rarely saw, so its heads can score lower on random tokens over "
+        "the whole vocabulary than on text.")
     abl_keys = list(r.ablation)
     figs["ablation effects"] = captioned(heatmap(
         np.stack([r.ablation[k].ravel() for k in abl_keys], axis=1), [f"{k} half" for k in abl_keys], heads,
@@ -629,15 +745,17 @@ def figures(r: InductionResult) -> dict[str, Union[go.Figure, Widget]]:
     figs["attention of the top heads"] = _viewer(r.patterns_NSS, r.pattern_heads, r.tokens,
                                                  f"{r.name}: a random sequence of {n} tokens, repeated")
     figs["induction by kind of sequence"] = captioned(table(
-        [(kind, f"{'works' if k.works else 'does not work'}  ·  best induction score {k.induction_LH.max():.2f} "
+        [(kind, f"{'works: ' if k.works else ''}{k.induction_heads_text}  ·  best induction score "
+                f"{k.induction_LH.max():.2f} "
                 f"({heads[int(k.induction_LH.argmax())]}); loss {k.first_loss:.2f} on the first copy, "
                 f"{k.repeated_loss:.2f} on the second ({k.loss_drop:+.2f}); joint mean ablation "
                 f"{k.ablation['mean repeated']:+.2f} on the second copy, {k.ablation['mean first']:+.2f} on the first"
                 f"  ·  {k.source}") for kind, k in r.kinds.items()],
         f"{r.name}: {r.kinds_verdict()}"),
         "Whether the induction heads work on each kind of sequence: random tokens over the whole vocabulary, random "
-        "tokens at the frequencies of real text, and a repeated passage of held-out text. Works means a high "
-        "induction score and a second copy that costs much less than the first.")
+        "tokens at the frequencies of real text, and a repeated passage of held-out text. Works means a head is "
+        "labelled induction on that kind: high induction and prefix-matching scores there, and ablating it alone "
+        "raises the second copy's loss more than the first's.")
     figs["induction score by kind of sequence"] = captioned(heatmap(
         np.stack([k.induction_LH.ravel() for k in r.kinds.values()], axis=1), list(r.kinds), heads,
         f"Induction score on each kind of sequence (length {n}, repeated once)", "kind of sequence", "head",

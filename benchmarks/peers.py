@@ -149,6 +149,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if not 0 <= args.dead_fraction < 1:
         parser.error("--dead-fraction must be in [0, 1)")
     args.venvs = args.venvs.expanduser()
+    existing = next(p for p in (args.venvs, *args.venvs.parents) if p.exists())  # "/" always exists
+    if not existing.is_dir():
+        parser.error(f"--venvs {args.venvs}: {existing} is a file, not a folder; pass a folder (new or made by "
+                     "this script) to hold one venv per peer.")
     return args
 
 

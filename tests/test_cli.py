@@ -142,4 +142,62 @@ def test_settings_help_comes_from_the_config_docstrings(capsys):
     with pytest.raises(SystemExit):
         main(["run", "induction-heads", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "--ablation-threshold" in out and "nats per token more than it raises the first-half loss" in out
+    assert "--ablation-threshold" in out and "nats per token more than it raises the first copy" in out
+
+
+def test_list_settings_parse_as_their_element_type(monkeypatch, capsys):
+    import workbench.report
+    from workbench.errors import ConfigError
+
+    seen = []
+
+    def fake_run_analysis(name, model, cfg, device="auto"):
+        seen.append(cfg)
+        raise ConfigError("stop here: the config is all this test needs")
+
+    monkeypatch.setattr(workbench.report, "run_analysis", fake_run_analysis)
+    assert main(["run", "grokking", "--key-frequencies", "5", "6", "--out", "unused"]) == 2
+    assert "stop here" in capsys.readouterr().err
+    assert [c.key_frequencies for c in seen] == [(5, 6)]
+
+
+def test_list_settings_take_the_element_type_from_the_annotation():
+    import argparse
+    import dataclasses
+    from typing import Literal, Optional
+
+    from workbench.cli import _add_config_args, _overrides
+
+    settings = dataclasses.make_dataclass("Settings", [
+        ("ints", tuple[int, ...], dataclasses.field(default=())),
+        ("floats", Optional[tuple[float, ...]], dataclasses.field(default=None)),
+        ("names", tuple[Literal["a", "b"], ...], dataclasses.field(default=("a",))),
+        ("words", list[str], dataclasses.field(default_factory=list)),
+    ], frozen=True)
+    parser = argparse.ArgumentParser()
+    _add_config_args(parser, settings)
+    args = parser.parse_args(["--ints", "5", "6", "--floats", "1", "0.5", "--names", "b", "--words", "x", "y"])
+    assert _overrides(args, settings) == {"ints": (5, 6), "floats": (1.0, 0.5), "names": ("b",), "words": ("x", "y")}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--ints", "five"])
+
+
+def test_wandb_without_a_login_is_an_error_line(tiny_gpt2, tmp_path, monkeypatch, capsys):
+    import types
+
+    class UsageError(Exception):
+        """What wandb raises from `init` on a machine that never ran `wandb login`."""
+
+    def init(**kwargs):
+        raise UsageError("api_key not configured (no-tty). call wandb.login(key=[your_api_key])")
+
+    fake = types.ModuleType("wandb")
+    fake.errors = types.SimpleNamespace(UsageError=UsageError)
+    fake.init = init
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    assert main(["sae", "train", "--model", f"hf:{tiny_gpt2}", "--hook", "blocks.0.hook_resid_post", "--wandb", "proj",
+                 "--n-tokens", "64", "--batch-size", "32", "--rows", "8", "--seq-len", "8", "--device", "cpu", "--out",
+                 str(tmp_path / "s"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]  # after the loader's progress bar
+    assert err.startswith("error: --wandb") and "wandb login" in err and "api_key not configured" in err
+    assert not (tmp_path / "s").exists()

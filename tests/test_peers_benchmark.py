@@ -126,3 +126,16 @@ def test_every_workload_has_its_worker():
     for peer in peers.PEERS.values():
         for workload in peer.workloads:
             assert (peers.WORKERS / workload.worker).exists(), workload
+
+
+@pytest.mark.parametrize("below", ["", "sub"])
+def test_venvs_that_is_a_file_is_an_error_line_and_exit_code_2(tmp_path, below, capsys):
+    not_a_folder = tmp_path / "venvs.txt"
+    not_a_folder.write_text("mine")
+    venvs = not_a_folder / below if below else not_a_folder
+    with pytest.raises(SystemExit) as exit_:
+        peers.main(["--venvs", str(venvs), "--setup-only"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: --venvs" in err and f"{not_a_folder} is a file" in err and "Traceback" not in err
+    assert not_a_folder.read_text() == "mine"

@@ -643,6 +643,10 @@ def _probe(model: Any) -> Architecture:
         return act
 
     logits = model.run_with_hooks(tokens, fwd_hooks=[(n, lambda a, hook, n=n: save(a, hook, n)) for n in names])
+    if not bool(torch.isfinite(logits).all()):  # every check below compares within a tolerance of a finite size
+        raise InputError(f"The model's output is not finite (NaN or inf logits on {S} random tokens): "
+                         "its weights are damaged, or it overflows in this precision. Load a checkpoint from before "
+                         "training diverged, or the model in float32.")
     arch = Architecture(**{**base.__dict__, "fired": frozenset(acts)})
     problems: dict[str, str] = {}
     embed_scale = 1.0

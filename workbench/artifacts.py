@@ -68,30 +68,161 @@ def register_kind(kind: str) -> Callable[[Loader], Loader]:
 
 # -- atomic writes --------------------------------------------------------------------------------
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the new one, never a part."""
+    """Write `data` to `path` so that readers see the old file or the new one, never a part. A full
+    disk removes the partial file and raises OutOfSpaceError."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        raise_if_out_of_space(err, path, len(data), partial_removed=True)
+        raise
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     """Atomic JSON write, indented for people to read."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+    atomic_write_bytes(path, _json_bytes(obj))
 
 
-def _out_of_space(err: OSError) -> bool:
-    return err.errno in (errno.ENOSPC, errno.EDQUOT)
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_out_of_space(err: BaseException) -> bool:
+    """Whether `err` says the disk (or the user's quota) is full: an OSError with ENOSPC or EDQUOT, an
+    OutOfSpaceError, or safetensors' SafetensorError, which is no OSError and carries the OS error only
+    in its text ("Error while serializing: I/O error: No space left on device (os error 28)")."""
+    if isinstance(err, OutOfSpaceError):
+        return True
+    if isinstance(err, OSError):
+        return err.errno in _FULL
+    if isinstance(err, SafetensorError):
+        text = str(err)
+        return any(f"(os error {code})" in text or os.strerror(code) in text for code in _FULL)
+    return False
+
+
+def raise_if_out_of_space(err: BaseException, what: Path, needed_bytes: int = 0, cleaned: Optional[Path] = None,
+                          partial_removed: bool = False) -> None:
+    """Inside an `except` that has removed this write's partial files: raise OutOfSpaceError (naming
+    `what`, the space it needs and `cleaned`, the partial copy removed) if `err` is a full disk, else
+    return so that the caller re-raises `err`. `partial_removed`: the failed file is already gone (the
+    workbench's helpers and safetensors remove their own), so the write needed more than is free now."""
+    if not is_out_of_space(err):
+        return
+    gone = partial_removed or not isinstance(err, OSError)  # a SafetensorError or an inner OutOfSpaceError
+    at_least = _free_bytes(what) + 1 if gone else 0
+    raise _space_error(what, max(needed_bytes, at_least), cleaned) from err
+
+
+def _free_bytes(what: Path) -> int:
+    here = next(p for p in (Path(what).absolute(), *Path(what).absolute().parents) if p.exists())
+    return shutil.disk_usage(here).free
 
 
 def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
 
 
+def _missing_folders(folder: Path) -> list[Path]:
+    """`folder` and those of its parents that do not exist yet, deepest first: what `mkdir(parents=True)`
+    will create, and `_remove_if_empty` takes back after a failed write."""
+    folder = Path(folder).absolute()
+    return [p for p in (folder, *folder.parents) if not p.exists()]
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    """Remove these folders, deepest first, stopping at the first that holds anything."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except FileNotFoundError:
+            continue
+        except OSError:  # not empty: it holds something this write did not make
+            return
+
+
+@contextmanager
+def staged_files(folder: Path, needed_bytes: int = 0) -> Iterator[Callable[[str], Path]]:
+    """Write several files of `folder` all or none: inside the block, `stage(name)` gives the temporary
+    path to write `folder/name` to; when the block ends they are renamed into place in that order. The
+    last one is the file that says the folder is complete (config.json): an old copy of it is removed
+    before the renames, so a crash between them leaves a folder that reads as incomplete, never one that
+    mixes old and new files. If the block fails, every temporary file (and a folder this made) is
+    removed and a full disk becomes an OutOfSpaceError (`needed_bytes`: the files' estimated size)."""
+    folder = Path(folder)
+    created = _missing_folders(folder)
+    staged: dict[str, Path] = {}
+
+    def stage(name: str) -> Path:
+        staged[name] = folder / f".{name}.tmp{os.getpid()}"
+        return staged[name]
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        yield stage
+    except BaseException as err:
+        for tmp in staged.values():
+            tmp.unlink(missing_ok=True)
+        _remove_if_empty(created)
+        raise_if_out_of_space(err, folder, needed_bytes, partial_removed=True)
+        raise
+    if len(staged) > 1:
+        (folder / list(staged)[-1]).unlink(missing_ok=True)
+    for name, tmp in staged.items():
+        if tmp.exists():
+            open_modes(tmp)
+        os.replace(tmp, folder / name)
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (os.umask can only set it, and
+    setting it for a moment would race with any thread that creates a file meanwhile)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def open_modes(path: Path) -> None:
+    """Give `path` (a file, or a folder and everything in it) the mode a plain open() or mkdir() would:
+    0666 / 0777 less the umask. safetensors writes its files 0600 and tempfile makes 0700 folders, which
+    would leave weights unreadable to whoever can read the JSON beside them."""
+    mask = _umask()
+    path = Path(path)
+    if path.is_dir():
+        for p in (path, *path.rglob("*")):
+            if not p.is_symlink():
+                os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+    else:
+        os.chmod(path, 0o666 & ~mask)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 def _space_error(what: Path, needed: int, cleaned: Optional[Path]) -> OutOfSpaceError:
-    free = shutil.disk_usage(what.parent if not what.exists() else what).free
+    free = _free_bytes(what)
     left = f" The partial copy {cleaned} was removed." if cleaned is not None else ""
     return OutOfSpaceError(f"The disk filled while writing {what}: it needs about {needed / 1e6:,.1f} MB and "
                            f"{free / 1e6:,.1f} MB are free.{left} Free some space (or choose a folder on another "
@@ -110,16 +241,16 @@ def sha256_file(path: Path) -> str:
 # -- model folders --------------------------------------------------------------------------------
 def write_model_folder(folder: Path, kind: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
                        tokenizer_json: str | None = None) -> None:
-    """Write weights, tokenizer and config.json (last, with the weights' checksum) into `folder`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{WEIGHTS_FILE}.tmp{os.getpid()}"
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    digest = sha256_file(tmp)
-    os.replace(tmp, folder / WEIGHTS_FILE)
-    if tokenizer_json is not None:
-        atomic_write_bytes(folder / TOKENIZER_FILE, tokenizer_json.encode())
-    atomic_write_json(folder / CONFIG_FILE, {"kind": kind, "format_version": FORMAT_VERSION,
-                                             **meta, "weights_sha256": digest})
+    """Write weights, tokenizer and config.json (last, with the weights' checksum) into `folder`, all
+    or none (`staged_files`): a full disk leaves the folder as it was and raises OutOfSpaceError."""
+    with staged_files(Path(folder), _tensor_bytes(tensors)) as stage:
+        weights = stage(WEIGHTS_FILE)
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(weights))
+        digest = sha256_file(weights)
+        if tokenizer_json is not None:
+            _write_file(stage(TOKENIZER_FILE), tokenizer_json.encode())
+        _write_file(stage(CONFIG_FILE), _json_bytes({"kind": kind, "format_version": FORMAT_VERSION,
+                                                     **meta, "weights_sha256": digest}))
 
 
 def read_config(folder: Path) -> dict[str, Any]:
@@ -193,19 +324,20 @@ def write_checkpoint(run_dir: Path, step: int, write: Callable[[Path], None], ne
     """Build a checkpoint folder with `write(tmp_folder)`, then rename it into place atomically. A full
     disk removes the partial folder and raises OutOfSpaceError (`needed_bytes` estimates the size)."""
     final = checkpoint_dir(run_dir, step)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp", dir=final.parent))
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp", dir=final.parent))
+    except OSError as err:
+        raise_if_out_of_space(err, final, needed_bytes)
+        raise
     try:
         write(tmp)
-    except OSError as err:
+    except BaseException as err:
         written = _folder_bytes(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
-        if _out_of_space(err):
-            raise _space_error(final, max(needed_bytes, written), tmp) from err
+        raise_if_out_of_space(err, final, max(needed_bytes, written), tmp)
         raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    open_modes(tmp)
     if final.exists():  # the same step saved again: swap, so a complete checkpoint is always there
         old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old", dir=final.parent))
         os.replace(final, old / "ckpt")
@@ -258,12 +390,12 @@ def write_state(folder: Path, state: dict[str, Any]) -> None:
     """Save a trainer's state (optimizer state dicts, counters, RNG state) as safetensors plus JSON."""
     tensors: dict[str, torch.Tensor] = {}
     tree = _encode_state(state, tensors, "state")
-    tmp = folder / f".{STATE_FILE}.tmp{os.getpid()}"
-    save_file(tensors, str(tmp))
-    digest = sha256_file(tmp)
-    os.replace(tmp, folder / STATE_FILE)
-    atomic_write_json(folder / STATE_META_FILE, {"format_version": FORMAT_VERSION, "tensors_sha256": digest,
-                                                 "state": tree})
+    with staged_files(Path(folder), _tensor_bytes(tensors)) as stage:  # both files or neither
+        tmp = stage(STATE_FILE)
+        save_file(tensors, str(tmp))
+        digest = sha256_file(tmp)
+        _write_file(stage(STATE_META_FILE), _json_bytes({"format_version": FORMAT_VERSION, "tensors_sha256": digest,
+                                                         "state": tree}))
 
 
 def has_state(folder: Path) -> bool:
@@ -336,9 +468,26 @@ def truncate_log(path: Path, last_step: int) -> None:
 
 
 def append_log(path: Path, record: dict[str, Any]) -> None:
-    """One strict-JSON line (a non-finite number is written as null)."""
-    with open(path, "a") as f:
-        f.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
+    """One strict-JSON line (a non-finite number is written as null). A full disk takes back the part
+    of the line that was written and raises OutOfSpaceError."""
+    line = (json.dumps(strict_json(record), allow_nan=False) + "\n").encode()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # unbuffered: a failed write shows here
+    except OSError as err:
+        raise_if_out_of_space(err, path, len(line))
+        raise
+    try:
+        start = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            done = 0
+            while done < len(line):
+                done += os.write(fd, line[done:])
+        except OSError as err:
+            os.ftruncate(fd, start)
+            raise_if_out_of_space(err, path, len(line))
+            raise
+    finally:
+        os.close(fd)
 
 
 def strict_json(obj: Any) -> Any:
@@ -357,15 +506,24 @@ def strict_json(obj: Any) -> Any:
 def run_lock(folder: Path, what: str = "run") -> Iterator[None]:
     """Hold an exclusive lock on `folder/.lock` while a process writes the run. The kernel releases it
     when the process ends, however it ends, so a `kill -9` leaves no stale lock. A second writer gets a
-    RunLockedError naming the process that holds it."""
+    RunLockedError naming the process that holds it.
+
+    When the disk fills before the run has saved anything (its folder, made here, holds no file but the
+    lock and the log), those two are removed, so the same command can simply be run again."""
     try:
         import fcntl
     except ImportError:  # not POSIX (Windows): no locking; runs must not share a folder there
         yield
         return
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    created = _missing_folders(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        _remove_if_empty(created)
+        raise_if_out_of_space(err, folder / LOCK_FILE)
+        raise
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -377,8 +535,23 @@ def run_lock(folder: Path, what: str = "run") -> Iterator[None]:
         os.ftruncate(fd, 0)
         os.write(fd, f"process {os.getpid()} ({' '.join(sys.argv[:6])[:150]})".encode())
         yield
+    except BaseException as err:
+        if created and is_out_of_space(err):
+            _remove_unsaved_run(folder)
+            if not isinstance(err, OutOfSpaceError):
+                raise_if_out_of_space(err, folder / LOCK_FILE)
+        raise
     finally:
         os.close(fd)  # closing releases the lock
+
+
+def _remove_unsaved_run(folder: Path) -> None:
+    """Remove the lock and the log of a run that saved nothing: its folder holds no other file (the
+    empty folders stay; a new run goes into them)."""
+    files = [p for p in folder.rglob("*") if not p.is_dir()]
+    if all(p.parent == folder and p.name in (LOCK_FILE, LOG_FILE) for p in files):
+        for p in files:
+            p.unlink(missing_ok=True)
 
 
 # -- output folders (reports, dashboards): never delete what the workbench did not write ---------------
@@ -431,25 +604,30 @@ def check_output_folder(out: Path, kind: str) -> Path:
     return target
 
 
-def write_output_folder(out: Path, kind: str, build: Callable[[Path], None]) -> Path:
+def write_output_folder(out: Path, kind: str, build: Callable[[Path], None], needed_bytes: int = 0) -> Path:
     """Build an output folder with `build(tmp)` in a fresh temporary folder beside `out`, then move it
     into place. An existing `out` is replaced only when the workbench wrote it and nothing was added;
-    see `check_output_folder`. A full disk removes the partial folder and says how much space it needs."""
+    see `check_output_folder`. A full disk removes the partial folder and says how much space it needs
+    (`needed_bytes`, where the caller can estimate it; else at least what was written or is free)."""
     target = check_output_folder(out, kind)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp", dir=target.parent))
+    created = _missing_folders(target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp", dir=target.parent))
+    except OSError as err:
+        _remove_if_empty(created)
+        raise_if_out_of_space(err, target, needed_bytes)
+        raise
     try:
         build(tmp)
         atomic_write_json(tmp / OUTPUT_MARKER, {"kind": f"workbench {kind}", "files": sorted(_listing(tmp))})
-    except OSError as err:
+    except BaseException as err:
         written = _folder_bytes(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
-        if _out_of_space(err):
-            raise _space_error(target, written, tmp) from err
+        _remove_if_empty(created)
+        raise_if_out_of_space(err, target, max(needed_bytes, written), tmp)
         raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    open_modes(tmp)
     if target.is_dir() and any(target.iterdir()):  # a workbench output (checked above): swap, then drop the old
         old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old", dir=target.parent))
         os.replace(target, old / target.name)

@@ -30,7 +30,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import torch
 from safetensors.torch import load_file, save
@@ -40,7 +40,7 @@ from workbench.adapter import DoesNotApplyError, describe, uncap_logits
 from workbench.artifacts import strict_json, write_output_folder
 from workbench.errors import CheckpointError, ConfigError, InputError
 from workbench.probes import run_collect
-from workbench.sae.transcoders import Transcoders, output_hook, per_token
+from workbench.sae.transcoders import Transcoders, model_name_of, output_hook, per_token
 
 GRAPH_FILE, GRAPH_META = "graph.safetensors", "graph.json"
 GRAPH_FORMAT = 2
@@ -149,8 +149,40 @@ class GraphConfig:
     skip_bos_features: bool = True
     """Leave out features at a BOS token in position 0 (they fire on every prompt alike); its error
     node keeps the identities exact."""
+    logit_nodes: Literal["logit", "demeaned"] = "logit"
+    """A logit node's value: the logit itself (what the model outputs), or the logit minus the mean
+    logit over the vocabulary (circuit-tracer's demeaned unembedding). Only edges into logits differ."""
+    token_nodes: Literal["token_and_position", "token"] = "token_and_position"
+    """An embedding node: the whole residual stream at layer 0 (token plus position embedding), or the
+    token embedding W_E[t] alone (circuit-tracer), the position embedding then joining each target's
+    bias. The same on models without a learned position embedding (rotary, ALiBi)."""
+    first_position_errors: bool = True
+    """Keep the error nodes at position 0. False (circuit-tracer, whose position 0 is always a BOS)
+    moves their edges into the targets' biases: every identity still holds, with less to see."""
+    count_sources: bool = False
+    """Whether source nodes take part in the shares: `prune`'s node threshold then ranks token nodes
+    with features and errors (tokens are kept either way), and `graph_scores`'s completeness weighs
+    tokens and errors (whose inputs count as fully explained) with the rest (circuit-tracer does both)."""
+    require_feature_inputs: bool = False
+    """`prune` also drops a feature left with no kept incoming edge (circuit-tracer)."""
+
+    @classmethod
+    def circuit_tracer_compatible(cls, **overrides: Any) -> "GraphConfig":
+        """Every node definition as circuit-tracer (0.5) makes it, so that a graph's edges, pruning and
+        scores can be set beside circuit-tracer's or a Neuronpedia graph (prompts should start with
+        a BOS, which circuit-tracer adds to a string)."""
+        return cls(**{**dict(logit_nodes="demeaned", token_nodes="token", first_position_errors=False,
+                             count_sources=True, require_feature_inputs=True, skip_bos_features=True),
+                      **overrides})
 
     def __post_init__(self) -> None:
+        for name, allowed in (("logit_nodes", ("logit", "demeaned")), ("token_nodes", ("token_and_position", "token"))):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"GraphConfig.{name} must be one of {', '.join(map(repr, allowed))}, got "
+                                  f"{getattr(self, name)!r}.")
+        for name in ("skip_bos_features", "first_position_errors", "count_sources", "require_feature_inputs"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"GraphConfig.{name} must be True or False, got {getattr(self, name)!r}.")
         if not (isinstance(self.max_logits, int) and self.max_logits > 0):
             raise ConfigError(f"GraphConfig.max_logits must be a positive integer, got {self.max_logits!r}.")
         if not 0 < self.logit_mass <= 1:
@@ -161,12 +193,23 @@ class GraphConfig:
 
 # -- building -------------------------------------------------------------------------------------
 def _tokens(model: Any, prompt: Union[str, torch.Tensor, Sequence[int]]) -> torch.Tensor:
+    """[1, S] token ids of `prompt`. Text is tokenized without special tokens and then gets the model's BOS
+    first (where it has one and the text does not already start with it), as the study's default
+    prompts and training rows do: the same text gives the same graph whichever way it arrives. Token
+    ids are taken as they are."""
     device = next(model.parameters()).device
     if isinstance(prompt, str):
         if model.tokenizer is None:
             raise InputError("This model has no tokenizer; give the prompt as token ids.")
-        tokens = (model.to_tokens(prompt) if hasattr(model, "to_tokens")
-                  else torch.tensor([model.tokenizer.encode(prompt)]))
+        from workbench.probes import special_ids
+
+        tok = model.tokenizer
+        ids = list(tok(prompt, add_special_tokens=False)["input_ids"] if hasattr(tok, "all_special_ids")
+                   else tok.encode(prompt))  # a Hugging Face tokenizer, or the workbench's TextCodec
+        bos, _ = special_ids(model)
+        if ids and bos is not None and ids[0] != bos:
+            ids = [bos] + ids
+        tokens = torch.tensor([ids], dtype=torch.long)
     else:
         tokens = torch.as_tensor(prompt).long()
     tokens = tokens.reshape(1, -1).to(device)
@@ -195,7 +238,8 @@ def build_graph(model: Any, transcoders: Transcoders, prompt: Union[str, torch.T
     arch = describe(model)
     scale_names = [n for n in model.hook_dict if n.endswith("hook_scale") and n in arch.fired]
     pattern_names = _frozen_attention(model, tokens)
-    keep = ["blocks.0.hook_resid_pre", *scale_names, *pattern_names,
+    pos_name = "hook_pos_embed" if cfg.token_nodes == "token" and "hook_pos_embed" in arch.fired else None
+    keep = ["blocks.0.hook_resid_pre", *([pos_name] if pos_name else []), *scale_names, *pattern_names,
             *(h for l in range(L) for h in (transcoders.in_hook(l), output_hook(l)))]
     with torch.no_grad():
         logits, clean = run_collect(model, tokens, keep)
@@ -236,8 +280,7 @@ def build_graph(model: Any, transcoders: Transcoders, prompt: Union[str, torch.T
     logit_probs = probs[order[:n_logits]].cpu()
 
     nf, ne, N = len(features), L * S, len(features) + L * S + S + n_logits
-    graph = AttributionGraph(getattr(getattr(model, "folder", None), "name", "")
-                             or getattr(model.cfg, "model_name", ""),
+    graph = AttributionGraph(model_name_of(model),
                              tokens[0].tolist(), _token_strs(model, tokens), L, features, activations.cpu(),
                              logit_tokens, logit_probs, torch.zeros(N, N), torch.zeros(N), torch.zeros(N),
                              transcoders.kind)
@@ -251,9 +294,16 @@ def build_graph(model: Any, transcoders: Transcoders, prompt: Union[str, torch.T
     enc_bias = torch.cat([transcoders.pre_acts(l, torch.zeros(1, d, device=xs[0].device))[0,
                           features[features[:, 0] == l, 2].to(xs[0].device)] for l in range(L)]).detach() \
         if nf else torch.zeros(0)
-    emb = clean["blocks.0.hook_resid_pre"][0].float()
+    resid0 = clean["blocks.0.hook_resid_pre"][0].float()
+    position = clean[pos_name].reshape(resid0.shape).float() if pos_name else torch.zeros_like(resid0)
+    emb = resid0 - position  # the embedding nodes; the position embedding (token_nodes="token") is a bias
     scales = {n: clean[n] for n in scale_names}
     patterns = {n: clean[n] for n in pattern_names}
+
+    def logit_value(logits_NV: torch.Tensor, ids_N: torch.Tensor) -> torch.Tensor:
+        """[N] each row's logit node: logits_NV[i, ids_N[i]], less the row's mean logit when demeaned."""
+        picked = logits_NV.float().gather(-1, ids_N[:, None])[:, 0]
+        return picked - logits_NV.float().mean(-1) if cfg.logit_nodes == "demeaned" else picked
 
     def frozen(B: int, emb_src: torch.Tensor, m_src: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The frozen replacement model on B copies: (every layer's MLP input [B, S, d], logits [B, S, V])."""
@@ -273,7 +323,7 @@ def build_graph(model: Any, transcoders: Transcoders, prompt: Union[str, torch.T
             out = m_src[l] + (s if s is not None else 0)
             return out.reshape(act.shape).to(act.dtype)
 
-        hooks = [("blocks.0.hook_resid_pre", lambda a, hook: emb_src.to(a.dtype))]
+        hooks = [("blocks.0.hook_resid_pre", lambda a, hook: (emb_src + position).to(a.dtype))]
         hooks += [(n, lambda a, hook, v=v: fix(a, hook, v)) for n, v in {**scales, **patterns}.items()]
         hooks += [(transcoders.in_hook(l), lambda a, hook, l=l: grab(a, hook, l)) for l in range(L)]
         hooks += [(output_hook(l), lambda a, hook, l=l: mlp_out(a, hook, l)) for l in range(L)]
@@ -293,7 +343,7 @@ def build_graph(model: Any, transcoders: Transcoders, prompt: Union[str, torch.T
         if bool((~is_feat).any()):
             sel = (~is_feat).nonzero().flatten().to(out.device)
             lr = rows[~is_feat] - (nf + ne + S)
-            vals = vals.index_add(0, sel, out[sel, -1, logit_tokens[lr].to(out.device)].float())
+            vals = vals.index_add(0, sel, logit_value(out[sel, -1], logit_tokens[lr].to(out.device)))
         return vals
 
     # each source layer's decoder writes, padded to [S, most features at one position, d] for one batched
@@ -356,7 +406,8 @@ def build_graph(model: Any, transcoders: Transcoders, prompt: Union[str, torch.T
     def target_values(x_run: list[torch.Tensor], out_run: torch.Tensor) -> torch.Tensor:
         feats = (torch.stack(x_run)[features[:, 0], 0, features[:, 1]] * enc_cols).sum(-1) + enc_bias if nf \
             else torch.zeros(0)
-        return torch.cat([feats, out_run[0, -1, logit_tokens.to(out_run.device)].float()]).cpu()
+        ids = logit_tokens.to(out_run.device)
+        return torch.cat([feats, logit_value(out_run[0, -1].expand(len(ids), -1), ids)]).cpu()
 
     with torch.no_grad():
         b_dec = [transcoders.b_dec(l).expand(1, S, d) for l in range(L)]
@@ -364,7 +415,7 @@ def build_graph(model: Any, transcoders: Transcoders, prompt: Union[str, torch.T
         doubled = target_values(*frozen(1, 2 * emb[None], [2 * no_skip[l][None] - b_dec[l] for l in range(L)]))
         actual = torch.cat([
             (torch.stack(xs)[features[:, 0], features[:, 1]] * enc_cols).sum(-1) + enc_bias if nf else torch.zeros(0),
-            last[logit_tokens.to(last.device)]]).cpu()
+            logit_value(last.expand(n_logits, -1), logit_tokens.to(last.device))]).cpu()
     bias = torch.zeros(N)
     bias[target_rows] = bias_rows
     values = torch.zeros(N)
@@ -378,6 +429,11 @@ def build_graph(model: Any, transcoders: Transcoders, prompt: Union[str, torch.T
         raise DoesNotApplyError(f"{arch.label}: circuit tracing does not apply: a target's bias plus its incoming "
                                 f"edges misses its real value by {worst:.2e} (relative), so the frozen model is not "
                                 "linear here (a normalisation or attention edit that does not take effect).")
+    if not cfg.first_position_errors:  # their edges join the targets' biases: bias + edges is unchanged
+        cols = torch.tensor([nf + l * S for l in range(L)])
+        bias[target_rows] += A[target_rows][:, cols].sum(1)
+        A[:, cols] = 0
+        values[cols] = 0
     graph.adjacency, graph.bias, graph.values = A, bias, values
     graph.meta.update({"identity_max_relative_error": worst, "logit_max_error": gap, "config": vars(cfg).copy()})
     return graph
@@ -477,20 +533,33 @@ def _check_threshold(name: str, value: float) -> None:
                          f"{value!r}.")
 
 
-def prune(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> Pruned:
+def _definition(graph: AttributionGraph, name: str, value: Optional[bool]) -> bool:
+    """A node-definition option: as given, else as the graph was built with (`GraphConfig`)."""
+    return bool(graph.meta.get("config", {}).get(name, False)) if value is None else bool(value)
+
+
+def prune(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: float = 0.98,
+          count_sources: Optional[bool] = None, require_feature_inputs: Optional[bool] = None) -> Pruned:
     """Keep the features and errors that hold `node_threshold` of the influence on the logits, then the
     edges that hold `edge_threshold` of the influence among them (the Attribution Graphs methods
     paper's defaults). Tokens and logits are always kept; a node left with no kept edge to a kept
-    node is dropped, and no edge is kept that touches a dropped node."""
+    node is dropped, and no edge is kept that touches a dropped node. `count_sources` (token nodes
+    ranked in the node share) and `require_feature_inputs` (a feature also needs a kept incoming edge)
+    default to the graph's `GraphConfig`; circuit-tracer does both."""
     _check_threshold("node", node_threshold)
     _check_threshold("edge", edge_threshold)
+    count_sources = _definition(graph, "count_sources", count_sources)
+    require_feature_inputs = _definition(graph, "require_feature_inputs", require_feature_inputs)
     A, w = graph.adjacency, graph.logit_weights()
     N, first_token = graph.n_nodes, graph.n_features + graph.n_errors
     always = torch.zeros(N, dtype=torch.bool)
     always[first_token:] = True
+    is_feature = torch.arange(N) < graph.n_features
     infl = influence(normalized(A), w)
     node_cut = torch.zeros(N)
-    node_cut[:first_token] = _cut(infl[:first_token])
+    ranked = first_token + (graph.n_pos if count_sources else 0)
+    node_cut[:ranked] = _cut(infl[:ranked])
+    node_cut[first_token:] = 0  # tokens are kept whatever their share
     node_mask = always | (node_cut < node_threshold)
     An = normalized(A * node_mask[:, None] * node_mask[None, :])
     infl_kept = influence(An, w)
@@ -500,7 +569,8 @@ def prune(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: 
     while True:
         edge_mask &= node_mask[:, None] & node_mask[None, :]
         has_out = edge_mask.any(0)
-        keep = always | (node_mask & has_out)
+        has_in = edge_mask.any(1) | ~is_feature if require_feature_inputs else True
+        keep = always | (node_mask & has_out & has_in)
         if bool((keep == node_mask).all()):
             break
         node_mask = keep
@@ -508,11 +578,15 @@ def prune(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: 
     return Pruned(node_mask, edge_mask, node_cut, edge_cut, infl)
 
 
-def graph_scores(graph: AttributionGraph, pruned: Optional[Pruned] = None) -> dict[str, float]:
+def graph_scores(graph: AttributionGraph, pruned: Optional[Pruned] = None,
+                 count_sources: Optional[bool] = None) -> dict[str, float]:
     """The replacement score (the share of the influence on the logits that starts at tokens rather
     than at error nodes) and the completeness score (the share of the nodes' inputs, weighted by each
-    node's influence, that comes from non-error nodes). With `pruned`, pruned features count as
-    error nodes, as the methods paper scores a pruned graph."""
+    node's influence, that comes from non-error nodes; with `count_sources`, as in circuit-tracer,
+    tokens and errors are weighed too, as fully explained, and it defaults to the graph's
+    `GraphConfig`). With `pruned`, pruned features count as error nodes, as the methods paper scores a
+    pruned graph."""
+    count_sources = _definition(graph, "count_sources", count_sources)
     A, w = graph.adjacency, graph.logit_weights()
     nf, ne, S = graph.n_features, graph.n_errors, graph.n_pos
     N = graph.n_nodes
@@ -530,7 +604,7 @@ def graph_scores(graph: AttributionGraph, pruned: Optional[Pruned] = None) -> di
     from_errors = float(infl[error_like].sum())
     replacement = from_tokens / max(from_tokens + from_errors, 1e-30)
     has_inputs = An.sum(1) > 0
-    weight = (infl + w) * has_inputs
+    weight = (infl + w) if count_sources else (infl + w) * has_inputs
     non_error = 1 - An[:, error_like].sum(1)
     completeness = float((non_error * weight).sum() / weight.sum().clamp_min(1e-30))
     return {"replacement_score": replacement, "completeness_score": completeness}
@@ -618,7 +692,8 @@ def intervene(model: Any, transcoders: Transcoders, graph: AttributionGraph, nod
 def check_graph_model(graph: AttributionGraph, model: Any) -> None:
     """A clear error when `graph` was not built on `model` (its logits on the prompt must match)."""
     n_layers, vocab = int(model.cfg.n_layers), int(model.cfg.d_vocab)
-    if graph.n_layers != n_layers or (len(graph.tokens) and max(graph.tokens) >= vocab):
+    ids = [*graph.tokens, *graph.logit_tokens.tolist()]
+    if graph.n_layers != n_layers or (ids and max(ids) >= vocab):
         raise InputError(f"This graph was built on a model with {graph.n_layers} layers ({graph.model_name!r}); this "
                          f"model has {n_layers} layers and a vocabulary of {vocab}. Load it with the model it was "
                          "built on, or build a new graph.")
@@ -676,11 +751,32 @@ def load_graph(folder: Union[str, Path], model: Any = None) -> AttributionGraph:
                               f"{GRAPH_FILE}.") from None
     except Exception as err:
         raise CheckpointError(f"The attribution graph in {folder} is damaged ({type(err).__name__}: {err}).") from err
-    if meta.get("kind") != "workbench.AttributionGraph":
-        raise CheckpointError(f"{folder / GRAPH_META} is not an attribution graph file.")
-    if meta.get("format_version", 1) > GRAPH_FORMAT:
-        raise CheckpointError(f"{folder / GRAPH_META} is graph format {meta['format_version']}, newer than this "
-                              f"workbench reads ({GRAPH_FORMAT}); upgrade the workbench to load it.")
+    graph = _graph_from_files(folder, meta, t)
+    if model is not None:
+        check_graph_model(graph, model)
+    return graph
+
+
+def _graph_from_files(folder: Path, meta: Any, t: dict[str, torch.Tensor]) -> AttributionGraph:
+    """The graph held by graph.json (`meta`) and graph.safetensors (`t`), each field checked for its type,
+    shape and range first: a damaged file is refused here, never loaded to fail (or mislead) later."""
+    json_path, tensor_path = folder / GRAPH_META, folder / GRAPH_FILE
+
+    def damaged(path: Path, what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: {what}; the file is damaged. Build the graph again.")
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not isinstance(meta, dict) or meta.get("kind") != "workbench.AttributionGraph":
+        raise CheckpointError(f"{json_path} is not an attribution graph file (it should hold a JSON object with "
+                              "kind 'workbench.AttributionGraph').")
+    version = meta.get("format_version", 1)
+    if not is_int(version) or version < 1:
+        raise damaged(json_path, f"format_version should be a positive integer, got {version!r}")
+    if version > GRAPH_FORMAT:
+        raise CheckpointError(f"{json_path} is graph format {version}, newer than this workbench reads "
+                              f"({GRAPH_FORMAT}); upgrade the workbench to load it.")
     sparse = ("adjacency_index", "adjacency_values")
     needed = ["features", "activations", "logit_tokens", "logit_probs", "bias", "values"]
     missing = [k for k in needed if k not in t] + ([] if "adjacency" in t or all(k in t for k in sparse)
@@ -689,25 +785,71 @@ def load_graph(folder: Union[str, Path], model: Any = None) -> AttributionGraph:
     if missing:
         raise CheckpointError(f"The attribution graph in {folder} lacks {', '.join(missing)}; the files are damaged "
                               "or incomplete. Build the graph again.")
-    graph = AttributionGraph(meta["model_name"], meta["tokens"], meta["token_strs"], int(meta["n_layers"]),
-                             t["features"], t["activations"], t["logit_tokens"], t["logit_probs"], torch.zeros(0),
-                             t["bias"], t["values"], meta.get("transcoders", ""), meta.get("meta", {}))
-    N = graph.n_nodes
+
+    # graph.json
+    n_layers, tokens, token_strs = meta["n_layers"], meta["tokens"], meta["token_strs"]
+    extra = meta.get("meta", {})
+    for key, ok, want in (
+            ("model_name", isinstance(meta["model_name"], str), "text"),
+            ("transcoders", isinstance(meta.get("transcoders", ""), str), "text"),
+            ("n_layers", is_int(n_layers) and n_layers >= 1, "a positive integer"),
+            ("tokens", isinstance(tokens, list) and len(tokens) > 0 and all(is_int(x) and x >= 0 for x in tokens),
+             "a non-empty list of token ids (integers ≥ 0)"),
+            ("token_strs", isinstance(token_strs, list) and all(isinstance(x, str) for x in token_strs)
+             and len(token_strs) == (len(tokens) if isinstance(tokens, list) else -1),
+             "a list of strings, one per token"),
+            ("meta", isinstance(extra, dict), "a JSON object")):
+        if not ok:
+            value = meta.get(key)
+            raise damaged(json_path, f"{key} should be {want}, got {value!r:.80}" if not isinstance(value, list)
+                          else f"{key} should be {want}, got a list of {len(value)}")
+
+    # graph.safetensors: dtypes and shapes
+    def tensor(name: str, floating: bool, shape: tuple[Optional[int], ...]) -> torch.Tensor:
+        x = t[name]
+        kind_ok = x.is_floating_point() if floating else not x.is_floating_point() and not x.is_complex() \
+            and x.dtype != torch.bool
+        if not kind_ok or x.ndim != len(shape) or any(w is not None and n != w for n, w in zip(x.shape, shape)):
+            want = "×".join("n" if w is None else str(w) for w in shape)
+            raise damaged(tensor_path, f"{name} should be a {'float' if floating else 'integer'} tensor of shape "
+                                       f"[{want}], got {x.dtype} {list(x.shape)}")
+        if floating and not bool(torch.isfinite(x).all()):
+            raise damaged(tensor_path, f"{name} holds NaN or inf values")
+        return x.long() if not floating else x
+
+    features = tensor("features", False, (None, 3))
+    nf = int(features.shape[0])
+    activations = tensor("activations", True, (nf,))
+    logit_tokens = tensor("logit_tokens", False, (None,))
+    n_logits = int(logit_tokens.shape[0])
+    logit_probs = tensor("logit_probs", True, (n_logits,))
+    S = len(tokens)
+    N = nf + n_layers * S + S + n_logits
+    bias, values = tensor("bias", True, (N,)), tensor("values", True, (N,))
+    if nf and (int(features[:, 0].min()) < 0 or int(features[:, 0].max()) >= n_layers or int(features[:, 1].min()) < 0
+               or int(features[:, 1].max()) >= S or int(features[:, 2].min()) < 0):
+        raise damaged(tensor_path, f"features lists (layer, position, id) outside the graph's {n_layers} layers and "
+                                   f"{S} positions, or a negative feature id")
+    if n_logits and int(logit_tokens.min()) < 0:
+        raise damaged(tensor_path, "logit_tokens holds a negative token id")
+    for key, check, want in (("logit_strs", lambda v: isinstance(v, str), "strings"),
+                             ("logits_clean", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+                              and math.isfinite(v), "finite numbers")):
+        if key in extra and not (isinstance(extra[key], list) and len(extra[key]) == n_logits
+                                 and all(check(v) for v in extra[key])):
+            raise damaged(json_path, f"meta.{key} should be a list of {n_logits} {want}, one per logit node")
+
+    # the adjacency, dense or as an edge list
     if "adjacency" in t:
-        graph.adjacency = t["adjacency"]
+        adjacency = tensor("adjacency", True, (N, N))
     else:
-        index, values = t["adjacency_index"].long(), t["adjacency_values"].float()
-        if index.ndim != 1 or index.shape != values.shape or (
-                len(index) and (int(index.min()) < 0 or int(index.max()) >= N * N)):
-            raise CheckpointError(f"{folder / GRAPH_FILE}: the edge list does not fit the {N} × {N} adjacency "
-                                  f"({tuple(index.shape)} indices, {tuple(values.shape)} values); the file is damaged.")
-        graph.adjacency = torch.zeros(N * N).index_put_((index,), values).view(N, N)
-    if graph.adjacency.shape != (N, N):
-        raise CheckpointError(f"{folder / GRAPH_FILE}: the adjacency is {tuple(graph.adjacency.shape)}, but the nodes "
-                              f"listed need ({N}, {N}); the file is damaged.")
-    if model is not None:
-        check_graph_model(graph, model)
-    return graph
+        index, edge_values = tensor("adjacency_index", False, (None,)), tensor("adjacency_values", True, (None,))
+        if index.shape != edge_values.shape or (len(index) and (int(index.min()) < 0 or int(index.max()) >= N * N)):
+            raise damaged(tensor_path, f"the edge list does not fit the {N} × {N} adjacency ({tuple(index.shape)} "
+                                       f"indices, {tuple(edge_values.shape)} values)")
+        adjacency = torch.zeros(N * N).index_put_((index,), edge_values.float()).view(N, N)
+    return AttributionGraph(meta["model_name"], list(tokens), list(token_strs), n_layers, features, activations,
+                            logit_tokens, logit_probs, adjacency, bias, values, meta.get("transcoders", ""), extra)
 
 
 def viewer_data(graph: AttributionGraph, max_nodes: int = 400, max_edges: int = 4000,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import collections.abc
 import dataclasses
 import inspect
 import itertools
@@ -22,6 +23,7 @@ import shlex
 import sys
 import textwrap
 import time
+import types
 import typing
 from pathlib import Path
 from typing import Any, Optional
@@ -65,13 +67,29 @@ def _add_config_args(parser: argparse.ArgumentParser, config_cls: type) -> None:
         if isinstance(default, bool):
             parser.add_argument(flag, type=_parse_bool, dest=f.name, default=None, help=help_)
         elif isinstance(default, (tuple, list)):
-            elem = type(default[0]) if default else str
-            parser.add_argument(flag, type=elem, nargs="+", dest=f.name, default=None, help=help_)
+            parser.add_argument(flag, type=_value_type(hints[f.name])[0], nargs="+", dest=f.name, default=None,
+                                help=help_)
         elif isinstance(default, (int, float, str)):
             parser.add_argument(flag, type=type(default), dest=f.name, default=None, help=help_)
         elif default is None:
-            inner = [a for a in typing.get_args(hints[f.name]) if a is not type(None)]
-            parser.add_argument(flag, type=inner[0] if inner else str, dest=f.name, default=None, help=help_)
+            value_type, many = _value_type(hints[f.name])
+            parser.add_argument(flag, type=value_type, nargs="+" if many else None, dest=f.name, default=None,
+                                help=help_)
+
+
+def _value_type(hint: Any) -> tuple[Any, bool]:
+    """(argparse `type` for one command-line value of a field annotated `hint`, whether the field is a
+    list): `tuple[int, ...]` gives (int, True), `Optional[float]` (float, False), a Literal its values' type."""
+    origin, args = typing.get_origin(hint), [a for a in typing.get_args(hint) if a is not type(None)]
+    if origin is typing.Union or origin is types.UnionType:
+        return _value_type(args[0]) if len(args) == 1 else (str, False)
+    if origin in (tuple, list, collections.abc.Sequence):
+        return (_value_type(args[0])[0] if args else str), True
+    if origin is typing.Literal:
+        return type(args[0]), False
+    if hint is bool:
+        return _parse_bool, False
+    return (hint if hint in (int, float, str) else str), False
 
 
 def _overrides(args: argparse.Namespace, config_cls: type) -> dict[str, Any]:
@@ -297,6 +315,8 @@ def cmd_sae(argv: list[str]) -> int:
         parser.add_argument("--spread-hooks", action="store_true",
                             help="under torchrun: deal the hooks' SAEs over the processes instead of splitting batches")
     args = parser.parse_args(argv)
+    from workbench.probes import check_rows
+    check_rows(args.rows, args.seq_len)  # before the model loads: a bad --rows or --seq-len is an error at once
     from workbench.distributed import init_from_env, restart_count, shutdown
     dist = init_from_env(resolve_device(args.device)) if sub == "train" else None
     device = str(resolve_device(args.device))
@@ -355,10 +375,13 @@ def cmd_sae(argv: list[str]) -> int:
     saes = {h: make_sae(c.sae, seed=c.seed).to(device) for h, c in configs.items()}  # train_saes keeps a rank's own
     from workbench.sae.training import wandb_logger
     on_log = wandb_logger(args.wandb, {"hooks": hooks, **cfg.to_dict()}) if args.wandb and dist.is_main else None
+    data = ({"store": str(args.store)} if store is not None else  # saved with the run: --resume must not change it
+            {"text": args.text, "rows": args.rows, "seq_len": args.seq_len, "keep_special": args.keep_special,
+             "keep_first": args.keep_first, "buffer_batches": args.buffer_batches})
     try:
         train_saes(saes, batches, cfg, out=out, resume=resume, progress=not args.no_progress,
                    resume_command=_resume_command("workbench sae train", argv, out), dist=dist, spread=spread,
-                   on_log=on_log)
+                   on_log=on_log, data=data)
     except TrainingInterrupted as err:
         print(f"\n{err}", file=sys.stderr)
         return 130
@@ -368,8 +391,11 @@ def cmd_sae(argv: list[str]) -> int:
 
 
 def cmd_transcoder(argv: list[str]) -> int:
+    from workbench.distributed import under_torchrun
+    from workbench.errors import InputError
     from workbench.loading import load
-    from workbench.sae.transcoders import export_circuit_tracer, load_transcoders, train_transcoders
+    from workbench.sae.circuit_tracer_format import export_circuit_tracer
+    from workbench.sae.transcoders import load_transcoders, train_transcoders
 
     usage = "usage: workbench transcoder {train,export} [options]  (--help on each)"
     if not argv or argv[0] not in ("train", "export"):
@@ -379,16 +405,20 @@ def cmd_transcoder(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog=f"workbench transcoder {sub}")
     if sub == "export":
         parser.add_argument("--transcoders", type=Path, required=True, help="a folder written by transcoder train")
-        parser.add_argument("--out", type=Path, required=True, help="where to write circuit-tracer's files")
+        parser.add_argument("--out", type=Path, required=True,
+                            help="a new folder for circuit-tracer's files (one holding other files is refused)")
         args = parser.parse_args(argv)
         folder = export_circuit_tracer(load_transcoders(args.transcoders), args.out)
-        print(f"Wrote circuit-tracer transcoders (layer_<l>.safetensors, config.yaml) to {folder}")
+        print(f"Wrote circuit-tracer transcoders (layer_<l>.safetensors, config.yaml) to {folder}; load them from "
+              "inside that folder (circuit-tracer opens the listed file names relative to the working directory).")
         return 0
     parser.add_argument("--model", required=True, help="preset name, model folder, or hf:<name or path>")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default runs/transcoders-<model>)")
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
-    parser.add_argument("--d-tc", type=int, default=None, help="features per layer")
-    parser.add_argument("--expansion", type=int, default=8, help="d_tc = expansion * d_model (without --d-tc)")
+    parser.add_argument("--d-tc", type=int, default=None,
+                        help="features per layer, a positive integer (default: expansion × d_model)")
+    parser.add_argument("--expansion", type=int, default=8,
+                        help="d_tc = expansion × d_model without --d-tc, a positive integer (default: 8)")
     parser.add_argument("--arch", default="topk", help="topk (with AuxK), relu, jumprelu or batchtopk")
     parser.add_argument("--k", type=int, default=32, help="features kept per token and layer (topk)")
     parser.add_argument("--l1", type=float, default=5.0, help="sparsity coefficient (relu, jumprelu)")
@@ -404,13 +434,22 @@ def cmd_transcoder(argv: list[str]) -> int:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    for flag, value in (("--d-tc", args.d_tc), ("--expansion", args.expansion)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be a positive integer, got {value}. Leave --d-tc out for --expansion × "
+                              "d_model features per layer (8 × d_model by default).")
+    if under_torchrun():  # each rank would train every layer into the same folder
+        raise InputError("`workbench transcoder train` trains in one process (it splits no batches between "
+                         "processes), and under torchrun every rank would train all of it into the same --out. Run it "
+                         "without torchrun: `workbench transcoder train ...` (for data-parallel training of one "
+                         "layer's dictionary, use `workbench sae train` under torchrun).")
     model = load(args.model, device=args.device)
     name = Path(str(args.model)).name.replace(":", "_")
     out = args.out or Path("runs") / f"transcoders-{name}"
-    try:
+    try:  # the set records the model's name as `model_name_of` reads it, so circuit-tracing can check it
         tc, _ = train_transcoders(model, args.d_tc or args.expansion * int(model.cfg.d_model), out, args.arch, args.k,
                                   args.skip, args.cross_layer, args.l1, args.n_tokens, args.batch_size, args.lr,
-                                  args.rows, args.seed, args.resume, not args.no_progress, name,
+                                  args.rows, args.seed, args.resume, not args.no_progress, "",
                                   _resume_command("workbench transcoder train", argv, out),
                                   precision=args.precision)
     except TrainingInterrupted as err:
@@ -438,20 +477,51 @@ COMMANDS = {"run": cmd_run, "report": cmd_report, "train": cmd_train, "info": cm
             "sae": cmd_sae, "transcoder": cmd_transcoder}
 
 
+def _same_command_on_every_rank(argv: list[str]) -> None:
+    """Under torchrun: join the process group (as the command will, for the device it names) and stop
+    every rank unless all were started with the same settings (`distributed.check_same_settings`)."""
+    from workbench.distributed import check_same_settings, command_settings, init_from_env
+    from workbench.loading import resolve_device
+
+    device = command_settings(argv, may_differ=()).get("--device") or ["auto"]
+    check_same_settings(init_from_env(resolve_device(device[-1])), command_settings(argv))
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of the `workbench` console script."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(__doc__)
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    from workbench.distributed import shutdown, under_torchrun
+
     try:
-        return COMMANDS[argv[0]](argv[1:])
+        if under_torchrun():
+            _same_command_on_every_rank(argv)
+        code = COMMANDS[argv[0]](argv[1:])
+    except TrainingInterrupted as err:  # Ctrl-C inside any training (a study's too): the resume hint, exit 130
+        shutdown()  # leave torchrun's process group (if joined) without waiting for the other ranks
+        print(f"\n{err}", file=sys.stderr)
+        return 130
     except WorkbenchError as err:
+        shutdown()
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        shutdown()
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # a full disk in a write that has no OutOfSpaceError of its own: still no traceback
+        from workbench.artifacts import is_out_of_space
+
+        if not is_out_of_space(err):
+            raise
+        shutdown()
+        print(f"error: The disk filled ({err}). Free some space (or choose a folder on another disk) and run the "
+              "command again.", file=sys.stderr)
+        return 2
+    shutdown()
+    return code
 
 
 if __name__ == "__main__":

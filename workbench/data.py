@@ -116,16 +116,29 @@ def stdlib_files() -> list[Path]:
 
 
 def local_files(path: Path) -> list[Path]:
-    """A file, or the text files under a folder, sorted."""
+    """A file, or the text files under a folder, sorted; an InputError naming the first one that cannot be read."""
     if path.is_file():
-        return [path]
+        return _readable([path])
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
         if not files:
             raise InputError(f"No text files ({', '.join(TEXT_SUFFIXES)}) under {path}.")
-        return files
+        return _readable(files)
     raise InputError(f"Text source {str(path)!r} is neither 'stdlib', 'hub:<name>', nor an existing "
                      "file or folder.")
+
+
+def _readable(files: list[Path]) -> list[Path]:
+    """`files`, once each has given its first byte (checked here, so that the error names the file instead of
+    surfacing from inside `datasets` as a traceback)."""
+    for f in files:
+        try:
+            with open(f, "rb") as fh:
+                fh.read(1)
+        except OSError as err:
+            raise InputError(f"Cannot read the text file {f} ({err.strerror or err}); fix it, or move it out of "
+                             "the text folder.") from err
+    return files
 
 
 def _cap(files: list[Path], max_mb: Optional[float]) -> list[Path]:
@@ -187,11 +200,18 @@ def load_text(source: str, max_mb: Optional[float] = None):
             ds = ds["train"] if "train" in ds else next(iter(ds.values()))
         if "text" not in ds.column_names:
             raise InputError(f"The dataset saved in {folder} has no 'text' column (columns: {ds.column_names}).")
+        dtype = getattr(ds.features["text"], "dtype", type(ds.features["text"]).__name__)
+        if dtype not in ("string", "large_string"):
+            raise InputError(f"The 'text' column of the dataset saved in {folder} holds {dtype} values, not text "
+                             "(strings); save the documents as strings in a 'text' column.")
         return ds.select_columns(["text"])
     files = stdlib_files() if source == "stdlib" else local_files(folder)
     files = _cap(files, max_mb)
-    return datasets.load_dataset("text", data_files=[str(f) for f in files], sample_by="document",
-                                 split="train", encoding_errors="replace")
+    try:
+        return datasets.load_dataset("text", data_files=[str(f) for f in files], sample_by="document",
+                                     split="train", encoding_errors="replace")
+    except OSError as err:  # a file that gave its first byte and then failed (a disk error, a vanished mount)
+        raise InputError(f"Could not read the text of {source!r} ({err}).") from err
 
 
 def _source_fingerprint(source: str, max_mb: Optional[float]) -> str:

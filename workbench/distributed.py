@@ -5,6 +5,11 @@
     dist.sum_(t)                      # in place: the sum over every rank (a no-op with one process)
     dist.cat(t)                       # every rank's t, concatenated in rank order
     dist.mean_grads_(params)          # one flat all-reduce of every gradient, averaged
+    check_same_settings(dist, command_settings(argv))   # every rank was started with the same command
+
+The ranks of one job must run one command: a node started with another --hook or --d-sae would
+otherwise train half on other data, or abort inside a collective. `workbench` compares a hash of the
+command line of every rank before it does anything, and stops them all with the setting that differs.
 
 Every collective waits at most `timeout_s` (default 300 s): a rank that died makes the others stop
 with a message naming the likely cause, instead of hanging. `torchrun` itself also stops the other
@@ -16,10 +21,13 @@ from __future__ import annotations
 
 import datetime
 import gc
+import hashlib
+import json
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -86,13 +94,27 @@ class Dist:
             g.copy_(flat[start:start + g.numel()].view_as(g))
             start += g.numel()
 
+    @property
+    def device(self) -> torch.device:
+        """Where the backend's collectives take their tensors (nccl has no CPU tensors)."""
+        return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
+
     def any_(self, flag: bool) -> bool:
-        """Whether `flag` is true on any rank (one all-reduce, on the device the backend reduces on:
-        nccl has no CPU tensors)."""
+        """Whether `flag` is true on any rank (one all-reduce)."""
         if not self.active:
             return flag
-        device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
-        return bool(self.sum_(torch.tensor([float(flag)], device=device))[0] > 0)
+        return bool(self.sum_(torch.tensor([float(flag)], device=self.device))[0] > 0)
+
+    def gather_bytes(self, data: bytes) -> list[bytes]:
+        """Every rank's `data` (any length), in rank order: an all-gather of the lengths, then one of the
+        bytes padded to the longest."""
+        if not self.active:
+            return [data]
+        sizes = [int(n) for n in self.cat(torch.tensor([len(data)], dtype=torch.long, device=self.device))]
+        padded = torch.zeros(1, max(sizes), dtype=torch.uint8)
+        padded[0, :len(data)] = torch.tensor(list(data), dtype=torch.uint8)
+        every = self.cat(padded.to(self.device)).cpu()
+        return [bytes(every[r, :n].tolist()) for r, n in enumerate(sizes)]
 
     def barrier(self) -> None:
         if self.active:
@@ -154,3 +176,64 @@ def shutdown() -> None:
         # the collector has not reached): gloo's threads destroyed at interpreter teardown can abort the
         # process ("terminate called without an active exception") after a finished run, intermittently.
         gc.collect()
+
+
+# -- one command on every rank --------------------------------------------------------------------
+MAY_DIFFER = ("--device", "--no-progress", "--wandb")
+"""Options a rank may be given on its own: where it runs, its progress bar, and logging (rank 0's only)."""
+HASHED_FILE_BYTES = 1 << 20
+"""A value naming a file up to this size (a config JSON) stands for the file's contents too."""
+
+
+def command_settings(argv: list[str], may_differ: Collection[str] = MAY_DIFFER) -> dict[str, list[str]]:
+    """A command line as {option: its values}, to compare between ranks: `--hook a --hook b --k=4` gives
+    {'--hook': ['a', 'b'], '--k': ['4']}; the words before the first option are under 'command'. A value
+    that names a small file (a config JSON) is followed by its SHA-256, so two nodes whose files of the
+    same name differ, differ here too."""
+    settings: dict[str, list[str]] = {"command": []}
+    key = "command"
+    for word in argv:
+        if word.startswith("--"):
+            key, _, value = word.partition("=")
+            settings.setdefault(key, [])
+            if not value:
+                continue
+            word = value
+        settings[key].append(word)
+        try:
+            path = Path(word)
+            if path.is_file() and path.stat().st_size <= HASHED_FILE_BYTES:
+                settings[key].append(f"(contents sha256 {hashlib.sha256(path.read_bytes()).hexdigest()[:12]})")
+        except OSError:  # a word that is no readable path (too long, no permission): its text alone counts
+            pass
+    return {k: v for k, v in settings.items() if k not in may_differ}
+
+
+def check_same_settings(dist: Dist, settings: dict[str, list[str]]) -> None:
+    """Stop every rank with a DistributedError naming each setting that differs between them, and its
+    value on each rank, unless all were given the same `settings`. One all-gather of a hash; only when
+    the hashes differ, a second of the settings themselves (as JSON), for the message."""
+    if not dist.active:
+        return
+    text = json.dumps(settings, sort_keys=True).encode()
+    digest = hashlib.sha256(text).digest()
+    mine = torch.tensor([int.from_bytes(digest[i:i + 8], "little", signed=True) for i in range(0, 32, 8)],
+                        dtype=torch.long, device=dist.device)
+    every = dist.cat(mine).view(dist.world, -1)
+    if bool((every == every[0]).all()):
+        return
+    ranks = [json.loads(t) for t in dist.gather_bytes(text)]
+    differ = [k for k in sorted(set().union(*ranks)) if len({json.dumps(r.get(k)) for r in ranks}) > 1]
+    parts = []
+    for key in differ:
+        by_value: dict[str, list[int]] = {}
+        for rank, r in enumerate(ranks):
+            shown = " ".join(r[key]) if r.get(key) else "given" if key in r else "not given"
+            by_value.setdefault(shown, []).append(rank)
+        where = "; ".join(f"{value!r} on rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))}"
+                          for value, rs in by_value.items())
+        parts.append(f"{key}: {where}")
+    raise DistributedError(f"The {dist.world} processes of this job were started with different settings "
+                           f"({' | '.join(parts)}). Every rank must run the same command (only "
+                           f"{', '.join(MAY_DIFFER)} may differ); start them again with the same settings. "
+                           "Nothing was trained or written.")

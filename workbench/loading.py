@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -131,4 +132,35 @@ def load_hf(name: str, device: torch.device):
         require_hub(f"The Hugging Face model {name!r}")
     else:
         name = str(Path(name).expanduser().resolve())
+        if Path(name).is_dir():
+            check_hf_folder(Path(name))
     return TransformerBridge.boot_transformers(name, device=device)
+
+
+def check_hf_folder(folder: Path) -> None:
+    """Refuse a Hugging Face model folder that only loads by running its own code (config.json's
+    `auto_map` for a `model_type` transformers does not implement) or by unpickling its weights."""
+    from transformers import CONFIG_MAPPING
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{folder}: no readable config.json ({err}); a Hugging Face model folder has one, "
+                              "as save_pretrained writes it.") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    auto_map = config.get("auto_map") if isinstance(config, dict) else None
+    if auto_map and model_type not in CONFIG_MAPPING:
+        code = ", ".join(sorted({str(v) for v in auto_map.values()} if isinstance(auto_map, dict) else {str(auto_map)}))
+        raise CheckpointError(f"{folder}: config.json's auto_map points at the folder's own Python code ({code}) for "
+                              f"model_type {model_type!r}, which transformers does not implement. The workbench never "
+                              "runs code from a model folder (trust_remote_code); use a checkpoint of an architecture "
+                              "transformers implements itself (GPT-2, Llama, Mistral, Qwen2, Gemma, ...).")
+    if not any(folder.glob("*.safetensors")):
+        pickled = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        if pickled:
+            raise CheckpointError(f"{folder} holds its weights only as {', '.join(pickled[:3])}, a pickle, and "
+                                  "unpickling can run code, so the workbench loads safetensors only. If you trust the "
+                                  "file, convert it once (transformers: AutoModelForCausalLM.from_pretrained(folder)"
+                                  ".save_pretrained(new_folder)) and load the new folder.")
+        raise CheckpointError(f"{folder} holds no weights: a Hugging Face model folder has model.safetensors (or its "
+                              "shards), as save_pretrained writes them.")

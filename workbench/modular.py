@@ -63,6 +63,11 @@ from workbench.train import _check_fresh_folder, _finite_weights, _resume_point,
 
 TASK = "modular-addition"
 """The `task` field of a modular-addition preset and of its models' config.json."""
+MAX_P = 1024
+"""The largest modulus: the task holds all p² pairs, and a full-batch step computes p logits for each
+training pair (about p³/2 numbers, 2 GB of float32 at p = 1024, before their gradients)."""
+P_LIMIT_REASON = (f"at most {MAX_P}: the task holds all p² pairs (a b =) in memory, and every full-batch step "
+                  f"computes p logits for each training pair (about p³/2 numbers, 2 GB at p = {MAX_P})")
 
 
 def is_prime(n: int) -> bool:
@@ -125,6 +130,7 @@ class ModularConfig:
         own = "ModularConfig"
         check_field(self.task == TASK, own, "task", self.task, f"{TASK!r}")
         check_field(isinstance(self.p, int) and self.p >= 3, own, "p", self.p, "an integer ≥ 3 (a prime, e.g. 53)")
+        check_field(self.p <= MAX_P, own, "p", self.p, f"{P_LIMIT_REASON}; use a prime such as 53 or 113")
         check_field(0 < self.train_fraction < 1, own, "train_fraction", self.train_fraction,
                     "strictly between 0 and 1 (the share of the p² pairs used for training; the rest is tested on)")
         n_train = round(self.train_fraction * self.p ** 2)
@@ -201,6 +207,8 @@ class ModularData:
 
 def modular_data(p: int, train_fraction: float, seed: int = 0) -> ModularData:
     """All p² pairs `a b =` with their answers, and a seeded split into train and test."""
+    if not 3 <= p <= MAX_P:
+        raise ConfigError(f"p must be an integer from 3 to {MAX_P}, got {p!r}: {P_LIMIT_REASON}.")
     if not 0 < train_fraction < 1:
         raise ConfigError(f"train_fraction must be strictly between 0 and 1, got {train_fraction!r}: it is the share "
                           f"of the {p}² pairs used for training, and the rest is the test set.")

@@ -140,9 +140,19 @@ def half_losses(loss_BP: torch.Tensor, prefix: int, seq_len: int) -> tuple[float
     return float(first.mean()), float(second.mean())
 
 
+def check_rows(n_rows: int, seq_len: int) -> None:
+    """An InputError, naming the command-line flag, unless rows of text can be cut: at least one row
+    (--rows) of at least one token (--seq-len)."""
+    if n_rows < 1:
+        raise InputError(f"--rows must be positive (the rows of text to read), got {n_rows}.")
+    if seq_len < 1:
+        raise InputError(f"--seq-len must be positive (the tokens per row), got {seq_len}.")
+
+
 def text_batch(model: Any, n_rows: int, seq_len: int) -> torch.Tensor:
     """[<= n_rows, seq_len] tokens of the Python standard library's source (text every machine has),
     encoded with the model's own tokenizer and cut into rows; an error if it has no tokenizer."""
+    check_rows(n_rows, seq_len)
     if model.tokenizer is None:
         raise InputError("This model has no tokenizer, so it cannot read text; use token ids.")
     ids: list[int] = []
@@ -162,6 +172,7 @@ def text_rows(model: Any, source: str, n_rows: int, seq_len: int) -> torch.Tenso
     activations at position 0, which training leaves out, are always a BOS's."""
     from workbench.data import load_text
 
+    check_rows(n_rows, seq_len)
     if model.tokenizer is None:
         raise InputError("This model has no tokenizer, so it cannot read text; use token ids.")
     tok = model.tokenizer
@@ -169,9 +180,16 @@ def text_rows(model: Any, source: str, n_rows: int, seq_len: int) -> torch.Tenso
     sep = getattr(tok, "eos_token_id", None) if hasattr(tok, "all_special_ids") else bos
     sep = sep if sep is not None else bos
     body = seq_len - (1 if bos is not None else 0)
+    if body < 1:
+        raise InputError(f"--seq-len {seq_len} leaves no room for text: every row starts with the BOS, which "
+                         "training leaves out. Use --seq-len 2 or more.")
     rows, stream = [], []
-    for doc in load_text(source):
+    for i, doc in enumerate(load_text(source)):
         text = doc["text"]
+        if not isinstance(text, str):  # a saved dataset's column may hold None for a missing document
+            raise InputError(f"Row {i} of the 'text' column of {source!r} holds {text!r:.40} "
+                             f"({type(text).__name__}), not text; drop such rows from the dataset (e.g. "
+                             "ds.filter(lambda r: isinstance(r['text'], str))) and save it again.")
         ids = tok(text, add_special_tokens=False)["input_ids"] if hasattr(tok, "all_special_ids") else tok.encode(text)
         stream += list(ids) + ([sep] if sep is not None else [])
         while len(stream) >= body and len(rows) < n_rows:
@@ -208,6 +226,7 @@ def training_text(model: Any, n_rows: int = 2000, row_len: int = 256) -> tuple[t
     """([<= n_rows, T] token ids, on the CPU; where they come from): the training split of the model's
     own training text when its folder records it, else the standard library's source (as
     `held_out_text`, whose rows these never overlap when both come from the model's text)."""
+    check_rows(n_rows, row_len)
     own = _own_text(model, "train", n_rows, row_len)
     if own is not None:
         return own

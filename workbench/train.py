@@ -245,6 +245,28 @@ def _finite_weights(model: torch.nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
+WEIGHT_GROWTH = 1e6
+"""How far past its starting scale a parameter may grow before the weights count as blown up. Healthy
+training moves each element by about lr per step, far less than this; one step at lr 1e30 does not."""
+
+
+def param_norms(module: torch.nn.Module) -> dict[str, float]:
+    """{parameter name: its L2 norm}, in float64 (a blown-up fp32 norm would overflow to inf)."""
+    return {n: float(torch.linalg.vector_norm(p.detach(), dtype=torch.float64)) for n, p in module.named_parameters()}
+
+
+def weights_problem(module: torch.nn.Module, start: dict[str, float]) -> Optional[str]:
+    """Why `module`'s weights may not be kept as a good checkpoint, or None: a parameter that is NaN or inf, or
+    whose norm is over WEIGHT_GROWTH times its norm in `start` (or √size, for one that starts near zero). The
+    loss is checked before each update, so a finite loss says nothing about the weights the update made."""
+    for name, norm in param_norms(module).items():
+        base = max(start.get(name, 0.0), math.sqrt(module.get_parameter(name).numel()))
+        if not math.isfinite(norm) or norm > WEIGHT_GROWTH * base:
+            return (f"the weights blew up (‖{name}‖ = {norm:.3g}, from {start.get(name, float('nan')):.3g} at the "
+                    "start)")
+    return None
+
+
 def _save_checkpoint(run_dir: Path, run: _Run, cfg: TrainConfig, name: str, extra: dict[str, Any]) -> Path:
     """A checkpoint with optimizer state at `run.step` (older checkpoints lose theirs unless 'all')."""
     meta = {"name": name, "train": cfg.to_dict(), "step": run.step,
@@ -368,6 +390,7 @@ def _train(cfg: TrainConfig, run_dir: Path, name: str, resume: bool, dev: torch.
         return _finish(cfg, run_dir, name, model, val, 0.0)
 
     run = _Run(model, _make_optimizer(model, cfg))
+    start_norms = param_norms(model)  # the seeded initialisation: the scale sane weights stay near
     if resume_from is not None:
         model.load_state_dict(read_weights(resume_from, read_config(resume_from)))
         state = read_state(resume_from)
@@ -401,15 +424,18 @@ def _train(cfg: TrainConfig, run_dir: Path, name: str, resume: bool, dev: torch.
             f"saved past that point; the last good checkpoint is {where}. Lower TrainConfig.lr (now {cfg.lr:g}) "
             "or raise warmup_steps, and train into a new --out.")
 
+    compile_errors: tuple[type[BaseException], ...] = ()  # `except ()` catches nothing
     if cfg.compile:
+        compile_errors = _compile_errors()
         for block in model.blocks:
             block.compile()  # in place: parameter names and checkpoints are unchanged
     try:
         with StopRequest(f"training {name}") as stop:
             while True:
                 if run.step in ckpt_steps and run.step != saved_at:  # checkpoint_steps always ends with n_steps
-                    if not _finite_weights(model):
-                        raise diverged("the weights became NaN or inf")
+                    problem = weights_problem(model, start_norms)
+                    if problem:
+                        raise diverged(problem)
                     if main:
                         evals = evaluate(model, val, cfg.precision)
                         append_log(run_dir / LOG_FILE, {"step": run.step, "tokens": run.step * cfg.tokens_per_step,
@@ -421,8 +447,9 @@ def _train(cfg: TrainConfig, run_dir: Path, name: str, resume: bool, dev: torch.
                     break
                 if dist.any_(stop.requested):
                     if saved_at != run.step:
-                        if not _finite_weights(model):
-                            raise diverged("the weights became NaN or inf")
+                        problem = weights_problem(model, start_norms)
+                        if problem:
+                            raise diverged(problem)
                         if main:
                             last_good = _save_checkpoint(run_dir, run, cfg, name, {"interrupted": True})
                         dist.barrier()
@@ -459,10 +486,24 @@ def _train(cfg: TrainConfig, run_dir: Path, name: str, resume: bool, dev: torch.
     except KeyboardInterrupt:  # a second Ctrl-C: quit now; the newest checkpoint on disk is consistent
         bar.close()
         raise TrainingInterrupted(saved_at, last_good, hint, saved=False) from None
+    except compile_errors as err:  # the first compiled forward builds the kernels (step 0's evaluation)
+        bar.close()
+        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise ConfigError(f"--compile (TrainConfig.compile): torch.compile could not build the transformer blocks "
+                          f"({first.strip()}). On CPU it needs a working C++ compiler (g++ or clang++ on PATH, or "
+                          "CXX naming one): install one, or train without --compile.") from err
     bar.close()
     if not main:
         return run_dir
     return _finish(cfg, run_dir, name, model, val, time.perf_counter() - t_start)
+
+
+def _compile_errors() -> tuple[type[BaseException], ...]:
+    """What torch.compile raises when it cannot build kernels (no C++ compiler, a failed build)."""
+    from torch._dynamo.exc import BackendCompilerFailed  # inductor's InductorError subclasses it
+    from torch._inductor.exc import CppCompileError, InvalidCxxCompiler
+
+    return BackendCompilerFailed, CppCompileError, InvalidCxxCompiler
 
 
 def _finish(cfg: TrainConfig, run_dir: Path, name: str, model: Transformer, val: dict[str, torch.Tensor],

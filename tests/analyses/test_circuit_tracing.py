@@ -4,6 +4,7 @@ models (slow), and the `workbench transcoder` commands."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -54,6 +55,13 @@ def test_the_study_trains_caches_traces_and_writes_reloadable_graphs(model_dir, 
     again = run_analysis("circuit-tracing", model_dir, QUICK, device="cpu")
     assert again.metrics["transcoders"]["source"].startswith("trained earlier")
     assert again.metrics["graphs"][0]["kept_edges"] == g["kept_edges"]  # deterministic
+    # circuit-tracer's node definitions: the same features, the logits demeaned, sources counted
+    ct = run_analysis("circuit-tracing", model_dir, replace(QUICK, node_definitions="circuit-tracer",
+                                                            compare_sae=False), device="cpu").metrics
+    assert ct["node_definitions"] == "circuit-tracer" and ct["graphs"][0]["features"] == g["features"]
+    assert ct["graphs"][0]["completeness_score"] != g["completeness_score"]
+    with pytest.raises(ConfigError, match="node_definitions"):
+        CircuitTracingConfig(node_definitions="neuronpedia")
 
 
 def test_bad_settings_and_models_are_refused(tmp_path):
@@ -69,8 +77,9 @@ def test_bad_settings_and_models_are_refused(tmp_path):
 
 def test_transcoder_train_and_export_commands(model_dir, tmp_path, capsys):
     out = tmp_path / "tc"
-    args = ["transcoder", "train", "--model", str(model_dir), "--d-tc", "64", "--k", "4", "--skip",
-            "--n-tokens", str(8 * 512), "--batch-size", "512", "--rows", "40", "--out", str(out), "--no-progress"]
+    args = ["transcoder", "train", "--model", str(model_dir), "--d-tc", "64", "--arch", "batchtopk", "--k", "4",
+            "--skip", "--n-tokens", str(8 * 512), "--batch-size", "512", "--rows", "40", "--out", str(out),
+            "--no-progress"]
     assert main(args) == 0
     assert "transcoders.json" in capsys.readouterr().out
     tc = load_transcoders(out)

@@ -1,8 +1,10 @@
 """The induction-head analysis: scores agree with independent computations and TransformerLens,
-verdicts on the shipped models, the phase change, the TransformerBridge path and bad input."""
+verdicts on the shipped models, labels earned on every kind of sequence (a Llama trained outside
+the workbench on skewed code tokens), the phase change, the TransformerBridge path and bad input."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -15,7 +17,17 @@ from transformer_lens.head_detector import (
 )
 
 import workbench
-from analyses.induction_heads import KINDS, InductionConfig, compute, figures, steepest_change
+from analyses.induction_heads import (
+    ATTENTION_SCORES,
+    KINDS,
+    InductionConfig,
+    InductionResult,
+    KindResult,
+    compute,
+    figures,
+    kind_labels,
+    steepest_change,
+)
 from tests.conftest import NoAttention, tiny_config
 from workbench.attention_scores import (
     duplicate_token_score,
@@ -24,6 +36,7 @@ from workbench.attention_scores import (
     previous_token_score,
 )
 from workbench.circuits import copying_score, folded_weights, ov_circuit
+from workbench.data import stdlib_files
 from workbench.errors import ConfigError, InputError
 from workbench.plotting import caption_of
 from workbench.probes import held_out_text, text_probe_tokens
@@ -176,6 +189,8 @@ def test_attn_only_2l_induction_works_on_every_kind_of_sequence(result_2l):
     r = result_2l
     assert r.works_on == list(KINDS) and r.kinds_note == ""
     assert "work on random tokens, text-frequency tokens, text passage" in r.kinds_verdict()
+    assert all(r.label_kinds(h, label) == list(KINDS) for label in ("induction", "previous-token")
+               for h in r.heads_labelled(label))  # both heads of the circuit, on every kind
     for kind, k in r.kinds.items():
         assert k.induction_LH[1].max() >= 0.4 and k.ablation["mean repeated"] >= 1.0, kind
     assert r.kinds["text passage"].source.startswith("passages of held-out validation text")
@@ -193,7 +208,8 @@ def test_attn_only_1l_has_no_induction_head_and_no_phase_change():
 
 def test_report_has_every_plot(result_2l, tmp_path):
     figs = figures(result_2l)
-    for name in ("verdict", "head scores", "ablation effects", "attention of the top heads", "loss by position",
+    for name in ("verdict", "head scores", "head scores by kind of sequence", "ablation effects",
+                 "attention of the top heads", "loss by position",
                  "induction by kind of sequence", "induction score by kind of sequence",
                  "attention on a repeated text passage", "phase change: induction score",
                  "phase change: induction by kind of sequence", "phase change: in-context learning",
@@ -204,6 +220,131 @@ def test_report_has_every_plot(result_2l, tmp_path):
     viewer = figs["attention of the top heads"]
     assert isinstance(viewer, Widget) and len(result_2l.pattern_heads) >= 4
     assert all(f.caption if isinstance(f, Widget) else caption_of(f) for f in figs.values())  # every one captioned
+
+
+# -- labels from every kind of sequence ---------------------------------------------------------------
+def _kind(kind: str, induction: list[float], previous: list[float], repeated: list[float]) -> KindResult:
+    """A KindResult of a 2-layer, 2-head model from score tables: prefix matching equals the induction
+    score, mean ablation costs the first copy nothing and the second copy `repeated`."""
+    scores = {s: np.zeros((2, 2)) for s in ATTENTION_SCORES}
+    scores["induction"] = scores["prefix matching"] = np.array(induction).reshape(2, 2)
+    scores["previous token"] = np.array(previous).reshape(2, 2)
+    ablation_LH = {"mean first": np.zeros((2, 2)), "mean repeated": np.array(repeated).reshape(2, 2)}
+    return KindResult(kind, "a constructed table", scores, ablation_LH, 5.0, 1.0,
+                      {"mean first": 0.0, "mean repeated": float(max(repeated))},
+                      kind_labels(scores, ablation_LH, InductionConfig()))
+
+
+def _result(kinds: dict[str, KindResult]) -> InductionResult:
+    """An InductionResult around `kinds` (random tokens first), the rest filled in plausibly."""
+    rand = kinds["random tokens"]
+    ablation = {f"{m} {half}": rand.ablation_LH[f"mean {half}"]
+                for m in ("zero", "mean") for half in ("first", "repeated")}
+    S = 9
+    return InductionResult(
+        name="constructed", config=InductionConfig(), scores={**rand.scores, "copying": np.full((2, 2), 0.9)},
+        ablation=ablation, clean_first_loss=5.0, clean_repeated_loss=4.0, joint_heads=("L1H1",),
+        joint_ablation={"zero first": 0.0, "zero repeated": 0.1, "mean first": 0.0, "mean repeated": 0.1},
+        loss_by_position={"clean": np.ones(S - 1), "ablated": np.ones(S - 1)}, tokens=tuple("abcdabcda"),
+        patterns_NSS=np.full((2, S, S), 1 / S), pattern_heads=("L1H1", "L0H0"), prefix=1, curves=None,
+        phase_note="no checkpoints", kinds=kinds, kinds_note="", passage_tokens=(), passage_patterns_NSS=None)
+
+
+def test_labels_come_from_every_kind_with_the_same_thresholds():
+    # the issue's numbers: L1H1 does induction on text (0.84) and misses on uniform tokens (0.29, just under
+    # 0.3); the previous-token head L0H0 scores 0.64 on text and 0.2 on uniform tokens
+    kinds = {"random tokens": _kind("random tokens", [0, 0, 0, 0.29], [0.2, 0, 0, 0], [0, 0, 0, 0.6]),
+             "text-frequency tokens": _kind("text-frequency tokens", [0, 0, 0, 0.84], [0.64, 0, 0, 0], [0, 0, 0, 7.4]),
+             "text passage": _kind("text passage", [0, 0, 0, 0.64], [0.6, 0, 0, 0], [0, 0, 0, 2.1])}
+    r = _result(kinds)
+    assert r.heads_labelled("induction") == ["L1H1"] and r.heads_labelled("previous-token") == ["L0H0"]
+    assert r.label_kinds("L1H1", "induction") == ["text-frequency tokens", "text passage"]
+    assert r.labels["L1H1"] == ("induction", "copying") and kinds["random tokens"].labels["L1H1"] == ()
+    assert r.works_on == ["text-frequency tokens", "text passage"]
+    verdict = r.kinds_verdict()
+    assert "no kind" not in verdict and "work on text-frequency tokens, text passage; not on random tokens" in verdict
+    assert r.headlines()[0].startswith("induction heads: L1H1 on text-frequency tokens, text passage (text-frequency")
+    assert "previous-token heads: L0H0 on text-frequency tokens, text passage" in r.headlines()
+    metrics = json.loads(json.dumps(r.metrics(), allow_nan=False))
+    assert metrics["induction_heads"] == ["L1H1"] and metrics["induction_works_on"] == r.works_on
+    assert metrics["induction_heads_kinds"] == {"L1H1": ["text-frequency tokens", "text passage"]}
+    assert metrics["random_tokens_induction_heads"] == [] and metrics["text_passage_induction_heads"] == ["L1H1"]
+    table = figures(r)["verdict"].data[0].cells.values[1]
+    assert table[3].startswith("induction (on text-frequency tokens, text passage), copying")
+    # the thresholds mean the same on every kind: at 0.3 a head is labelled, on random tokens too
+    at_threshold = _result({"random tokens": _kind("random tokens", [0, 0, 0, 0.3], [0.4, 0, 0, 0], [0, 0, 0, 0.1])})
+    assert at_threshold.works_on == ["random tokens"] and at_threshold.heads_labelled("previous-token") == ["L0H0"]
+    # every row's verdict follows its labels: a kind with no induction head never counts as working
+    nowhere = _result({kind: _kind(kind, [0, 0, 0, 0.29], [0, 0, 0, 0], [0, 0, 0, 5.0]) for kind in KINDS})
+    assert nowhere.works_on == [] and "works on no kind of sequence" in nowhere.kinds_verdict()
+    assert nowhere.headlines()[0].startswith("no induction head on any kind of sequence; the highest induction score")
+
+
+STEPS, VOCAB = 700, 300
+
+
+@pytest.fixture(scope="module")
+def llama_on_code(tmp_path_factory):
+    """A 2-layer, 4-head Llama and a 300-token byte-level BPE, trained outside the workbench by a plain
+    AdamW loop on standard-library code with repeated spans: each row is a window of code of random
+    length 5-23, repeated to fill the row. Code's tokens are skewed: it never sees the bytes that do not
+    occur in code (more than half of the ids), so a uniform draw over the vocabulary is mostly tokens
+    it saw rarely or never. Saved with save_pretrained, no download; about 30 s on one CPU thread."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    folder = tmp_path_factory.mktemp("llama-on-code")
+    texts = [path.read_text(encoding="utf-8", errors="replace") for path in stdlib_files()[:15]]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    code = torch.tensor([i for text in texts for i in tok.encode(text).ids])
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                                   bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(0)
+    batch, row = 32, 47  # each row after the BOS
+    for _ in range(STEPS):
+        rows = []
+        for start, span in zip(torch.randint(0, len(code) - row, (batch,), generator=gen).tolist(),
+                               torch.randint(5, 24, (batch,), generator=gen).tolist()):
+            rows.append(code[start: start + span].repeat(row // span + 1)[:row])
+        x = torch.cat([torch.zeros(batch, 1, dtype=torch.long), torch.stack(rows)], dim=1)
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.save_pretrained(folder)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
+                                         eos_token="<|endoftext|>").save_pretrained(folder)
+    return folder
+
+
+def test_a_llama_trained_on_skewed_code_tokens_has_its_induction_head_labelled(llama_on_code):
+    model = workbench.load(f"hf:{llama_on_code}", device="cpu")
+    r = compute(model, InductionConfig(seq_len=20, prefix_seq_len=12, n_sequences=16))
+    text, uniform = r.kinds["text-frequency tokens"], r.kinds["random tokens"]
+    # the behaviour: on tokens at code's frequencies the second copy is nearly free, thanks to one layer-1 head
+    head = r.heads[int(text.induction_LH.argmax())]
+    l, h = r.at(head)
+    assert l == 1 and text.induction_LH[l, h] >= 0.5
+    assert text.first_loss - text.repeated_loss >= 3.0
+    assert text.ablation_LH["mean repeated"][l, h] - text.ablation_LH["mean first"][l, h] >= 0.5
+    # ... which uniform tokens over the whole vocabulary, mostly ones it rarely or never saw, show much less
+    assert uniform.induction_LH.max() <= text.induction_LH.max() - 0.2
+    # the verdict: an induction head, on the kinds where it works, and a verdict that agrees with its rows
+    assert head in r.heads_labelled("induction") and "text-frequency tokens" in r.label_kinds(head, "induction")
+    assert "text-frequency tokens" in r.works_on and "no kind" not in r.kinds_verdict()
+    assert r.headlines()[0].startswith("induction heads: ") and f"{head} on " in r.headlines()[0]
+    prev = r.heads_labelled("previous-token")
+    assert prev and all(p.startswith("L0") for p in prev)  # the head it composes with
+    metrics = json.loads(json.dumps(r.metrics(), allow_nan=False))
+    assert "text-frequency tokens" in metrics["induction_heads_kinds"][head]
+    assert head in metrics["text_frequency_tokens_induction_heads"]
 
 
 # -- other models and bad input -----------------------------------------------------------------------

@@ -135,3 +135,37 @@ def test_logs_are_strict_json_and_survive_a_torn_last_line(tmp_path, capsys):
     with pytest.raises(CheckpointError, match="line 2 is corrupt"):
         read_log(log)
     assert strict_json({"a": (1.0, float("-inf"))}) == {"a": [1.0, None]}
+
+
+@pytest.fixture
+def group_umask():
+    """The process umask set to 002 (group-writable files, as on a shared project disk) for the test."""
+    old = os.umask(0o002)
+    yield 0o002
+    os.umask(old)
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def test_saved_weights_get_the_same_mode_as_their_json(tmp_path, group_umask):
+    """safetensors writes 0600 and tempfile makes 0700 folders; what the workbench saves gets what a plain
+    open() or mkdir() would (0666 / 0777 less the umask), like the JSON beside it."""
+    from safetensors.torch import save_file
+
+    from workbench.artifacts import atomic_write_json, write_checkpoint, write_output_folder
+    from workbench.sae import SAEConfig, make_sae, save_sae
+
+    sae_folder = save_sae(make_sae(SAEConfig(d_in=8, d_sae=16, k=4)), tmp_path / "sae")
+    files = {p.name: _mode(p) for p in Path(sae_folder).iterdir()}
+    assert set(files.values()) == {0o664}, files
+
+    def write(folder: Path) -> None:
+        save_file({"w": torch.zeros(3)}, str(folder / "weights.safetensors"))
+        atomic_write_json(folder / "config.json", {"step": 1})
+
+    ckpt = write_checkpoint(tmp_path / "run", 1, write)
+    assert _mode(ckpt) == 0o775 and _mode(ckpt / "weights.safetensors") == _mode(ckpt / "config.json") == 0o664
+    out = write_output_folder(tmp_path / "graph", "attribution graph", write)
+    assert _mode(out) == 0o775 and _mode(out / "weights.safetensors") == _mode(out / "config.json") == 0o664

@@ -11,6 +11,7 @@ import torch
 from tests.conftest import tiny_config
 from workbench.adapter import DoesNotApplyError
 from workbench.attribution_graph import (
+    GraphConfig,
     build_graph,
     graph_scores,
     influence,
@@ -20,9 +21,10 @@ from workbench.attribution_graph import (
     prune,
     save_graph,
 )
-from workbench.errors import CheckpointError, InputError
+from workbench.errors import CheckpointError, ConfigError, InputError
 from workbench.model import Transformer
 from workbench.sae.activations import stream_activations
+from workbench.sae.circuit_tracer_format import export_circuit_tracer, load_circuit_tracer
 from workbench.sae.modules import SAEConfig, load_sae, make_sae, save_sae
 from workbench.sae.training import SAETrainConfig, train_saes
 from workbench.sae.transcoders import (
@@ -30,9 +32,7 @@ from workbench.sae.transcoders import (
     as_transcoders,
     clt_batches,
     evaluate_transcoders,
-    export_circuit_tracer,
     input_hook,
-    load_circuit_tracer,
     load_transcoders,
     make_transcoders,
     output_hook,
@@ -135,6 +135,39 @@ def test_pruning_keeps_tokens_and_logits_and_no_edge_to_a_pruned_node(graph):
     assert small.node_mask.sum() <= large.node_mask.sum() and small.edge_mask.sum() <= large.edge_mask.sum()
 
 
+def test_circuit_tracers_node_definitions_as_options(model, tc):
+    """Each definition changes what it says and nothing else: the same features, the identities
+    still exact, logits demeaned, tokens without their position embedding, position-0 errors gone
+    into the biases, and sources counted in pruning and completeness."""
+    bos = torch.tensor([[256] + list(PROMPT.encode())])  # circuit-tracer's prompts start with a BOS
+    plain = build_graph(model, tc, bos, GraphConfig(), progress=False)
+    ct = build_graph(model, tc, bos, GraphConfig.circuit_tracer_compatible(), progress=False)
+    assert torch.equal(plain.features, ct.features) and torch.equal(plain.logit_tokens, ct.logit_tokens)
+    rows = torch.cat([torch.arange(ct.n_features), torch.arange(ct.n_nodes - ct.n_logits, ct.n_nodes)])
+    assert torch.allclose(ct.adjacency[rows].sum(1) + ct.bias[rows], ct.values[rows], atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        logits = model(bos)[0, -1]
+    assert torch.allclose(ct.values[-ct.n_logits:], logits[ct.logit_tokens] - logits.mean(), atol=1e-5)
+    tok = slice(ct.n_features + ct.n_errors, ct.n_features + ct.n_errors + ct.n_pos)
+    assert torch.allclose(ct.values[tok], model.W_E[bos[0]].norm(dim=-1), atol=1e-5)
+    assert not torch.allclose(plain.values[tok], ct.values[tok])  # the plain nodes hold the position too
+    first_errors = [ct.n_features + l * ct.n_pos for l in range(ct.n_layers)]
+    assert ct.adjacency[:, first_errors].abs().max() == 0 and plain.adjacency[:, first_errors].abs().max() > 0
+    # the feature-to-feature edges do not depend on any of these definitions
+    nf = ct.n_features
+    assert torch.allclose(ct.adjacency[:nf, :nf], plain.adjacency[:nf, :nf], atol=1e-5)
+    # counting sources: tokens take a share of the node threshold, so no more features are needed
+    assert (prune(ct).node_mask & ~prune(ct, count_sources=False).node_mask)[:nf].sum() == 0
+    An, w = normalized(ct.adjacency), ct.logit_weights()
+    infl = influence(An, w)
+    errors = slice(nf, nf + ct.n_errors)
+    expected = float(((1 - An[:, errors].sum(1)) * (infl + w)).sum() / (infl + w).sum())
+    assert graph_scores(ct)["completeness_score"] == pytest.approx(expected, rel=1e-5)
+    assert graph_scores(ct, count_sources=False)["completeness_score"] != pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ConfigError, match="logit_nodes"):
+        GraphConfig(logit_nodes="centred")
+
+
 def test_influence_counts_every_path_and_scores_are_shares(graph):
     An = normalized(graph.adjacency)
     w = graph.logit_weights()
@@ -224,27 +257,23 @@ def test_a_model_where_freezing_does_not_take_effect_is_refused(model, tc, monke
         build_graph(model, tc, PROMPT, progress=False)
 
 
-def test_transcoder_sets_and_circuit_tracer_files_round_trip(model, tc, tmp_path):
+def test_transcoder_sets_round_trip(model, tc, tmp_path):
     tc.save(tmp_path / "set")
     with pytest.raises(InputError, match="not empty"):
         tc.save(tmp_path / "set")  # never over a folder that holds anything
     assert [p.name for p in tmp_path.iterdir()] == ["set"]  # built beside it and renamed: no temporary left
+    modes = {p.stat().st_mode & 0o777 for p in (tmp_path / "set").rglob("*") if p.is_file()}
+    assert len(modes) == 1, modes  # the weights as readable as the JSON beside them
     back = load_transcoders(tmp_path / "set")
     x = torch.randn(2, 5, 32)
     for a, b in zip(tc.reconstruct([x, x]), back.reconstruct([x, x])):
         assert torch.allclose(a, b, atol=1e-6)
-    if tc.per_layer is None:
-        with pytest.raises(InputError, match="cross-layer"):
+    if tc.per_layer is None or tc.per_layer[0].cfg.arch == "topk":  # circuit-tracer cannot represent these
+        with pytest.raises(InputError, match="cross-layer|TopK"):
             export_circuit_tracer(tc, tmp_path / "ct")
+        assert not (tmp_path / "ct").exists()
         return
     export_circuit_tracer(tc, tmp_path / "ct")
-    from safetensors.torch import load_file
-    w = load_file(str(tmp_path / "ct" / "layer_0.safetensors"))
-    assert w["W_enc"].shape == (32, 96) and w["W_dec"].shape == (96, 32) and w["b_enc"].shape == (96,)
-    assert ("W_skip" in w) == tc.per_layer[0].cfg.skip
-    assert ("threshold" in w) == (tc.per_layer[0].cfg.arch == "jumprelu")
-    cfg = json.loads((tmp_path / "ct" / "config.yaml").read_text())
-    assert cfg["feature_input_hook"] == "ln2.hook_normalized" and cfg["feature_output_hook"] == "hook_mlp_out"
     ct = load_circuit_tracer(tmp_path / "ct")
     for a, b in zip(tc.reconstruct([x, x]), ct.reconstruct([x, x])):
         assert torch.allclose(a, b, atol=1e-6)
@@ -288,20 +317,6 @@ def test_transcoder_quality_is_measured_against_ablation(model, tc):
     assert len(q["layers"]) == 2 and all(0 <= x["fvu"] for x in q["layers"])
     assert q["with_errors_max_loss_change"] < 1e-5  # the error terms make the replacement exact
     assert q["ce"]["zero_ablated"] != q["ce"]["clean"]
-
-
-def test_a_circuit_tracer_file_with_a_missing_or_misshapen_tensor_is_refused(model, tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    tc = _trained(model, cross_layer=False, steps=2)
-    export_circuit_tracer(tc, tmp_path / "ct")
-    w = load_file(str(tmp_path / "ct" / "layer_1.safetensors"))
-    save_file({k: v for k, v in w.items() if k != "b_dec"}, str(tmp_path / "ct" / "layer_1.safetensors"))
-    with pytest.raises(CheckpointError, match="b_dec should have shape"):
-        load_circuit_tracer(tmp_path / "ct")
-    save_file({k: v for k, v in w.items() if k != "W_enc"}, str(tmp_path / "ct" / "layer_1.safetensors"))
-    with pytest.raises(CheckpointError, match="W_enc should be a"):
-        load_circuit_tracer(tmp_path / "ct")
 
 
 def test_a_graph_file_that_is_newer_incomplete_or_inconsistent_is_refused(graph, tmp_path):

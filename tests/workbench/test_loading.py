@@ -120,3 +120,50 @@ def test_model_without_tokenizer_round_trips(tmp_path):
     with pytest.raises(workbench.InputError, match="no tokenizer"):
         loaded.to_tokens("x")
     assert Transformer(tiny_config(), tokenizer=TextCodec(byte_tokenizer())).tokenizer is not None
+
+
+def _edited_copy(tiny_gpt2, tmp_path, name):
+    import shutil
+
+    folder = tmp_path / name
+    shutil.copytree(tiny_gpt2, folder)
+    return folder
+
+
+def test_hf_folder_that_needs_remote_code_is_an_error_line(tiny_gpt2, tmp_path, capsys):
+    from workbench.cli import main
+
+    folder = _edited_copy(tiny_gpt2, tmp_path, "remote-code")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="my_gpt", auto_map={"AutoConfig": "configuration_my.MyConfig",
+                                                 "AutoModelForCausalLM": "modeling_my.MyForCausalLM"})
+    (folder / "config.json").write_text(json.dumps(config))
+    assert main(["run", "model-card", "--model", f"hf:{folder}", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "auto_map" in err and "modeling_my.MyForCausalLM" in err, err
+    assert "never runs code" in err and not (tmp_path / "r").exists()
+
+
+def test_hf_folder_whose_remote_code_transformers_does_not_need_loads(tiny_gpt2, tmp_path):
+    """An auto_map beside a model_type that transformers implements itself is never executed: it loads."""
+    folder = _edited_copy(tiny_gpt2, tmp_path, "native")
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_my.MyForCausalLM"}
+    (folder / "config.json").write_text(json.dumps(config))
+    assert workbench.load(f"hf:{folder}", device="cpu").cfg.n_layers == 2
+
+
+def test_hf_folder_with_only_pickled_weights_is_an_error_line(tiny_gpt2, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from workbench.cli import main
+
+    folder = _edited_copy(tiny_gpt2, tmp_path, "pickled")
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    assert main(["run", "model-card", "--model", f"hf:{folder}", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "pytorch_model.bin" in err and "safetensors" in err, err
+    assert "pickle" in err and not (tmp_path / "r").exists()
+    with pytest.raises(CheckpointError, match="pickle"):
+        workbench.load(f"hf:{folder}")

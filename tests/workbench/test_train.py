@@ -434,3 +434,23 @@ def test_compiled_training_matches_eager_and_writes_the_same_files(tmp_path):
         if name.endswith("attn.b_K"):  # its true gradient is 0 (softmax); Adam scales rounding noise to lr-sized steps
             continue
         torch.testing.assert_close(compiled.state_dict()[name], value, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_compile_without_a_cpp_compiler_is_an_error_line(tmp_path):
+    """`workbench train --compile` on a machine with no working C++ compiler: one error line naming the
+    fix, exit code 2, no traceback. A fresh inductor cache, so that no kernel built earlier is reused."""
+    import os
+
+    cfg = {"model": {"n_layers": 1, "d_model": 16, "n_heads": 2, "d_head": 8, "n_ctx": 16},
+           "data": {"synthetic_fraction": 1.0}, "batch_size": 4, "n_steps": 4, "warmup_steps": 1, "n_checkpoints": 2}
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-g++"), "CC": str(tmp_path / "no-such-gcc"),
+           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor-cache"), "OMP_NUM_THREADS": "1"}
+    argv = ["train", str(tmp_path / "c.json"), "--compile", "--out", str(tmp_path / "run"), "--no-progress"]
+    proc = subprocess.run([sys.executable, "-m", "workbench", *argv], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --compile") and "C++ compiler" in last and "without --compile" in last, last
+    assert not list_checkpoints(tmp_path / "run")  # nothing half-written: the same --out works without --compile

@@ -17,7 +17,7 @@ import hashlib
 import json
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Optional, Union
 
 import torch
@@ -64,20 +64,71 @@ def model_activations(model: Any, tokens: torch.Tensor, hooks: Sequence[str], sk
     return out
 
 
+MAX_BUFFER_PASSES = 100
+"""How many passes over its rows the shuffling buffer may need before its first batch. Past one pass it holds
+each activation several times over, which mixes nothing more; past this it only costs memory and a wait
+that looks like a hang (64 rows and --buffer-batches 100000 would need about 3,000 passes)."""
+
+
+def usable_positions(token_rows: torch.Tensor, skip_first: int = 1, exclude: Optional[Sequence[int]] = None) -> int:
+    """How many activations one pass over `token_rows` [R, S] gives: the positions from `skip_first` on
+    whose token is not in `exclude` (what `model_activations` keeps)."""
+    body = token_rows[:, skip_first:]
+    if exclude:
+        return int((~torch.isin(body, torch.tensor(sorted(exclude), device=body.device))).sum())
+    return body.numel()
+
+
 def stream_activations(model: Any, token_rows: torch.Tensor, hooks: Sequence[str], batch_size: int = 4096,
                        rows_per_forward: int = 32, buffer_batches: int = 8, seed: int = 0,
                        skip_first: int = 1, loop: bool = True, exclude_special: bool = True) -> Iterator[Batch]:
     """Batches of activations at `hooks`, mixed across sequences by a shuffling buffer of
     `buffer_batches` batches. With `loop`, starts over (in a new order) when the rows run out. The
     first `skip_first` positions and, with `exclude_special`, every special token (BOS, EOS, padding)
-    are left out of training."""
+    are left out of training.
+
+    Checked before any forward pass: rows that give no activation at all, and (with `loop`) a buffer
+    that would need more than MAX_BUFFER_PASSES passes over the rows to fill, are InputErrors; either
+    would otherwise loop forever without yielding."""
     check_hooks(model, hooks)
     if buffer_batches < 2:
         raise InputError(f"buffer_batches must be at least 2 (half the buffer is kept to mix with new rows), got "
                          f"{buffer_batches}.")
+    if batch_size < 1 or rows_per_forward < 1:
+        raise InputError(f"batch_size and rows_per_forward must be positive, got {batch_size} and {rows_per_forward}.")
+    if token_rows.ndim != 2 or len(token_rows) == 0:
+        raise InputError(f"No token rows to read activations from (token_rows has shape {tuple(token_rows.shape)}); "
+                         "give at least one row of tokens (--rows must be positive).")
+    special = sorted(special_ids(model)[1]) if exclude_special else None
+    usable = usable_positions(token_rows, skip_first, special)
+    n_rows, seq = token_rows.shape
+    if usable == 0:
+        if seq <= skip_first:
+            raise InputError(f"Rows of {seq} token(s) give no activation: the first {skip_first} position(s) of each "
+                             "row (the BOS) are left out of training. Use a longer --seq-len.")
+        raise InputError(f"The {n_rows} rows give no activation: every token after the first position is a special "
+                         "token (BOS, EOS, padding), and special tokens are left out of training. Give text with "
+                         "ordinary tokens in it, or train on special tokens too (--keep-special, "
+                         "exclude_special=False).")
+    need = buffer_batches * batch_size
+    if loop and need > MAX_BUFFER_PASSES * usable:
+        fit = usable // batch_size
+        hint = (f"Use --buffer-batches {fit} (one pass) or fewer, or give more rows (--rows)." if fit >= 2 else
+                f"Give more rows (--rows) or use a smaller batch size than {batch_size:,}.")
+        raise InputError(f"A shuffling buffer of {buffer_batches} batches (--buffer-batches {buffer_batches}) × "
+                         f"{batch_size:,} = {need:,} activations cannot be filled from {n_rows} rows, which give "
+                         f"{usable:,} usable positions per pass: it would read them about {need // usable:,} times "
+                         f"over, holding every copy, before the first batch. {hint}")
+    return _stream(model, token_rows, hooks, batch_size, rows_per_forward, buffer_batches, seed, skip_first, loop,
+                   special)
+
+
+def _stream(model: Any, token_rows: torch.Tensor, hooks: Sequence[str], batch_size: int, rows_per_forward: int,
+            buffer_batches: int, seed: int, skip_first: int, loop: bool, special: Optional[Sequence[int]]
+            ) -> Iterator[Batch]:
+    """The generator behind `stream_activations`, once its arguments are checked."""
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
-    special = sorted(special_ids(model)[1]) if exclude_special else None
     buffer: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
     filled = 0
     epoch = 0
@@ -139,9 +190,42 @@ class ActivationStore:
             raise CheckpointError(f"{self.folder} is not an activation store: no {MANIFEST}.") from err
         except json.JSONDecodeError as err:
             raise CheckpointError(f"{self.folder / MANIFEST} is damaged ({err}); rebuild the store.") from err
+        self._check_manifest()
         self.hooks: list[str] = self.manifest["hooks"]
         self.d: dict[str, int] = self.manifest["d"]
         self._verified: set[str] = set()  # shards whose checksum this process already checked (size: every read)
+
+    def _check_manifest(self) -> None:
+        """A CheckpointError, naming the field, for a manifest this class did not write: missing or mistyped
+        fields, a shard file outside the store folder, or no activations at all."""
+        where, m = self.folder / MANIFEST, self.manifest
+
+        def bad(what: str) -> CheckpointError:
+            return CheckpointError(f"{where} is not a valid activation store manifest: {what}. Rebuild the store "
+                                   "(`workbench sae cache`).")
+
+        if not isinstance(m, dict):
+            raise bad(f"it holds {type(m).__name__}, not an object")
+        hooks, d, shards = m.get("hooks"), m.get("d"), m.get("shards")
+        if not isinstance(hooks, list) or not hooks or not all(isinstance(h, str) for h in hooks):
+            raise bad(f"'hooks' must be a non-empty list of hook names, got {hooks!r:.80}")
+        if not isinstance(d, dict) or any(not isinstance(d.get(h), int) or isinstance(d.get(h), bool)
+                                          or d[h] < 1 for h in hooks):
+            raise bad(f"'d' must give a positive width for each hook in 'hooks' ({', '.join(hooks)}), got {d!r:.80}")
+        if not isinstance(shards, list):
+            raise bad(f"'shards' must be a list, got {shards!r:.80}")
+        for i, shard in enumerate(shards):
+            if not isinstance(shard, dict) or not isinstance(shard.get("file"), str) or not all(
+                    isinstance(shard.get(k), int) and shard[k] >= 0 for k in ("rows", "bytes")) \
+                    or not isinstance(shard.get("sha256"), str):
+                raise bad(f"shards[{i}] must be an object with 'file', 'rows', 'bytes' and 'sha256', got {shard!r:.80}")
+            name = PurePath(shard["file"])
+            if not shard["file"] or name.is_absolute() or ".." in name.parts:
+                raise CheckpointError(f"{where} lists the shard file {shard['file']!r}, which is not inside the store "
+                                      f"folder {self.folder}; a shard must be a file inside it. Rebuild the store.")
+        if not any(s["rows"] for s in shards):
+            raise CheckpointError(f"{self.folder} holds no activations: {MANIFEST} lists no shard with rows in it. "
+                                  "Rebuild the store (`workbench sae cache`).")
 
     @property
     def n_tokens(self) -> int:
@@ -221,7 +305,16 @@ class ActivationStore:
 
         def read(i: int) -> Batch:
             with self._open(shards[i], verify and shards[i]["file"] not in self._verified) as fh:
+                missing = [h for h in hooks if h not in fh.keys()]
+                if missing:
+                    raise CheckpointError(f"Activation shard {self.folder / shards[i]['file']} has no {missing[0]!r}, "
+                                          f"which {MANIFEST} lists; rebuild the store.")
                 data = {h: fh.get_tensor(h) for h in hooks}
+            for h, t in data.items():  # what a reader sizes itself by must be what it gets
+                if tuple(t.shape) != (shards[i]["rows"], self.d[h]):
+                    raise CheckpointError(f"Activation shard {self.folder / shards[i]['file']} holds {h} as "
+                                          f"{list(t.shape)}, but {MANIFEST} says {shards[i]['rows']} rows of width "
+                                          f"d = {self.d[h]}; rebuild the store.")
             self._verified.add(shards[i]["file"])
             return data
 

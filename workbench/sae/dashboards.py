@@ -1,7 +1,8 @@
 """Feature dashboards: one streaming pass over a corpus collects, per latent, its top-activating
 contexts, a random sample of its non-zero activations (for quantile examples and the histogram),
-its exact firing density, and its logit effects W_dec W_U; `write_dashboards` renders a static
-site (an index sortable by density and max activation, one page per feature) that works offline.
+its exact firing density, and its logit effects W_dec W_U (through the final norm, as
+`adapter.unembed` folds it); `write_dashboards` renders a static site (an index sortable by density
+and max activation, one page per feature) that works offline.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from workbench.adapter import describe, unembed
 from workbench.artifacts import write_output_folder
-from workbench.circuits import ln_weight
 from workbench.sae.activations import check_hooks, model_activations
 from workbench.sae.modules import SAE
 from workbench.tokenizer import readable_tokens
@@ -83,11 +84,13 @@ def collect_feature_data(model: Any, sae: SAE, token_rows: torch.Tensor, hook_na
         smp_v = torch.cat([smp_v, f], 1).gather(1, i).masked_fill(kk.isinf(), float("nan"))
         smp_i = torch.cat([smp_i, where], 1).gather(1, i).masked_fill(kk.isinf(), -1)
     top_i = top_i.masked_fill(top_v <= 0, -1)
-    W_U = model.W_U.detach().float()
-    w = ln_weight(getattr(model, "ln_final", None))
-    if w is not None:
-        W_U = w.detach().float()[:, None] * W_U
-    effects = sae.W_dec[feats].detach().float() @ W_U.to(dev)  # [F, V]
+    # The change in the logits per unit of direction added to a final residual stream of unit scale:
+    # through the final norm's effective scale (1 + w on Gemma) and, for LayerNorm, its centring.
+    W_U_DV, _ = unembed(model)
+    W_dec_FD = sae.W_dec[feats].detach().float()
+    if describe(model).norm == "LN":
+        W_dec_FD = W_dec_FD - W_dec_FD.mean(-1, keepdim=True)
+    effects = W_dec_FD @ W_U_DV.to(dev)  # [F, V]
     def names(ids: torch.Tensor) -> list[str]:  # one readable line per token: bytes and newlines escaped
         return readable_tokens(model.tokenizer, ids.tolist()) if model.tokenizer is not None else [
             str(t) for t in ids.tolist()]

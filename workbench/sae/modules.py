@@ -18,7 +18,6 @@ between SAELens and the workbench both ways.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -28,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from workbench.artifacts import atomic_write_json
+from workbench.artifacts import atomic_write_json, staged_files
 from workbench.config import check_types
 from workbench.distributed import Dist
 from workbench.errors import CheckpointError, ConfigError, InputError, check_field, unknown_name_message
@@ -427,9 +426,10 @@ def make_sae(cfg: SAEConfig, seed: int = 0) -> SAE:
 # -- files --------------------------------------------------------------------------------------------
 def save_sae(sae: SAE, folder: Union[str, Path], extra: Optional[dict[str, Any]] = None,
              dtype: torch.dtype = torch.float32) -> Path:
-    """Write `folder/cfg.json` and `folder/sae_weights.safetensors` in SAELens's layout. Each file is
-    written aside and renamed into place, weights first: a folder with a cfg.json is complete, and
-    other files in the folder (a training log, checkpoints) are left alone."""
+    """Write `folder/cfg.json` and `folder/sae_weights.safetensors` in SAELens's layout. Both files are
+    written aside and renamed into place, weights first (`artifacts.staged_files`): a folder with a
+    cfg.json is complete, other files in the folder (a training log, checkpoints) are left alone, and a
+    full disk leaves the folder as it was and raises OutOfSpaceError."""
     folder = Path(folder)
     arch, weights, fields_ = sae.inference_state()
     cfg = {"architecture": arch, "d_in": sae.d_in, "d_sae": sae.d_sae, "dtype": str(dtype).replace("torch.", ""),
@@ -438,12 +438,10 @@ def save_sae(sae: SAE, folder: Union[str, Path], extra: Optional[dict[str, Any]]
            **({"d_out": sae.d_in, "hook_name_out": sae.cfg.target_hook} if sae.cfg.is_transcoder else {}),
            "metadata": {"hook_name": sae.cfg.hook_name, "model_name": sae.cfg.model_name,
                         "workbench": {"config": sae.cfg.to_dict(), **(extra or {})}}}
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / CFG_FILE).unlink(missing_ok=True)  # incomplete until the new cfg.json lands
-    tmp = folder / f".{WEIGHTS_FILE}.tmp{os.getpid()}"
-    save_file({k: v.contiguous().to(dtype).cpu() for k, v in weights.items()}, str(tmp))
-    os.replace(tmp, folder / WEIGHTS_FILE)
-    atomic_write_json(folder / CFG_FILE, cfg)
+    tensors = {k: v.contiguous().to(dtype).cpu() for k, v in weights.items()}
+    with staged_files(folder, sum(t.numel() * t.element_size() for t in tensors.values())) as stage:
+        save_file(tensors, str(stage(WEIGHTS_FILE)))
+        atomic_write_json(stage(CFG_FILE), cfg)  # last: it marks the folder complete
     return folder
 
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -47,12 +49,12 @@ from workbench.artifacts import (
 )
 from workbench.config import check_types, from_dict
 from workbench.distributed import Dist
-from workbench.errors import CheckpointError, InputError, TrainingDiverged, check_field
-from workbench.runs import StopRequest, TrainingInterrupted, refuse_changed_config, refuse_foreign
+from workbench.errors import CheckpointError, ConfigError, InputError, TrainingDiverged, check_field
+from workbench.runs import StopRequest, TrainingInterrupted, config_diff, refuse_changed_config, refuse_foreign
 from workbench.sae.activations import Batch
 from workbench.sae.metrics import ReconstructionStats
 from workbench.sae.modules import CFG_FILE, SAE, WEIGHTS_FILE, SAEConfig, geometric_median, make_sae, save_sae
-from workbench.train import fused_adam
+from workbench.train import fused_adam, param_norms, weights_problem
 
 __all__ = ["SAETrainConfig", "TrainingDiverged", "train_sae", "train_saes"]
 TRAINING_WEIGHTS = "training_weights.safetensors"
@@ -153,8 +155,10 @@ class SAETrainConfig:
 class _Trainer:
     """One SAE's optimiser, schedule and bookkeeping."""
 
-    def __init__(self, name: str, sae: SAE, cfg: SAETrainConfig, out: Optional[Path], dist: Optional[Dist] = None):
-        self.name, self.sae, self.cfg, self.out = name, sae, cfg, out
+    def __init__(self, name: str, sae: SAE, cfg: SAETrainConfig, out: Optional[Path], dist: Optional[Dist] = None,
+                 data: Optional[dict[str, Any]] = None):
+        self.name, self.sae, self.cfg, self.out, self.data = name, sae, cfg, out, data
+        self.start_norms = param_norms(sae)  # the seeded initialisation: the scale sane weights stay near
         self.dist = dist or Dist()
         self.writes = out is not None and self.dist.is_main  # under torchrun only rank 0 writes files
         sae.dist = self.dist  # the statistics inside a step (AuxK's variance, BatchTopK's threshold) are global
@@ -168,7 +172,18 @@ class _Trainer:
         self.stats = ReconstructionStats(sae.d_sae)
 
     # -- state ----------------------------------------------------------------------------------
+    def check_weights(self) -> None:
+        """TrainingDiverged unless the weights are fit to keep: finite, and not blown far past their starting
+        scale. The loss is checked before each update, so it cannot tell (lr 1e30 gives a finite loss and
+        weights of 1e30)."""
+        problem = weights_problem(self.sae, self.start_norms)
+        if problem:
+            raise TrainingDiverged(f"{self.name}: {problem} at step {self.step}. Nothing was saved past that point; "
+                                   f"the last good checkpoint is {self.last_checkpoint()}. Lower the learning rate "
+                                   f"(now {self.cfg.lr:g}), and train into a new --out.")
+
     def _checkpoint(self) -> Optional[Path]:
+        self.check_weights()  # on every rank, so that all of them stop together
         if not self.writes:
             return None
 
@@ -179,7 +194,7 @@ class _Trainer:
                               "scale": self.scale, "scale_out": self.scale_out, "step": self.step,
                               "stats": dict(vars(self.stats))})  # the log's running sums, so it resumes exactly
             atomic_write_json(tmp / "config.json", {"kind": "workbench.SAECheckpoint", "format_version": 1,
-                                                    "step": self.step, "train": self.cfg.to_dict()})
+                                                    "step": self.step, "train": self.cfg.to_dict(), "data": self.data})
 
         size = 3 * sum(p.numel() * p.element_size() for p in self.sae.parameters())
         return write_checkpoint(self.out, self.step, write, needed_bytes=size)
@@ -195,10 +210,16 @@ class _Trainer:
         """Load the checkpoint at `step` (weights, optimizer, dead-latent counters, scale)."""
         folder = dict(list_checkpoints(self.out))[step]
         try:
-            saved_cfg = read_config(folder).get("train")
+            saved = read_config(folder)
         except CheckpointError:
-            saved_cfg = json.loads((folder / "config.json").read_text()).get("train")
-        refuse_changed_config(saved_cfg, self.cfg.to_dict(), self.out)
+            saved = json.loads((folder / "config.json").read_text())
+        refuse_changed_config(saved.get("train"), self.cfg.to_dict(), self.out)
+        if saved.get("data") is not None and self.data is not None:  # a checkpoint older than the record has none
+            diff = config_diff(saved["data"], self.data)
+            if diff:
+                raise ConfigError(f"--resume: the data settings differ from those {self.out} was started with: "
+                                  f"{'; '.join(diff)}. Resume with the same data, or start a new run in another "
+                                  "folder.")
         try:
             weights = load_file(str(folder / TRAINING_WEIGHTS))
         except Exception as err:  # safetensors raises its own error types for a damaged file
@@ -296,6 +317,7 @@ class _Trainer:
 
     def finish(self) -> Optional[Path]:
         """Fold the activation scale into the weights and save in the SAELens layout."""
+        self.check_weights()
         self.sae.fold_scale(self.scale or 1.0, self.scale_out or self.scale or 1.0)
         if not self.writes:
             return None
@@ -374,7 +396,8 @@ def _resume_all(trainers: list[_Trainer]) -> list[_Trainer]:
 def train_saes(saes: dict[str, SAE], batches: Iterable[Batch], cfg: SAETrainConfig,
                out: Optional[Union[str, Path]] = None, resume: bool = False, progress: bool = True,
                resume_command: Optional[str] = None, dist: Optional[Dist] = None, spread: bool = False,
-               on_log: Optional[Callable[[str, dict[str, Any]], None]] = None) -> dict[str, list[dict[str, Any]]]:
+               on_log: Optional[Callable[[str, dict[str, Any]], None]] = None,
+               data: Optional[dict[str, Any]] = None) -> dict[str, list[dict[str, Any]]]:
     """Train each SAE on `batch[its hook_name]` (or `batch[name]` when it has none) of every batch from
     `batches`; returns each one's log. Several SAEs on the same or different hooks share each batch,
     so one forward pass of the model feeds them all.
@@ -400,7 +423,10 @@ def train_saes(saes: dict[str, SAE], batches: Iterable[Batch], cfg: SAETrainConf
     Returns the logs of this rank's SAEs.
 
     `on_log(name, record)` is called with every log record on rank 0 (`wandb_logger` sends them to
-    Weights & Biases)."""
+    Weights & Biases).
+
+    `data` describes where `batches` come from (the command line's text, rows, seq_len...): it is saved
+    with every checkpoint, and `resume` with different data is a ConfigError naming each setting."""
     out = Path(out) if out is not None else None
     dist = dist or Dist()
     many = len(saes) > 1
@@ -413,7 +439,7 @@ def train_saes(saes: dict[str, SAE], batches: Iterable[Batch], cfg: SAETrainConf
     if cfg.batch_size % dist.world:
         raise InputError(f"batch_size {cfg.batch_size} does not split evenly over {dist.world} processes; choose a "
                          "multiple of the number of processes.")
-    trainers = [_Trainer(name, sae, cfg, _out_for(out, name, many), dist) for name, sae in saes.items()]
+    trainers = [_Trainer(name, sae, cfg, _out_for(out, name, many), dist, data) for name, sae in saes.items()]
     hint = f"`{resume_command}`" if resume_command else "resume=True"
     if not resume and dist.is_main:
         for t in trainers:
@@ -429,6 +455,38 @@ def train_saes(saes: dict[str, SAE], batches: Iterable[Batch], cfg: SAETrainConf
         active = _resume_all(trainers) if resume and out is not None else trainers
         dist.barrier()  # nobody writes a checkpoint before every rank has read the one it resumes from
         return _train_loop(trainers, active, batches, cfg, progress, hint, on_log)
+
+
+class _StopWaiting(BaseException):
+    """A stop request that arrived while the loop waited for a batch (see `_waiting_for_data`); a
+    BaseException, so that no `except Exception` inside a data source swallows it."""
+
+
+@contextlib.contextmanager
+def _waiting_for_data(dist: Dist) -> Iterator[None]:
+    """While the loop waits for the next batch no step has begun, so a stop request (Ctrl-C, SIGTERM) may
+    end the wait at once. Elsewhere the first signal only sets StopRequest's flag, which the loop checks
+    between steps; a source that never yields never got there, so the first signal was ignored. One
+    process only: under torchrun every rank must stop at the same step, which the check between steps
+    guarantees."""
+    if dist.active or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    flagging = {s: signal.getsignal(s) for s in StopRequest.SIGNALS}  # StopRequest's own handlers
+
+    def stop_waiting(signum: int, frame: Any) -> None:
+        handler = flagging[signum]
+        if callable(handler):
+            handler(signum, frame)  # sets the flag (a second signal: KeyboardInterrupt, as everywhere)
+        raise _StopWaiting
+
+    for s in flagging:
+        signal.signal(s, stop_waiting)
+    try:
+        yield
+    finally:
+        for s, handler in flagging.items():
+            signal.signal(s, handler)
 
 
 def _train_loop(trainers: list[_Trainer], active: list[_Trainer], batches: Iterable[Batch], cfg: SAETrainConfig,
@@ -457,7 +515,10 @@ def _train_loop(trainers: list[_Trainer], active: list[_Trainer], batches: Itera
                     folder = saved[0] or (active[0].out and dict(list_checkpoints(active[0].out)).get(step))
                     raise TrainingInterrupted(step, folder, hint)
                 try:
-                    batch = next(it)
+                    with _waiting_for_data(dist):
+                        batch = next(it)
+                except _StopWaiting:
+                    continue  # the stop is requested: the check above saves a checkpoint at this step
                 except StopIteration:
                     raise InputError(f"The activation source ran out after {step} of {cfg.n_steps} steps; use a "
                                      "looping source or fewer n_tokens.") from None
@@ -514,7 +575,12 @@ def wandb_logger(project: str, config: dict[str, Any]) -> Callable[[str, dict[st
     except ImportError:
         raise InputError("--wandb needs the wandb package: pip install wandb (or leave --wandb out; every metric "
                          "is in log.jsonl anyway).") from None
-    run = wandb.init(project=project, config=config)
+    try:
+        run = wandb.init(project=project, config=config)
+    except Exception as err:  # wandb's own types vary by version: UsageError, AuthenticationError, CommError...
+        raise InputError(f"--wandb: Weights & Biases could not start a run ({type(err).__name__}: {err}). Run "
+                         "`wandb login` (or set WANDB_API_KEY, or WANDB_MODE=offline to log locally), or drop "
+                         "--wandb: every metric is in log.jsonl anyway.") from err
 
     def log(name: str, record: dict[str, Any]) -> None:
         run.log({f"{name}/{k}": v for k, v in record.items() if k != "step"}, step=int(record["step"]))

@@ -18,9 +18,8 @@ SAE trainer (`workbench.sae.training`):
     folder/layer_<l>/cfg.json + sae_weights.safetensors    (per-layer: SAELens layout, as SAEs)
     folder/clt/cfg.json + sae_weights.safetensors          (cross-layer)
 
-`export_circuit_tracer` writes per-layer files in the layout the `circuit-tracer` package loads
-(W_enc [d_model, d_tc], W_dec [d_tc, d_model], b_enc, b_dec, optional W_skip and threshold) and a
-config.yaml (JSON, which YAML reads) that lists them; `load_circuit_tracer` reads them back.
+`workbench.sae.circuit_tracer_format` writes per-layer sets in the files the `circuit-tracer`
+package loads, and reads its files back.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Optional, Union
 
 import torch
@@ -40,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from workbench.artifacts import atomic_write_json
+from workbench.artifacts import atomic_write_json, open_modes
 from workbench.distributed import Dist
 from workbench.errors import CheckpointError, InputError
 from workbench.sae.modules import (
@@ -103,6 +102,26 @@ def mlp_input_hooks(model: Any) -> list[str]:
         raise InputError(f"This model has no {missing[0]!r} hook (no normalisation before its MLP), which transcoders "
                          "read; circuit tracing does not support it.")
     return hooks
+
+
+def model_name_of(model: Any) -> str:
+    """The model's name, as transcoder sets and graphs record it: its folder's name (a shipped or trained
+    model: 'gelu-2l'), else the last part of its config's model_name (a Hugging Face model: 'gpt2' for
+    hf:gpt2, hf:openai-community/gpt2 or hf:/path/to/gpt2); '' for a model with neither."""
+    folder = getattr(model, "folder", None)
+    if folder is not None:
+        return Path(folder).name
+    return comparable_name(str(getattr(model.cfg, "model_name", "") or ""))
+
+
+def comparable_name(name: str) -> str:
+    """A recorded model name as `model_name_of` spells it: the last part of a path or hub name, without
+    an 'hf:' prefix (or 'hf_', as `workbench transcoder train` once wrote it: 'hf_gpt2')."""
+    name = name.strip().replace("\\", "/").rstrip("/")
+    for prefix in ("hf:", "hf_"):
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+    return name.rsplit("/", 1)[-1]
 
 
 # -- the cross-layer transcoder -------------------------------------------------------------------------
@@ -250,6 +269,7 @@ class CrossLayerTranscoder(nn.Module):
                    **({"threshold": self.threshold} if self.cfg.arch == "jumprelu" else {})}
         tmp = folder / f".{WEIGHTS_FILE}.tmp{os.getpid()}"
         save_file({k: v.detach().contiguous().float().cpu() for k, v in weights.items()}, str(tmp))
+        open_modes(tmp)  # safetensors writes 0600; the weights get the mode of the JSON beside them
         os.replace(tmp, folder / WEIGHTS_FILE)
         atomic_write_json(folder / CFG_FILE, {"architecture": "cross_layer_transcoder", "n_layers": self.n_layers,
                                               "input_hooks": self.input_hooks,
@@ -265,7 +285,15 @@ class CrossLayerTranscoder(nn.Module):
         cfg = _read_json(folder / CFG_FILE)
         try:
             own = SAEConfig(**cfg["metadata"]["workbench"]["config"])
-            clt = cls(own, int(cfg["n_layers"]), input_hooks=cfg.get("input_hooks"))
+            n_layers, hooks = cfg["n_layers"], cfg.get("input_hooks")
+            if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
+                raise CheckpointError(f"{folder / CFG_FILE}: n_layers should be a positive integer, got {n_layers!r}; "
+                                      "the file is damaged.")
+            if hooks is not None and not (isinstance(hooks, list) and len(hooks) == n_layers
+                                          and all(isinstance(h, str) for h in hooks)):
+                raise CheckpointError(f"{folder / CFG_FILE}: input_hooks should list {n_layers} hook names, got "
+                                      f"{hooks!r:.80}; the file is damaged.")
+            clt = cls(own, n_layers, input_hooks=hooks)
             weights = load_file(str(folder / WEIGHTS_FILE))
             state = {"W_enc": weights["W_enc"], "b_enc": weights["b_enc"], "b_dec": weights["b_dec"],
                      **{f"W_dec_layers.{l}": weights[f"W_dec.{l}"] for l in range(clt.n_layers)},
@@ -305,11 +333,22 @@ class Transcoders:
     def __post_init__(self) -> None:
         if (self.per_layer is None) == (self.clt is None):
             raise InputError("Transcoders need either per_layer transcoders or one cross-layer transcoder.")
+        if not isinstance(self.model_name, str):
+            raise InputError(f"Transcoders.model_name must be text ('' if unknown), got {self.model_name!r}.")
+        if isinstance(self.n_layers, bool) or not isinstance(self.n_layers, int) or self.n_layers < 1:
+            raise InputError(f"Transcoders.n_layers must be a positive integer, got {self.n_layers!r}.")
+        if self.clt is not None and self.clt.n_layers != self.n_layers:
+            raise InputError(f"The cross-layer transcoder spans {self.clt.n_layers} layers, not n_layers = "
+                             f"{self.n_layers}.")
         if self.per_layer is not None:
             missing = sorted(set(range(self.n_layers)) - set(self.per_layer))
             if missing:
                 raise InputError(f"Transcoders for layers {missing} are missing: a replacement model replaces every "
                                  f"MLP (layers 0–{self.n_layers - 1}).")
+            extra = sorted(set(self.per_layer) - set(range(self.n_layers)), key=str)
+            if extra:
+                raise InputError(f"Transcoders are given for layers {extra}, but the model's layers are 0–"
+                                 f"{self.n_layers - 1}.")
             for l, tc in self.per_layer.items():
                 if tc.cfg.hook_name not in (input_hook(l), input_hook(l, True)) or tc.cfg.target_hook != output_hook(l):
                     raise InputError(f"The transcoder given for layer {l} reads {tc.cfg.hook_name!r} and predicts "
@@ -408,6 +447,7 @@ class Transcoders:
                 for l, tc in self.per_layer.items():
                     save_sae(tc, tmp / f"layer_{l}", dtype=dtype)
             self.write_manifest(tmp)
+            open_modes(tmp)  # mkdtemp's 0700 and safetensors' 0600 would hide the set from its readers
             if folder.exists():
                 folder.rmdir()  # empty, checked above
             os.replace(tmp, folder)
@@ -428,7 +468,9 @@ class Transcoders:
         return folder
 
     def check_model(self, model: Any) -> None:
-        """A clear error when these transcoders do not fit `model` (layers, widths or hook names)."""
+        """A clear error when these transcoders do not fit `model` (layers, widths or hook names) or were
+        trained on another model (its name, `model_name_of`, differs from theirs; where either name is
+        unknown, only the shapes can be checked)."""
         layers = mlp_layers(model)
         if len(layers) != self.n_layers or int(model.cfg.d_model) != self.d_model:
             raise InputError(f"These transcoders ({self.model_name!r}: {self.n_layers} layers of width {self.d_model}) "
@@ -439,92 +481,58 @@ class Transcoders:
         if [self.in_hook(l) for l in layers] != wanted:
             raise InputError(f"These transcoders read {self.in_hook(0)!r}, ..., but this model's MLPs read "
                              f"{wanted[0]!r}, ...; they were trained on another kind of model.")
+        theirs, mine = comparable_name(model_name_of(model)), comparable_name(self.model_name)
+        if theirs and mine and theirs != mine:  # same shapes, another model: the replacement would be meaningless
+            raise InputError(f"These transcoders were trained on {self.model_name!r}, not on this model "
+                             f"({model_name_of(model)!r}); another model's transcoders of the same shape do not "
+                             "imitate its MLPs. Use the ones trained on it, or train them with `workbench transcoder "
+                             "train --model <this model>`.")
 
 
 def load_transcoders(folder: Union[str, Path], device: Union[str, torch.device] = "cpu") -> Transcoders:
     """A set saved by `Transcoders.save` (or `workbench transcoder train`)."""
     folder = Path(folder)
-    manifest = _read_json(folder / MANIFEST)
+    path = folder / MANIFEST
+    manifest = _read_json(path)
     if manifest.get("kind") != "workbench.Transcoders":
-        raise CheckpointError(f"{folder / MANIFEST} is not a workbench transcoder manifest.")
-    n_layers = int(manifest["n_layers"])
-    if manifest.get("type") == "cross-layer":
-        tc = Transcoders(manifest.get("model_name", ""), n_layers, clt=CrossLayerTranscoder.load(folder / "clt"))
-    else:
-        tc = Transcoders(manifest.get("model_name", ""), n_layers,
-                         per_layer={int(l): load_sae(folder / sub) for l, sub in manifest["folders"].items()})
-    return tc.to(device)
+        raise CheckpointError(f"{path} is not a workbench transcoder manifest.")
+
+    def damaged(what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: {what}; the file is damaged. Train the transcoders again, or restore the "
+                               "file as `workbench transcoder train` wrote it.")
+
+    n_layers, name, kind = manifest.get("n_layers"), manifest.get("model_name", ""), manifest.get("type", "per-layer")
+    if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
+        raise damaged(f"n_layers should be a positive integer, got {n_layers!r}")
+    if not isinstance(name, str):
+        raise damaged(f"model_name should be text, got {name!r}")
+    if kind not in ("per-layer", "cross-layer"):
+        raise damaged(f"type should be 'per-layer' or 'cross-layer', got {kind!r}")
+    if kind == "cross-layer":
+        clt = CrossLayerTranscoder.load(folder / "clt")
+        if clt.n_layers != n_layers:
+            raise damaged(f"n_layers is {n_layers}, but the cross-layer transcoder in {folder / 'clt'} spans "
+                          f"{clt.n_layers} layers")
+        return Transcoders(name, n_layers, clt=clt).to(device)
+    folders = manifest.get("folders")
+    if not isinstance(folders, dict):
+        raise damaged(f"folders should map each layer to its folder ({{\"0\": \"layer_0\", ...}}), got {folders!r:.60}")
+    if sorted(folders) != sorted(str(l) for l in range(n_layers)):
+        raise damaged(f"folders should name one folder for each of the layers 0–{n_layers - 1} (n_layers), got the "
+                      f"layer keys {sorted(folders)[:8]}")
+    per_layer = {int(l): load_sae(_inside(folder, sub, path)) for l, sub in folders.items()}
+    return Transcoders(name, n_layers, per_layer=per_layer).to(device)
 
 
-# -- circuit-tracer's layout -------------------------------------------------------------------------
-def export_circuit_tracer(tc: Transcoders, folder: Union[str, Path]) -> Path:
-    """Per-layer transcoders as circuit-tracer loads them: layer_<l>.safetensors with W_enc [d_model, d_tc],
-    W_dec [d_tc, d_model], b_enc [d_tc], b_dec [d_model], W_skip [d_model, d_model] if any, threshold
-    [d_tc] for JumpReLU; config.yaml (written as JSON, which YAML reads) names the files, the hooks and
-    the activation. TopK transcoders keep their k in the config (circuit-tracer's own transcoders are
-    ReLU or JumpReLU)."""
-    if tc.per_layer is None:
-        raise InputError("circuit-tracer's per-layer layout holds per-layer transcoders; this set is cross-layer.")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    files = []
-    for l in range(tc.n_layers):
-        t = tc.per_layer[l]
-        arch, weights, fields_ = t.inference_state()
-        name = f"layer_{l}.safetensors"
-        tmp = folder / f".{name}.tmp{os.getpid()}"
-        save_file({k: v.contiguous().float().cpu() for k, v in weights.items()}, str(tmp))
-        os.replace(tmp, folder / name)
-        files.append({"layer": l, "path": name})
-    first = tc.per_layer[0]
-    arch, _, fields_ = first.inference_state()
-    activation = {"standard": "relu", "jumprelu": "jump_relu", "topk": "topk"}[arch]
-    atomic_write_json(folder / "config.yaml", {
-        "model_name": tc.model_name, "model_kind": "transcoder_set",
-        "feature_input_hook": tc.in_hook(0).split(".", 2)[2],
-        "feature_output_hook": "hook_mlp_out", "scan": f"workbench/{tc.model_name}", "activation_function":
-        activation, **fields_, "skip_connection": bool(first.cfg.skip), "transcoders": files})
-    return folder
-
-
-def load_circuit_tracer(folder: Union[str, Path], model_name: str = "") -> Transcoders:
-    """Read back what `export_circuit_tracer` wrote (or circuit-tracer-style ReLU/JumpReLU files with
-    the same keys and shapes)."""
-    folder = Path(folder)
-    cfg = _read_json(folder / "config.yaml")
-    arch = {"relu": "relu", "jump_relu": "jumprelu", "topk": "topk"}.get(cfg.get("activation_function", "relu"))
-    if arch is None:
-        raise CheckpointError(f"{folder / 'config.yaml'}: activation_function {cfg.get('activation_function')!r} is "
-                              "not relu, jump_relu or topk.")
-    per_layer = {}
-    for entry in cfg["transcoders"]:
-        l = int(entry["layer"])
-        try:
-            w = load_file(str(folder / entry["path"]))
-        except Exception as err:
-            raise CheckpointError(f"{folder / entry['path']} could not be read ({err}).") from err
-        if "W_enc" not in w or w["W_enc"].ndim != 2:
-            got = tuple(w["W_enc"].shape) if "W_enc" in w else "missing"
-            raise CheckpointError(f"{folder / entry['path']}: W_enc should be a [d_model, d_transcoder] matrix, got "
-                                  f"{got}. Export the transcoders again with `workbench transcoder export`.")
-        d_model, d_tc = w["W_enc"].shape
-        sae_cfg = SAEConfig(d_in=d_model, d_sae=d_tc, architecture=arch, k=int(cfg.get("k", 32)),
-                            hook_name=f"blocks.{l}.{cfg.get('feature_input_hook', 'ln2.hook_normalized')}",
-                            target_hook=output_hook(l), skip="W_skip" in w,
-                            model_name=cfg.get("model_name", model_name))
-        t = make_sae(sae_cfg)
-        keys = ("W_enc", "b_enc", "W_dec", "b_dec") + (("W_skip",) if sae_cfg.skip else ()) + (
-            ("threshold",) if arch == "jumprelu" else ())
-        for key in keys:
-            if key not in w or tuple(w[key].shape) != tuple(getattr(t, key).shape):
-                got = tuple(w[key].shape) if key in w else "missing"
-                raise CheckpointError(f"{folder / entry['path']}: {key} should have shape "
-                                      f"{tuple(getattr(t, key).shape)}, got {got}.")
-        with torch.no_grad():
-            for key in keys:
-                getattr(t, key).copy_(w[key])
-        per_layer[l] = t.eval()
-    return Transcoders(cfg.get("model_name", model_name), len(per_layer), per_layer=per_layer)
+def _inside(folder: Path, sub: Any, path: Path) -> Path:
+    """folder/sub, where sub (from the file `path`) is a relative path that stays inside `folder`, or a
+    CheckpointError: a file must never point a loader outside its own set."""
+    parts = PurePosixPath(sub.replace("\\", "/")).parts if isinstance(sub, str) else ()
+    if not parts or parts[0] == "/" or ":" in parts[0] or ".." in parts:
+        raise CheckpointError(f"{path}: every folder it names must be a folder inside {folder} (like 'layer_0'), got "
+                              f"{sub!r}; the file is damaged or was edited. Restore it as `workbench transcoder "
+                              "train` wrote it.")
+    return folder.joinpath(*parts)
 
 
 # -- training data ---------------------------------------------------------------------------------
@@ -540,10 +548,12 @@ def clt_batches(batches: Iterator[dict[str, torch.Tensor]], input_hooks: Sequenc
 def make_transcoders(model: Any, d_tc: int, architecture: str = "topk", k: int = 32, skip: bool = False,
                      cross_layer: bool = False, l1_coefficient: float = 5.0, seed: int = 0,
                      model_name: str = "") -> dict[str, nn.Module]:
-    """Freshly initialised dictionaries for every MLP of `model`: {'layer_<l>': SAE} or {'clt': CLT}."""
+    """Freshly initialised dictionaries for every MLP of `model`: {'layer_<l>': SAE} or {'clt': CLT}, made
+    on the CPU (a width whose weights cannot fit in its memory is refused first)."""
     layers = mlp_layers(model)
     hooks = mlp_input_hooks(model)
     d = int(model.cfg.d_model)
+    check_memory(model, d_tc, cross_layer, skip)
     common = dict(architecture=architecture, k=k, l1_coefficient=l1_coefficient, model_name=model_name)
     if cross_layer:
         if skip:
@@ -554,6 +564,37 @@ def make_transcoders(model: Any, d_tc: int, architecture: str = "topk", k: int =
         return {"clt": CrossLayerTranscoder(cfg, len(layers), seed=seed, input_hooks=hooks)}
     return {f"layer_{l}": make_sae(SAEConfig(d_in=d, d_sae=d_tc, hook_name=hooks[l], target_hook=output_hook(l),
                                              skip=skip, **common), seed=seed + l) for l in layers}
+
+
+def check_memory(model: Any, d_tc: int, cross_layer: bool = False, skip: bool = False,
+                 device: Optional[Union[str, torch.device]] = None, batch_size: int = 0) -> None:
+    """A clear error, before anything is allocated, when transcoders of `d_tc` features per layer cannot
+    fit: their float32 weights in the CPU's memory (where they are made) or, with a `device` to train
+    on, weights, gradients, Adam's two moments and a batch's activations in that device's memory.
+    Where the memory cannot be read, nothing is refused."""
+    if isinstance(d_tc, bool) or not isinstance(d_tc, int) or d_tc < 1:
+        raise InputError(f"d_tc (features per layer) must be a positive integer, got {d_tc!r}.")
+    L, d = int(model.cfg.n_layers), int(model.cfg.d_model)
+    if cross_layer:  # encoders, then layer l's features write to the L - l later MLP outputs
+        n = L * d * d_tc + d_tc * d * L * (L + 1) // 2 + 2 * L * d_tc + L * d
+    else:
+        n = L * (2 * d * d_tc + 2 * d_tc + d + (d * d if skip else 0))
+    training = device is not None
+    need = 4 * (4 * n + 3 * batch_size * L * d_tc) if training else 4 * n
+    dev = torch.device(device) if training else torch.device("cpu")
+    try:
+        if dev.type == "cuda":
+            have, where = torch.cuda.get_device_properties(dev).total_memory, f"{dev} has"
+        else:
+            have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine has"
+    except (AttributeError, ValueError, OSError, RuntimeError, AssertionError):  # no sysconf (Windows), no CUDA
+        return
+    if need > have:
+        what = ("to train (weights, gradients, Adam's two moments and a batch's activations)" if training
+                else "for their weights alone")
+        raise InputError(f"Transcoders of {d_tc:,} features for each of the {L} layers need about "
+                         f"{need / 2 ** 30:,.1f} GiB of memory {what}, more than the {have / 2 ** 30:,.1f} GiB "
+                         f"{where}. Choose a smaller width (--d-tc; the usual one is 8 × d_model = {8 * d:,}).")
 
 
 def as_transcoders(dictionaries: dict[str, nn.Module], n_layers: int, model_name: str = "") -> Transcoders:
@@ -690,9 +731,17 @@ def train_transcoders(model: Any, d_tc: int, out: Optional[Union[str, Path]] = N
     from workbench.probes import training_text
     from workbench.sae.training import SAETrainConfig, train_saes
 
-    name = model_name or getattr(getattr(model, "folder", None), "name", "") or type(model).__name__
-    dictionaries = make_transcoders(model, d_tc, architecture, k, skip, cross_layer, l1_coefficient, seed, name)
+    name = model_name or model_name_of(model)
+    out = Path(out) if out is not None else None
+    for p in (out, *out.parents) if out is not None else ():
+        if p.exists():  # the nearest existing folder on the way must be one
+            if not p.is_dir():
+                raise InputError(f"Cannot write transcoders into {out}: {p} is a file, not a folder. Choose another "
+                                 "--out.")
+            break
     device = next(model.parameters()).device
+    check_memory(model, d_tc, cross_layer, skip, device, batch_size)
+    dictionaries = make_transcoders(model, d_tc, architecture, k, skip, cross_layer, l1_coefficient, seed, name)
     for m in dictionaries.values():
         m.to(device)
     rows, _ = training_text(model, n_rows, min(int(model.cfg.n_ctx), 256))
@@ -700,16 +749,16 @@ def train_transcoders(model: Any, d_tc: int, out: Optional[Union[str, Path]] = N
     cfg = SAETrainConfig(sae=first.cfg, n_tokens=n_tokens, batch_size=batch_size, lr=lr, seed=seed,
                          n_checkpoints=n_checkpoints, dead_window=min(200_000, max(batch_size, n_tokens // 10)),
                          precision=precision)
-    out = Path(out) if out is not None else None
     if out is not None and (out / MANIFEST).exists() and not resume:
         raise InputError(f"{out} already holds trained transcoders ({MANIFEST}); nothing was overwritten. Choose "
                          "another --out.")
     source = _stream(model, rows, batch_size, seed)
+    data = {"rows": n_rows, "seq_len": int(rows.shape[1])}  # a resume with other data settings is refused
     if cross_layer:  # one dictionary: train_saes writes into its folder directly, so give it out/clt
         logs = train_saes(dictionaries, clt_batches(source, mlp_input_hooks(model)), cfg,
-                          out / "clt" if out is not None else None, resume, progress, resume_command)
+                          out / "clt" if out is not None else None, resume, progress, resume_command, data=data)
     else:
-        logs = train_saes(dictionaries, source, cfg, out, resume, progress, resume_command)
+        logs = train_saes(dictionaries, source, cfg, out, resume, progress, resume_command, data=data)
     tc = as_transcoders(dictionaries, len(mlp_layers(model)), name)
     if out is not None:
         tc.write_manifest(out)
