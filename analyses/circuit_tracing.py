@@ -27,6 +27,7 @@ import plotly.graph_objects as go
 import torch
 from tqdm.auto import tqdm
 
+from workbench.artifacts import TRANSCODERS_MANIFEST
 from workbench.attribution_graph import (
     AttributionGraph,
     GraphConfig,
@@ -41,6 +42,7 @@ from workbench.attribution_graph import (
 )
 from workbench.config import check_types
 from workbench.errors import CheckpointError, ConfigError, InputError, check_field
+from workbench.hooked import HookedModel
 from workbench.plotting import bars, captioned, heatmap, table
 from workbench.probes import held_out_text, special_ids
 from workbench.report import Analysis
@@ -48,7 +50,6 @@ from workbench.runs import TrainingInterrupted
 from workbench.sae.dashboards import collect_feature_data, render_dashboards
 from workbench.sae.interventions import splice_hook
 from workbench.sae.transcoders import (
-    MANIFEST,
     Transcoders,
     evaluate_transcoders,
     load_transcoders,
@@ -209,7 +210,7 @@ def _pct(v: Optional[float]) -> str:
 
 
 # -- transcoders -----------------------------------------------------------------------------------------
-def get_transcoders(model: Any, cfg: CircuitTracingConfig) -> tuple[Transcoders, str]:
+def get_transcoders(model: HookedModel, cfg: CircuitTracingConfig) -> tuple[Transcoders, str]:
     """(transcoders, where they came from): the given folder, the shipped ones, a cached training run,
     or a new one (saved to the cache for next time)."""
     mlp_layers(model)  # a clear error for an attention-only model
@@ -219,11 +220,11 @@ def get_transcoders(model: Any, cfg: CircuitTracingConfig) -> tuple[Transcoders,
         tc.check_model(model)
         return tc, cfg.transcoders
     folder = getattr(model, "folder", None)
-    if folder is not None and (Path(folder) / SHIPPED / MANIFEST).exists():
+    if folder is not None and (Path(folder) / SHIPPED / TRANSCODERS_MANIFEST).exists():
         return _its_own(load_transcoders(Path(folder) / SHIPPED, device), model), \
             f"shipped in {Path(folder).name}/{SHIPPED}"
     cached = cache_folder(model, cfg)
-    if (cached / MANIFEST).exists():
+    if (cached / TRANSCODERS_MANIFEST).exists():
         return _its_own(load_transcoders(cached, device), model), f"trained earlier, cached in {cached}"
     unfinished = cached.exists()
     return _train_into_cache(model, cfg, cached), (f"trained now ({cfg.n_tokens:,} tokens"
@@ -231,7 +232,7 @@ def get_transcoders(model: Any, cfg: CircuitTracingConfig) -> tuple[Transcoders,
                                                    f"cached in {cached}")
 
 
-def _its_own(tc: Transcoders, model: Any) -> Transcoders:
+def _its_own(tc: Transcoders, model: HookedModel) -> Transcoders:
     """Shipped or cached transcoders, named after `model` and checked against it: they belong to it by
     where they are (its own folder, or a cache keyed by its weights), whatever name they were saved
     under (the folder may have been renamed since)."""
@@ -240,7 +241,7 @@ def _its_own(tc: Transcoders, model: Any) -> Transcoders:
     return tc
 
 
-def _train_into_cache(model: Any, cfg: CircuitTracingConfig, cached: Path) -> Transcoders:
+def _train_into_cache(model: HookedModel, cfg: CircuitTracingConfig, cached: Path) -> Transcoders:
     """Train the study's transcoders into the cache folder `cached`. A run an earlier study left there
     unfinished (Ctrl-C, a kill) is continued; one that cannot be (damaged, or from other settings) is
     removed and trained again. Ctrl-C here stops as it does everywhere else (KeyboardInterrupt, exit 130)
@@ -270,7 +271,7 @@ def _train_into_cache(model: Any, cfg: CircuitTracingConfig, cached: Path) -> Tr
         raise KeyboardInterrupt(str(stop)) from None
 
 
-def cache_folder(model: Any, cfg: CircuitTracingConfig) -> Path:
+def cache_folder(model: HookedModel, cfg: CircuitTracingConfig) -> Path:
     """Where the study keeps the transcoders it trains for `model` with `cfg`'s settings (keyed by the
     model's weights and those settings, so it never serves another model's)."""
     from workbench.data import cache_dir
@@ -280,7 +281,7 @@ def cache_folder(model: Any, cfg: CircuitTracingConfig) -> Path:
     return cache_dir() / "transcoders" / key
 
 
-def _fingerprint(model: Any) -> str:
+def _fingerprint(model: HookedModel) -> str:
     """A short hash of the model's weights (so a cache never serves another model's transcoders)."""
     h = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
@@ -290,7 +291,7 @@ def _fingerprint(model: Any) -> str:
     return h.hexdigest()
 
 
-def compare_with_sae(model: Any, tc: Transcoders, quality: dict[str, Any], rows: torch.Tensor,
+def compare_with_sae(model: HookedModel, tc: Transcoders, quality: dict[str, Any], rows: torch.Tensor,
                      cfg: CircuitTracingConfig) -> dict[str, Any]:
     """A TopK SAE of the same width and k, trained on as many tokens, on the output of the MLP whose
     zero-ablation costs the most loss, against that layer's transcoder: FVU and L0 of the MLP output
@@ -340,7 +341,7 @@ def compare_with_sae(model: Any, tc: Transcoders, quality: dict[str, Any], rows:
 
 
 # -- prompts ---------------------------------------------------------------------------------------------
-def default_prompts(model: Any, cfg: CircuitTracingConfig) -> list[tuple[str, Any, dict[str, Any]]]:
+def default_prompts(model: HookedModel, cfg: CircuitTracingConfig) -> list[tuple[str, Any, dict[str, Any]]]:
     """[(kind, prompt text or token ids, what to check)]: facts the model recalls, else induction prompts."""
     from workbench.facts import KnowledgeBase
     from workbench.tracing import FactPrompt, encode_fact, top1_hits
@@ -366,7 +367,7 @@ def default_prompts(model: Any, cfg: CircuitTracingConfig) -> list[tuple[str, An
     return out
 
 
-def _readable_ids(model: Any, special: set[int]) -> torch.Tensor:
+def _readable_ids(model: HookedModel, special: set[int]) -> torch.Tensor:
     """Token ids that read as letters (so an induction prompt is legible in the viewer)."""
     if model.tokenizer is None:
         return torch.tensor([i for i in range(int(model.cfg.d_vocab)) if i not in special])
@@ -377,7 +378,7 @@ def _readable_ids(model: Any, special: set[int]) -> torch.Tensor:
     return torch.tensor(good if len(good) >= 16 else ids)
 
 
-def _fact_finding(model: Any, graph: AttributionGraph, info: dict[str, Any]) -> dict[str, Any]:
+def _fact_finding(model: HookedModel, graph: AttributionGraph, info: dict[str, Any]) -> dict[str, Any]:
     """Influence on the answer logit by layer and position group (features + errors), next to causal
     tracing's MLP restoration effect on the same prompt: do they point at the same place?"""
     from workbench.tracing import GROUPS, causal_trace, position_groups
@@ -424,7 +425,7 @@ def _induction_finding(graph: AttributionGraph, info: dict[str, Any]) -> dict[st
 
 
 # -- compute ---------------------------------------------------------------------------------------------
-def compute(model: Any, cfg: CircuitTracingConfig) -> CircuitTracingResult:
+def compute(model: HookedModel, cfg: CircuitTracingConfig) -> CircuitTracingResult:
     """Transcoders (given, shipped or trained), their quality against an SAE, and one pruned, scored and
     intervened-on attribution graph per prompt, with feature dashboards for the viewer."""
     check_supported(model)  # before any training: a model whose attention cannot be frozen is refused now
@@ -462,7 +463,7 @@ def compute(model: Any, cfg: CircuitTracingConfig) -> CircuitTracingResult:
     return CircuitTracingResult(name, cfg, source, tc.kind, tc.width(0), quality, sae, traced, pages)
 
 
-def _dashboards(model: Any, tc: Transcoders, graphs: list[AttributionGraph], rows: torch.Tensor,
+def _dashboards(model: HookedModel, tc: Transcoders, graphs: list[AttributionGraph], rows: torch.Tensor,
                 cfg: CircuitTracingConfig) -> tuple[dict[str, str], dict, dict]:
     """Dashboards (per-layer transcoders) for each graph's `dashboard_features` most influential features:
     pages, each feature's top examples, and links from the viewer to its page."""

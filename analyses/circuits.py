@@ -39,6 +39,7 @@ from workbench.circuits import (
 )
 from workbench.config import check_types
 from workbench.errors import InputError, check_field
+from workbench.hooked import HookedModel
 from workbench.numbers import finite, json_array
 from workbench.plotting import bars, captioned, heatmap, heatmap_picker, table
 from workbench.probes import (
@@ -206,7 +207,7 @@ class CircuitsResult:
         return out
 
 
-def pick_heads(model: Any, cfg: CircuitsConfig, rep: torch.Tensor, prefix: int
+def pick_heads(model: HookedModel, cfg: CircuitsConfig, rep: torch.Tensor, prefix: int
                ) -> tuple[tuple[int, int], float, Optional[tuple[int, int]], list[str]]:
     """(induction head, its induction score, previous-token head or None, notes) from the config,
     or found by score."""
@@ -234,7 +235,7 @@ def pick_heads(model: Any, cfg: CircuitsConfig, rep: torch.Tensor, prefix: int
     return induction, score, prev, notes
 
 
-def _plot_token_ids(model: Any, n: int) -> tuple[torch.Tensor, tuple[str, ...], str]:
+def _plot_token_ids(model: HookedModel, n: int) -> tuple[torch.Tensor, tuple[str, ...], str]:
     """Up to n printable tokens evenly spaced by id, their labels, and how they were chosen."""
     V = model.cfg.d_vocab
     ids = torch.arange(V)
@@ -280,7 +281,7 @@ def circuit_stats(w: FoldedWeights, cfg: CircuitsConfig) -> tuple[dict[str, dict
 
 
 @torch.no_grad()
-def compute(model: Any, cfg: CircuitsConfig) -> CircuitsResult:
+def compute(model: HookedModel, cfg: CircuitsConfig) -> CircuitsResult:
     """Circuits, statistics, composition, attribution and path patching for every head."""
     require_attention(model)
     L, H = model.cfg.n_layers, model.cfg.n_heads

@@ -27,6 +27,7 @@ from workbench.attribution import direct_logit_attribution
 from workbench.config import check_types
 from workbench.errors import InputError, check_field
 from workbench.facts import KnowledgeBase
+from workbench.hooked import HookedModel
 from workbench.numbers import finite, json_array, ratio
 from workbench.plotting import bars, captioned, heatmap, lines
 from workbench.probes import run_collect
@@ -92,7 +93,7 @@ def load_facts(path: str) -> list[FactPrompt]:
     return out
 
 
-def _knowledge_base(model: Any) -> Optional[KnowledgeBase]:
+def _knowledge_base(model: HookedModel) -> Optional[KnowledgeBase]:
     data = (getattr(model, "meta", {}).get("train") or {}).get("data") or {}
     return KnowledgeBase() if data.get("text") == "facts" else None
 
@@ -192,7 +193,7 @@ class FactRecallResult:
         return out
 
 
-def _fit_probes(model: Any, encs: list, labels: list[int], subjects: list[str], cfg: FactRecallConfig
+def _fit_probes(model: HookedModel, encs: list, labels: list[int], subjects: list[str], cfg: FactRecallConfig
                 ) -> dict[str, np.ndarray]:
     """Held-out accuracy [L] of a logistic-regression probe for the attribute at each layer and at
     the last subject token and the last token; train and test subjects never overlap."""
@@ -237,7 +238,7 @@ def _fit_probes(model: Any, encs: list, labels: list[int], subjects: list[str], 
 
 
 @torch.no_grad()
-def compute(model: Any, cfg: FactRecallConfig) -> FactRecallResult:
+def compute(model: HookedModel, cfg: FactRecallConfig) -> FactRecallResult:
     kb = _knowledge_base(model)
     if cfg.facts_file:
         facts, held, names = load_facts(cfg.facts_file), [], ("given facts", "")

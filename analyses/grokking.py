@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from workbench.artifacts import LOG_FILE, list_checkpoints, load_folder, read_log
 from workbench.config import check_types
 from workbench.errors import InputError, check_field
+from workbench.hooked import HookedModel
 from workbench.modular import (
     ModularData,
     answer_logits,
@@ -414,7 +415,7 @@ def find_phases(c: Curves) -> dict[str, Optional[int]]:
 
 # -- compute -----------------------------------------------------------------------------------------------
 @torch.no_grad()
-def _activations(model: Any, data: ModularData) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _activations(model: HookedModel, data: ModularData) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Answer logits [p², p], MLP neurons at `=` [p², M] and each head's attention from `=` to `a` [p², H]."""
     tokens = data.tokens_N3.to(model.W_E.device)
     names = ["blocks.0.mlp.hook_post", "blocks.0.attn.hook_pattern"]
@@ -425,7 +426,7 @@ def _activations(model: Any, data: ModularData) -> tuple[torch.Tensor, torch.Ten
 
 
 @torch.no_grad()
-def progress_at(model: Any, data: ModularData, keys: list[int]) -> dict[str, float]:
+def progress_at(model: HookedModel, data: ModularData, keys: list[int]) -> dict[str, float]:
     """The progress measures of one model (a checkpoint)."""
     p = data.p
     logits = answer_logits(model, data.tokens_N3.to(model.W_E.device)).double().cpu()
@@ -443,7 +444,7 @@ def progress_at(model: Any, data: ModularData, keys: list[int]) -> dict[str, flo
             "weights_sq": float(sum((q.detach().double() ** 2).sum() for q in model.parameters()))}
 
 
-def _curves(model: Any) -> Optional[Curves]:
+def _curves(model: HookedModel) -> Optional[Curves]:
     if model.folder is None or not (model.folder / LOG_FILE).exists():
         return None
     rows = [r for r in read_log(model.folder / LOG_FILE) if "test_acc" in r]
@@ -457,7 +458,7 @@ def _curves(model: Any) -> Optional[Curves]:
                   col("weight_norm") ** 2)
 
 
-def compute(model: Any, cfg: GrokkingConfig) -> GrokkingResult:
+def compute(model: HookedModel, cfg: GrokkingConfig) -> GrokkingResult:
     """Read the Fourier circuit out of a modular-addition model and, over its checkpoints, the progress measures."""
     train_cfg = require_modular(model)
     p = train_cfg.p

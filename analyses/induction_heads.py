@@ -45,6 +45,7 @@ from workbench.circuits import copying_score, folded_weights, ov_circuit
 from workbench.config import check_types
 from workbench.data import Batches, DataConfig, build_text_data
 from workbench.errors import InputError, check_field
+from workbench.hooked import HookedModel
 from workbench.numbers import finite, json_array
 from workbench.plotting import captioned, heatmap, heatmap_picker, lines, table
 from workbench.probes import (
@@ -139,7 +140,7 @@ class InductionConfig:
                     "0 < icl_early < icl_late")
 
 
-def _forward(model: Any, tokens: torch.Tensor, keep: tuple[str, ...] = (), hooks: list = ()
+def _forward(model: HookedModel, tokens: torch.Tensor, keep: tuple[str, ...] = (), hooks: list = ()
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-token loss [B, S-1] and the activations blocks.<l>.<suffix> for each suffix in `keep`."""
     logits, store = run_collect(model, tokens, layer_hooks(model, *keep), hooks)
@@ -449,7 +450,7 @@ def steepest_change(steps: list[int], values: list[float], min_change: float, ri
     return int(steps[i]), int(steps[i + 1])
 
 
-def _icl_rows(model: Any, cfg: InductionConfig) -> tuple[Optional[torch.Tensor], str]:
+def _icl_rows(model: HookedModel, cfg: InductionConfig) -> tuple[Optional[torch.Tensor], str]:
     """The model's own validation rows (text, else synthetic) for the in-context-learning score."""
     train = getattr(model, "meta", {}).get("train")
     if not train or "data" not in train:
@@ -472,7 +473,7 @@ def _induction_LH(store: dict[str, torch.Tensor], n_layers: int, seq_len: int, p
 
 
 @torch.no_grad()
-def _probe_checkpoint(model: Any, rep: torch.Tensor, prefix: int, cfg: InductionConfig,
+def _probe_checkpoint(model: HookedModel, rep: torch.Tensor, prefix: int, cfg: InductionConfig,
                       icl: Optional[torch.Tensor], text_probes: dict[str, torch.Tensor]
                       ) -> tuple[np.ndarray, float, float, float, dict[str, float]]:
     loss, store = _forward(model, rep, keep=("attn.hook_pattern",))
@@ -491,7 +492,7 @@ def _probe_checkpoint(model: Any, rep: torch.Tensor, prefix: int, cfg: Induction
     return ind.cpu().numpy(), first, second, icl_score, by_kind
 
 
-def checkpoint_curves(model: Any, cfg: InductionConfig, rep: torch.Tensor, prefix: int,
+def checkpoint_curves(model: HookedModel, cfg: InductionConfig, rep: torch.Tensor, prefix: int,
                       text_probes: dict[str, torch.Tensor]) -> tuple[Optional[CheckpointCurves], str]:
     """Run the probe at every checkpoint of the model's folder, or say why there is nothing to run."""
     folder = getattr(model, "folder", None)
@@ -566,7 +567,7 @@ def kind_labels(scores: dict[str, np.ndarray], ablation_LH: dict[str, np.ndarray
 class _KindProbe:
     """One kind of sequence run clean: its scores, copy losses and mean hook_z, and head ablation on it."""
 
-    def __init__(self, model: Any, kind: str, source: str, tokens: torch.Tensor, pm_tokens: torch.Tensor,
+    def __init__(self, model: HookedModel, kind: str, source: str, tokens: torch.Tensor, pm_tokens: torch.Tensor,
                  prefix: int, pm_prefix: int, cfg: InductionConfig) -> None:
         self.model, self.kind, self.source, self.cfg = model, kind, source, cfg
         self.tokens, self.prefix = tokens, prefix
@@ -594,7 +595,7 @@ class _KindProbe:
         return first - self.first, second - self.second, ablated
 
 
-def _kind_probes(model: Any, cfg: InductionConfig) -> tuple[dict[str, _KindProbe], str]:
+def _kind_probes(model: HookedModel, cfg: InductionConfig) -> tuple[dict[str, _KindProbe], str]:
     """{kind: its probe run clean}, in KINDS order, and a note when the text kinds cannot be made."""
     rep, prefix = probe_tokens(model, cfg.seq_len, 2, cfg.n_sequences, cfg.seed, cfg.prepend_bos)
     pm_rep, pm_prefix = probe_tokens(model, cfg.prefix_seq_len, cfg.prefix_copies, cfg.n_sequences,
@@ -618,7 +619,7 @@ def _kind_probes(model: Any, cfg: InductionConfig) -> tuple[dict[str, _KindProbe
 
 
 @torch.no_grad()
-def compute(model: Any, cfg: InductionConfig) -> InductionResult:
+def compute(model: HookedModel, cfg: InductionConfig) -> InductionResult:
     """Score, ablate and label every head on every kind of sequence; follow the induction score over the
     model's checkpoints."""
     require_attention(model)

@@ -20,6 +20,7 @@ from workbench.attention_scores import induction_score, previous_token_score
 from workbench.config import check_types
 from workbench.data import repeated_sequence
 from workbench.errors import check_field
+from workbench.hooked import HookedModel
 from workbench.lens import LensMismatchError, LogitLens, logit_lens
 from workbench.plotting import captioned, heatmap, lines, table, token_heatmap
 from workbench.report import Analysis
@@ -119,7 +120,7 @@ class ModelCardResult:
         return lines_
 
 
-def _config_dict(model: Any) -> dict[str, Any]:
+def _config_dict(model: HookedModel) -> dict[str, Any]:
     cfg = model.cfg
     if hasattr(cfg, "to_dict") and callable(cfg.to_dict):
         raw = cfg.to_dict()
@@ -129,20 +130,20 @@ def _config_dict(model: Any) -> dict[str, Any]:
     return {k: raw.get(k) for k in keep}
 
 
-def _train_log(model: Any) -> tuple[dict[str, Any], ...]:
+def _train_log(model: HookedModel) -> tuple[dict[str, Any], ...]:
     folder = getattr(model, "folder", None)  # TransformerBridge models have no training log
     if folder is None or not (folder / LOG_FILE).exists():
         return ()
     return tuple(json.loads(line) for line in (folder / LOG_FILE).read_text().splitlines() if line.strip())
 
 
-def _tokens(model: Any, ids: torch.Tensor) -> tuple[str, ...]:
+def _tokens(model: HookedModel, ids: torch.Tensor) -> tuple[str, ...]:
     if model.tokenizer is None:
         return tuple(str(t) for t in ids.tolist())
     return tuple(readable_tokens(model.tokenizer, ids.tolist()))
 
 
-def _view(model: Any, label: str, tokens_1S: torch.Tensor, cfg: ModelCardConfig, with_lens: bool
+def _view(model: HookedModel, label: str, tokens_1S: torch.Tensor, cfg: ModelCardConfig, with_lens: bool
           ) -> tuple[PromptView, str]:
     L = model.cfg.n_layers
     _, cache = model.run_with_cache(tokens_1S, names_filter=lambda n: n.endswith("attn.hook_pattern"))
@@ -159,7 +160,7 @@ def _view(model: Any, label: str, tokens_1S: torch.Tensor, cfg: ModelCardConfig,
 
 
 @torch.no_grad()
-def compute(model: Any, cfg: ModelCardConfig) -> ModelCardResult:
+def compute(model: HookedModel, cfg: ModelCardConfig) -> ModelCardResult:
     """Head scores on repeated random sequences; patterns and the logit lens on each prompt."""
     L = model.cfg.n_layers
     device = next(model.parameters()).device

@@ -21,6 +21,7 @@ import torch
 
 from workbench.config import check_types
 from workbench.errors import InputError, check_field
+from workbench.hooked import HookedModel
 from workbench.numbers import finite
 from workbench.plotting import bars, captioned, histograms, lines, table
 from workbench.probes import text_batch
@@ -153,7 +154,7 @@ class SAEResult:
 
 
 @torch.no_grad()
-def _evaluate(model: Any, sae: Any, hook: str, rows: torch.Tensor) -> tuple[dict[str, float], np.ndarray]:
+def _evaluate(model: HookedModel, sae: Any, hook: str, rows: torch.Tensor) -> tuple[dict[str, float], np.ndarray]:
     stats = ReconstructionStats(sae.d_sae)
     for start in range(0, len(rows), 16):
         x = model_activations(model, rows[start:start + 16], [hook])[hook].to(sae.W_dec.device)
@@ -188,7 +189,7 @@ def score_on_known_features(cfg: SAEAnalysisConfig) -> dict[str, dict[str, float
     return out
 
 
-def compute(model: Any, cfg: SAEAnalysisConfig) -> SAEResult:
+def compute(model: HookedModel, cfg: SAEAnalysisConfig) -> SAEResult:
     """Train every SAE of `cfg.saes` on one stream, evaluate them, and build the dashboards."""
     check_hooks(model, [cfg.hook])
     if model.tokenizer is None:

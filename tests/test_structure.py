@@ -95,3 +95,24 @@ def test_nothing_unpickles_or_runs_remote_code():
                 if UNSAFE.search(line):
                     hits.append(f"{path.relative_to(ROOT)}:{i}: {line.strip()}")
     assert not hits, "loads that can run code from a user's file:\n" + "\n".join(hits)
+
+
+def test_front_end_code_lives_in_asset_files():
+    """JavaScript and CSS are .js and .css files under workbench/assets (linted, highlighted, shipped as
+    package data), not strings inside Python modules."""
+    js = re.compile(r"document\.|addEventListener|\bfunction\s*\w*\s*\([^)]*\)\s*\{|=>\s*\{")
+    css_rule = re.compile(r"[.#a-zA-Z*][\w.#:>-]*\{[a-z-]+:[^}]*\}")
+    offenders = {}
+    for pkg in PACKAGES:
+        for path in (ROOT / pkg).rglob("*.py"):
+            text = path.read_text()
+            found = len(js.findall(text)) + (len(css_rule.findall(text)) > 2)
+            if found:
+                offenders[str(path.relative_to(ROOT))] = found
+    assert not offenders, offenders
+    from workbench.assets import read_asset
+    from workbench.widgets import WIDGETS_JS
+
+    for name in ("widgets.js", "widgets.css", "report.css", "dashboard.css", "dashboard.js"):
+        assert read_asset(name).strip()
+    assert WIDGETS_JS.startswith("var WB_WIDGETS_CSS = ") and ".wb-attn{" in WIDGETS_JS

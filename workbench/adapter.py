@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from workbench.errors import InputError, WorkbenchError
+from workbench.hooked import HookedModel
 from workbench.model import Transformer
 
 NormKind = Literal["LN", "RMS", "none"]
@@ -159,13 +160,13 @@ class Architecture:
         return out
 
 
-def _is_bridge(model: Any) -> bool:
+def _is_bridge(model: HookedModel) -> bool:
     from transformer_lens.model_bridge import TransformerBridge
 
     return isinstance(model, TransformerBridge)
 
 
-def _device(model: Any) -> torch.device:
+def _device(model: HookedModel) -> torch.device:
     return next(model.parameters()).device
 
 
@@ -186,7 +187,7 @@ def _is_bridge_component(module: Any) -> bool:
     return isinstance(module, GeneralizedComponent)
 
 
-def norm_scale(model: Any, norm: Any) -> Optional[torch.Tensor]:
+def norm_scale(model: HookedModel, norm: Any) -> Optional[torch.Tensor]:
     """[D] the effective scale of a norm module (w, or 1 + w under an RMSNorm offset), fp32; None
     for no norm."""
     weight, _ = _norm_affine(norm)
@@ -220,7 +221,7 @@ def _block_norm(block: Any, name: str) -> Any:
 
 
 # -- weights ---------------------------------------------------------------------------------------------
-def _stack_heads(model: Any, attr: str, shape: tuple[int, ...]) -> torch.Tensor:
+def _stack_heads(model: HookedModel, attr: str, shape: tuple[int, ...]) -> torch.Tensor:
     """[L, ...] a per-block attention parameter, fp32; zeros where the model has none (bias-free)."""
     out = []
     for block in model.blocks:
@@ -265,7 +266,7 @@ class HeadWeights:
     """[L, G, K]"""
 
 
-def head_weights(model: Any) -> HeadWeights:
+def head_weights(model: HookedModel) -> HeadWeights:
     """Every head's W_Q, W_K, W_V, W_O and biases, unfolded; see HeadWeights."""
     arch = describe(model)
     H, G, D, K = arch.n_heads, arch.n_kv_heads, arch.d_model, arch.d_head
@@ -276,7 +277,7 @@ def head_weights(model: Any) -> HeadWeights:
                        W_K, W_V, b_K, b_V)
 
 
-def embedding_matrix(model: Any) -> torch.Tensor:
+def embedding_matrix(model: HookedModel) -> torch.Tensor:
     """[V, D] what each token writes into the residual stream before the first block (positions
     aside): W_E, through BLOOM's embedding LayerNorm, times Gemma's √d_model; fp32."""
     arch = describe(model)
@@ -288,7 +289,7 @@ def embedding_matrix(model: Any) -> torch.Tensor:
     return W_E * arch.embed_scale
 
 
-def positional_matrix(model: Any) -> Optional[torch.Tensor]:
+def positional_matrix(model: HookedModel) -> Optional[torch.Tensor]:
     """[P, D] the learned positional embedding, fp32, or None for rotary, ALiBi and no positions."""
     return model.W_pos.detach().float() if describe(model).positional == "learned" else None
 
@@ -331,7 +332,7 @@ class FoldedWeights:
         return self.W_Q.shape[0], self.W_Q.shape[1]
 
 
-def unembed(model: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def unembed(model: HookedModel) -> tuple[torch.Tensor, torch.Tensor]:
     """(W_U [D, V], b_U [V]) with ln_final folded in; fp32."""
     W_U, b_U = model.W_U.detach().float(), model.b_U.detach().float()
     final = model.ln_final
@@ -340,7 +341,7 @@ def unembed(model: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return (W_U if scale is None else scale[:, None] * W_U), b_U
 
 
-def _fold(model: Any, arch: Architecture) -> FoldedWeights:
+def _fold(model: HookedModel, arch: Architecture) -> FoldedWeights:
     hw = head_weights(model)
     W_Q, W_K, W_V, b_Q, b_K, b_V = hw.W_Q, hw.W_K, hw.W_V, hw.b_Q, hw.b_K, hw.b_V
     device = W_Q.device
@@ -363,7 +364,7 @@ def _fold(model: Any, arch: Architecture) -> FoldedWeights:
     return FoldedWeights(W_E, W_pos, W_Q, W_K, W_V, W_O, W_U, b_Q, b_K, b_V, b_U, tuple(arch.notes()))
 
 
-def folded_weights(model: Any) -> FoldedWeights:
+def folded_weights(model: HookedModel) -> FoldedWeights:
     """The model's weights with its norms folded in; an error where the fold does not reproduce the
     model's own queries, keys, values and logits (see the module docstring)."""
     arch = describe(model)
@@ -373,7 +374,7 @@ def folded_weights(model: Any) -> FoldedWeights:
 
 
 # -- activations -----------------------------------------------------------------------------------------
-def head_output_hooks(model: Any, layer: int) -> list[str]:
+def head_output_hooks(model: HookedModel, layer: int) -> list[str]:
     """Hooks `head_outputs` and `attn_bias_output` read at `layer`."""
     names = [f"blocks.{layer}.attn.hook_z"]
     if describe(model).post_norms:
@@ -381,7 +382,7 @@ def head_output_hooks(model: Any, layer: int) -> list[str]:
     return names
 
 
-def head_outputs(model: Any, layer: int, acts: dict[str, torch.Tensor], hw: Optional[HeadWeights] = None
+def head_outputs(model: HookedModel, layer: int, acts: dict[str, torch.Tensor], hw: Optional[HeadWeights] = None
                  ) -> torch.Tensor:
     """[H, B, S, D] each head's write to the residual stream at `layer`, z W_O (through a post-norm,
     with its per-token scale from `acts`); with `attn_bias_output`, sums to hook_attn_out."""
@@ -391,7 +392,7 @@ def head_outputs(model: Any, layer: int, acts: dict[str, torch.Tensor], hw: Opti
     return _post_norm(model, layer, out_HBSD, acts)
 
 
-def attn_bias_output(model: Any, layer: int, acts: dict[str, torch.Tensor], hw: Optional[HeadWeights] = None
+def attn_bias_output(model: HookedModel, layer: int, acts: dict[str, torch.Tensor], hw: Optional[HeadWeights] = None
                      ) -> torch.Tensor:
     """[B, S, D] the attention output's bias term at `layer` (zeros where it has none)."""
     hw = hw if hw is not None else head_weights(model)
@@ -400,14 +401,14 @@ def attn_bias_output(model: Any, layer: int, acts: dict[str, torch.Tensor], hw: 
     return _post_norm(model, layer, b_BSD, acts)
 
 
-def _post_norm(model: Any, layer: int, x: torch.Tensor, acts: dict[str, torch.Tensor]) -> torch.Tensor:
+def _post_norm(model: HookedModel, layer: int, x: torch.Tensor, acts: dict[str, torch.Tensor]) -> torch.Tensor:
     if not describe(model).post_norms:
         return x
     norm = _block_norm(model.blocks[layer], "ln1_post")
     return x / acts[f"blocks.{layer}.ln1_post.hook_scale"].float() * norm_scale(model, norm)
 
 
-def head_write_change(model: Any, layer: int, head: int, z_BSHK: torch.Tensor, z_new_BSK: torch.Tensor,
+def head_write_change(model: HookedModel, layer: int, head: int, z_BSHK: torch.Tensor, z_new_BSK: torch.Tensor,
                       hw: Optional[HeadWeights] = None) -> torch.Tensor:
     """[B, S, D] how the residual stream changes when one head's z becomes `z_new_BSK`, the other
     heads keeping theirs (`z_BSHK`): (z_new - z) W_O, or through Gemma 2's post-norm, the change
@@ -422,12 +423,12 @@ def head_write_change(model: Any, layer: int, head: int, z_BSHK: torch.Tensor, z
     return norm((out_BSD + delta_BSD).to(dtype)).float() - norm(out_BSD.to(dtype)).float()
 
 
-def final_norm_hooks(model: Any) -> list[str]:
+def final_norm_hooks(model: HookedModel) -> list[str]:
     """The hook with the final norm's per-token scale, if the model has a final norm."""
     return ["ln_final.hook_scale"] if describe(model).norm != "none" else []
 
 
-def apply_final_norm(model: Any, x_CBSD: torch.Tensor, acts: dict[str, torch.Tensor]) -> torch.Tensor:
+def apply_final_norm(model: HookedModel, x_CBSD: torch.Tensor, acts: dict[str, torch.Tensor]) -> torch.Tensor:
     """Components of the final residual stream, normalised with the final norm's per-token scale
     frozen at its value on the real run (no learned weight: `unembed` holds it)."""
     kind = describe(model).norm
@@ -436,7 +437,7 @@ def apply_final_norm(model: Any, x_CBSD: torch.Tensor, acts: dict[str, torch.Ten
     return normalize(x_CBSD, acts["ln_final.hook_scale"].float()[..., : x_CBSD.shape[-2], :], kind)
 
 
-def uncap_logits(model: Any, logits: torch.Tensor) -> torch.Tensor:
+def uncap_logits(model: HookedModel, logits: torch.Tensor) -> torch.Tensor:
     """Logits before the final soft-cap c·tanh(x / c) (unchanged for models without one)."""
     cap = describe(model).logit_softcap
     return logits if cap is None else cap * torch.atanh((logits.float() / cap).clamp(-1 + 1e-7, 1 - 1e-7))
@@ -444,7 +445,7 @@ def uncap_logits(model: Any, logits: torch.Tensor) -> torch.Tensor:
 
 # -- knockout --------------------------------------------------------------------------------------------
 @torch.no_grad()
-def run_with_knockout(model: Any, tokens_BS: torch.Tensor, blocked: dict[int, torch.Tensor],
+def run_with_knockout(model: HookedModel, tokens_BS: torch.Tensor, blocked: dict[int, torch.Tensor],
                       fwd_hooks: Sequence = (), method: Optional[KnockoutMethod] = None) -> torch.Tensor:
     """Logits [B, S, V] of a run in which, at each layer l of `blocked`, query s does not attend to key
     t where `blocked[l][b, s, t]` is True: the rest of each row is renormalised, exactly as if those
@@ -469,7 +470,7 @@ def run_with_knockout(model: Any, tokens_BS: torch.Tensor, blocked: dict[int, to
     return _knockout_by_recomputing_z(model, tokens_BS, blocked, list(fwd_hooks))
 
 
-def _knockout_by_recomputing_z(model: Any, tokens_BS: torch.Tensor, blocked: dict[int, torch.Tensor],
+def _knockout_by_recomputing_z(model: HookedModel, tokens_BS: torch.Tensor, blocked: dict[int, torch.Tensor],
                                fwd_hooks: list) -> torch.Tensor:
     """The knockout where the model reports its pattern only after using it (OPT and GPT-J bridges).
 
@@ -533,7 +534,7 @@ def _knockout_by_recomputing_z(model: Any, tokens_BS: torch.Tensor, blocked: dic
 
 # -- random-weights control --------------------------------------------------------------------------------
 @torch.no_grad()
-def random_control(model: Any, seed: int) -> Any:
+def random_control(model: HookedModel, seed: int) -> Any:
     """The same architecture with fresh weights drawn the way the architecture itself initialises them:
     a workbench Transformer re-built with its init and another seed; a TransformerBridge copied and
     re-initialised by its Hugging Face model's own `_init_weights` (norm weights at their init
@@ -561,7 +562,7 @@ def random_control(model: Any, seed: int) -> Any:
     return control.eval()
 
 
-def _copy(model: Any) -> Any:
+def _copy(model: HookedModel) -> Any:
     """A deep copy of a model. A bridge's attention keeps its last pattern, which still carries its
     autograd graph after a run with gradients; deepcopy refuses such tensors, so they are copied
     detached (they are overwritten on the next forward anyway)."""
@@ -577,14 +578,14 @@ def _copy(model: Any) -> Any:
 _CACHE: "weakref.WeakKeyDictionary[Any, Architecture]" = weakref.WeakKeyDictionary()
 
 
-def describe(model: Any) -> Architecture:
+def describe(model: HookedModel) -> Architecture:
     """The model's Architecture, probed once per model object (kept for as long as the model lives)."""
     if model not in _CACHE:
         _CACHE[model] = _probe(model)
     return _CACHE[model]
 
 
-def _read_config(model: Any) -> dict[str, Any]:
+def _read_config(model: HookedModel) -> dict[str, Any]:
     """Architecture fields from the model's config, before any probing."""
     cfg = model.cfg
     H = int(cfg.n_heads)
@@ -612,7 +613,7 @@ def _read_config(model: Any) -> dict[str, Any]:
         logit_softcap=cap if cap > 0 else None)
 
 
-def _tolerance(model: Any, *tensors: torch.Tensor) -> float:
+def _tolerance(model: HookedModel, *tensors: torch.Tensor) -> float:
     """An absolute tolerance for comparing recomputed activations: relative to their size, looser
     for half-precision models."""
     dtype = next(model.parameters()).dtype
@@ -621,7 +622,7 @@ def _tolerance(model: Any, *tensors: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def _probe(model: Any) -> Architecture:
+def _probe(model: HookedModel) -> Architecture:
     cfg = model.cfg
     fields_ = _read_config(model)
     L, H, V = int(cfg.n_layers), int(cfg.n_heads), int(cfg.d_vocab)
@@ -756,7 +757,7 @@ def _probe(model: Any) -> Architecture:
     return Architecture(**{**arch.__dict__, "knockout": knockout, "problems": tuple(problems.items())})
 
 
-def _verify_knockout(model: Any, arch: Architecture, tokens: torch.Tensor, acts: dict[str, torch.Tensor]
+def _verify_knockout(model: HookedModel, arch: Architecture, tokens: torch.Tensor, acts: dict[str, torch.Tensor]
                      ) -> Optional[KnockoutMethod]:
     """The first knockout edit that really removes attention: with every earlier key blocked at layer
     0, each query's z must equal its own value (a one-hot pattern)."""
@@ -794,7 +795,7 @@ def _verify_knockout(model: Any, arch: Architecture, tokens: torch.Tensor, acts:
     return None
 
 
-def effective_embedding_std(model: Any) -> float:
+def effective_embedding_std(model: HookedModel) -> float:
     """Standard deviation of the entries of what tokens write into the residual stream (the scale
     fact-recall's corruption noise is measured in)."""
     return float(embedding_matrix(model).std())

@@ -50,6 +50,18 @@ CHECKPOINTS_DIR = "checkpoints"
 LOCK_FILE = ".lock"
 OUTPUT_MARKER = ".workbench-output.json"
 """In every report or dashboard folder: what wrote it and the files it holds."""
+SAE_CFG_FILE, SAE_WEIGHTS_FILE = "cfg.json", "sae_weights.safetensors"
+"""An SAE or per-layer transcoder folder, in SAELens's layout."""
+SAE_TRAINING_WEIGHTS_FILE = "training_weights.safetensors"
+"""An SAE checkpoint's weights before the activation scale is folded in."""
+TRANSCODERS_MANIFEST = "transcoders.json"
+"""A transcoder set: its kind, model, hooks and the folder of each layer."""
+STORE_MANIFEST = "manifest.json"
+"""An activation store: its hooks, width and shards."""
+GRAPH_FILE, GRAPH_META_FILE = "graph.safetensors", "graph.json"
+"""An attribution graph: its tensors, and its prompt and metadata."""
+CIRCUIT_TRACER_CONFIG_FILE = "config.yaml"
+"""circuit-tracer's transcoder-set config (beside its layer_<l>.safetensors)."""
 FORMAT_VERSION = 1
 
 Loader = Callable[[Path, dict[str, Any], torch.device], Any]

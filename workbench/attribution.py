@@ -21,13 +21,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 
 from workbench import adapter
 from workbench.errors import InputError
+from workbench.hooked import HookedModel
 from workbench.probes import head_names, run_collect
 
 
@@ -52,7 +53,7 @@ class LogitAttribution:
 
 
 @torch.no_grad()
-def direct_logit_attribution(model: Any, tokens: torch.Tensor) -> LogitAttribution:
+def direct_logit_attribution(model: HookedModel, tokens: torch.Tensor) -> LogitAttribution:
     """Split the logit of each correct next token into per-component direct contributions."""
     arch = adapter.describe(model)
     arch.require("residual", "direct logit attribution")
@@ -84,7 +85,7 @@ Component = Literal["q", "k", "v"]
 
 
 @torch.no_grad()
-def path_patch(model: Any, tokens: torch.Tensor, other_tokens: torch.Tensor, sender: tuple[int, int],
+def path_patch(model: HookedModel, tokens: torch.Tensor, other_tokens: torch.Tensor, sender: tuple[int, int],
                receiver: tuple[int, int], component: Component,
                metric: Callable[[torch.Tensor], torch.Tensor]) -> float:
     """`metric(logits)` of a run on `tokens` in which only the `component` input (q, k or v) of the
@@ -98,7 +99,8 @@ def path_patch(model: Any, tokens: torch.Tensor, other_tokens: torch.Tensor, sen
 
 
 @torch.no_grad()
-def path_patch_many(model: Any, tokens: torch.Tensor, other_tokens: torch.Tensor, senders: Sequence[tuple[int, int]],
+def path_patch_many(model: HookedModel, tokens: torch.Tensor, other_tokens: torch.Tensor,
+                    senders: Sequence[tuple[int, int]],
                     receiver: tuple[int, int], components: Sequence[Component],
                     metric: Callable[[torch.Tensor], torch.Tensor], progress: Callable = iter
                     ) -> dict[str, np.ndarray]:

@@ -37,12 +37,12 @@ from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
 from workbench.adapter import DoesNotApplyError, describe, uncap_logits
-from workbench.artifacts import strict_json, write_output_folder
+from workbench.artifacts import GRAPH_FILE, GRAPH_META_FILE, strict_json, write_output_folder
 from workbench.errors import CheckpointError, ConfigError, InputError
+from workbench.hooked import HookedModel
 from workbench.probes import run_collect
 from workbench.sae.transcoders import Transcoders, model_name_of, output_hook, per_token
 
-GRAPH_FILE, GRAPH_META = "graph.safetensors", "graph.json"
 GRAPH_FORMAT = 2
 """2: the adjacency may be stored sparse (adjacency_index + adjacency_values); 1: always dense."""
 IDENTITY_TOL = 1e-3
@@ -192,7 +192,7 @@ class GraphConfig:
 
 
 # -- building -------------------------------------------------------------------------------------
-def _tokens(model: Any, prompt: Union[str, torch.Tensor, Sequence[int]]) -> torch.Tensor:
+def _tokens(model: HookedModel, prompt: Union[str, torch.Tensor, Sequence[int]]) -> torch.Tensor:
     """[1, S] token ids of `prompt`. Text is tokenized without special tokens and then gets the model's BOS
     first (where it has one and the text does not already start with it), as the study's default
     prompts and training rows do: the same text gives the same graph whichever way it arrives. Token
@@ -222,14 +222,14 @@ def _tokens(model: Any, prompt: Union[str, torch.Tensor, Sequence[int]]) -> torc
     return tokens
 
 
-def _token_strs(model: Any, tokens: torch.Tensor) -> list[str]:
+def _token_strs(model: HookedModel, tokens: torch.Tensor) -> list[str]:
     if model.tokenizer is None:
         return [str(int(t)) for t in tokens[0]]
     from workbench.tokenizer import readable_tokens
     return readable_tokens(model.tokenizer, tokens[0].tolist())
 
 
-def build_graph(model: Any, transcoders: Transcoders, prompt: Union[str, torch.Tensor, Sequence[int]],
+def build_graph(model: HookedModel, transcoders: Transcoders, prompt: Union[str, torch.Tensor, Sequence[int]],
                 cfg: GraphConfig = GraphConfig(), progress: bool = True) -> AttributionGraph:
     """The attribution graph of `prompt` (text or token ids) through `transcoders`."""
     transcoders.check_model(model)
@@ -439,7 +439,7 @@ def build_graph(model: Any, transcoders: Transcoders, prompt: Union[str, torch.T
     return graph
 
 
-def check_supported(model: Any) -> None:
+def check_supported(model: HookedModel) -> None:
     """DoesNotApplyError, before any transcoder is trained, for a model whose attention cannot be frozen;
     InputError for one without MLPs."""
     from workbench.sae.transcoders import mlp_layers
@@ -449,7 +449,7 @@ def check_supported(model: Any) -> None:
 
 
 @torch.no_grad()
-def _frozen_attention(model: Any, tokens: torch.Tensor) -> list[str]:
+def _frozen_attention(model: HookedModel, tokens: torch.Tensor) -> list[str]:
     """The hook_pattern names that freeze attention, after checking that they fire and that an edit there
     changes the output (a bridge that only reports its pattern after computing with its own is refused)."""
     arch = describe(model)
@@ -474,7 +474,7 @@ def _frozen_attention(model: Any, tokens: torch.Tensor) -> list[str]:
     return pattern_names
 
 
-def _starts_with_bos(model: Any, tokens: torch.Tensor) -> bool:
+def _starts_with_bos(model: HookedModel, tokens: torch.Tensor) -> bool:
     from workbench.probes import special_ids
     bos, _ = special_ids(model)
     return bos is not None and int(tokens[0, 0]) == bos
@@ -627,7 +627,7 @@ def position_influence(graph: AttributionGraph, logit: int = 0) -> dict[str, tor
 
 # -- interventions -----------------------------------------------------------------------------------
 @torch.no_grad()
-def intervene(model: Any, transcoders: Transcoders, graph: AttributionGraph, nodes: Sequence[int],
+def intervene(model: HookedModel, transcoders: Transcoders, graph: AttributionGraph, nodes: Sequence[int],
               scale: float = 0.0) -> dict[str, Any]:
     """Scale the activations of feature `nodes` by `scale` (0: ablate) in the real model, by adding
     (scale − 1)·a·(decoder) to the MLP outputs they write, and compare the change of every logit node
@@ -689,7 +689,7 @@ def intervene(model: Any, transcoders: Transcoders, graph: AttributionGraph, nod
 
 
 # -- files ---------------------------------------------------------------------------------------------
-def check_graph_model(graph: AttributionGraph, model: Any) -> None:
+def check_graph_model(graph: AttributionGraph, model: HookedModel) -> None:
     """A clear error when `graph` was not built on `model` (its logits on the prompt must match)."""
     n_layers, vocab = int(model.cfg.n_layers), int(model.cfg.d_vocab)
     ids = [*graph.tokens, *graph.logit_tokens.tolist()]
@@ -727,7 +727,7 @@ def graph_files(graph: AttributionGraph) -> dict[str, Union[str, bytes]]:
                                    "token_strs": graph.token_strs,
                                    "n_layers": graph.n_layers, "transcoders": graph.transcoders, "meta": graph.meta}),
                       indent=1, allow_nan=False)
-    return {GRAPH_FILE: tensors, GRAPH_META: meta}
+    return {GRAPH_FILE: tensors, GRAPH_META_FILE: meta}
 
 
 def save_graph(graph: AttributionGraph, folder: Union[str, Path]) -> Path:
@@ -740,14 +740,14 @@ def save_graph(graph: AttributionGraph, folder: Union[str, Path]) -> Path:
     return write_output_folder(Path(folder), "attribution graph", build)
 
 
-def load_graph(folder: Union[str, Path], model: Any = None) -> AttributionGraph:
+def load_graph(folder: Union[str, Path], model: Optional[HookedModel] = None) -> AttributionGraph:
     """A graph written by `save_graph`; with `model`, checked to belong to it."""
     folder = Path(folder)
     try:
-        meta = json.loads((folder / GRAPH_META).read_text())
+        meta = json.loads((folder / GRAPH_META_FILE).read_text())
         t = load_file(str(folder / GRAPH_FILE))
     except FileNotFoundError:
-        raise CheckpointError(f"{folder} is not an attribution graph: it needs {GRAPH_META} and "
+        raise CheckpointError(f"{folder} is not an attribution graph: it needs {GRAPH_META_FILE} and "
                               f"{GRAPH_FILE}.") from None
     except Exception as err:
         raise CheckpointError(f"The attribution graph in {folder} is damaged ({type(err).__name__}: {err}).") from err
@@ -760,7 +760,7 @@ def load_graph(folder: Union[str, Path], model: Any = None) -> AttributionGraph:
 def _graph_from_files(folder: Path, meta: Any, t: dict[str, torch.Tensor]) -> AttributionGraph:
     """The graph held by graph.json (`meta`) and graph.safetensors (`t`), each field checked for its type,
     shape and range first: a damaged file is refused here, never loaded to fail (or mislead) later."""
-    json_path, tensor_path = folder / GRAPH_META, folder / GRAPH_FILE
+    json_path, tensor_path = folder / GRAPH_META_FILE, folder / GRAPH_FILE
 
     def damaged(path: Path, what: str) -> CheckpointError:
         return CheckpointError(f"{path}: {what}; the file is damaged. Build the graph again.")

@@ -22,7 +22,7 @@ Gemma 2's post-norms), and that checks the fold reproduces the model's own queri
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Literal, Optional
 
 import torch
 from transformer_lens import FactoredMatrix
@@ -32,26 +32,6 @@ from workbench.adapter import FoldedWeights, folded_weights
 from workbench.errors import InputError
 
 __all__ = ["FoldedWeights", "folded_weights"]  # re-exported: the circuits' input type lives in the adapter
-
-
-def _norm_param(norm: Any, names: tuple[str, ...]) -> Optional[torch.Tensor]:
-    for owner in (norm, getattr(norm, "_original_component", None)):
-        for attr in names:
-            value = getattr(owner, attr, None) if owner is not None else None
-            if isinstance(value, torch.Tensor):
-                return value
-    return None
-
-
-def ln_weight(norm: Any) -> Optional[torch.Tensor]:
-    """The stored weight [D] of a normalization module, or None. Not the effective scale where
-    RMSNorm scales by 1 + w (Gemma): use `workbench.adapter.norm_scale` for that."""
-    return _norm_param(norm, ("w", "weight"))
-
-
-def ln_bias(norm: Any) -> Optional[torch.Tensor]:
-    """The learned bias [D] of a normalization module, or None."""
-    return _norm_param(norm, ("b", "bias"))
 
 
 # -- circuits ---------------------------------------------------------------------------------------

@@ -11,12 +11,12 @@ or unembedding this code cannot apply), `logit_lens` refuses instead of showing 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
 from workbench.errors import InputError, WorkbenchError
+from workbench.hooked import HookedModel
 
 
 class LensMismatchError(WorkbenchError):
@@ -40,7 +40,7 @@ class LogitLens:
 
 
 @torch.no_grad()
-def logit_lens(model: Any, tokens_1S: torch.Tensor, k: int = 5, tol: float = 1e-3) -> LogitLens:
+def logit_lens(model: HookedModel, tokens_1S: torch.Tensor, k: int = 5, tol: float = 1e-3) -> LogitLens:
     """The logit lens of one prompt [1, S] on a workbench Transformer or a TransformerBridge."""
     if tokens_1S.ndim != 2 or tokens_1S.shape[0] != 1:
         raise InputError(f"logit_lens takes one prompt of shape [1, S], got {tuple(tokens_1S.shape)}.")

@@ -22,27 +22,12 @@ from typing import Any, Union
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
+from workbench.assets import read_asset
 from workbench.plotting import caption_of
 from workbench.widgets import SECTION_FILES, WIDGETS_JS, Widget
 
-CSS = """
-*{box-sizing:border-box}
-body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:0;color:#1f2328;line-height:1.5}
-nav.side{position:fixed;top:0;left:0;bottom:0;width:250px;overflow-y:auto;background:#f6f8fa;
-  border-right:1px solid #d0d7de;padding:1em}
-nav.side a{display:block;padding:3px 6px;border-radius:4px;color:#0969da;text-decoration:none}
-nav.side a.here{background:#ddf4ff;font-weight:600}
-nav.side .small{font-size:0.85em;color:#57606a;margin-top:1em}
-main{margin-left:270px;max-width:1100px;padding:1em 2em 4em}
-h1{margin-top:0.3em}
-h2{border-bottom:1px solid #d0d7de;padding-bottom:0.2em;margin-top:2em}
-p.caption{color:#424a53;font-size:0.95em;margin:0.2em 0 1.6em;max-width:900px}
-p.intro{max-width:900px}
-table{border-collapse:collapse}td,th{border:1px solid #d0d7de;padding:2px 8px;text-align:left;vertical-align:top}
-ol.order li{margin-bottom:0.7em}
-.headline{color:#1a7f37}
-figure{margin:0}
-"""
+CSS = read_asset("report.css")
+"""The report's style sheet (workbench/assets/report.css)."""
 
 
 @dataclass(frozen=True)

@@ -8,13 +8,14 @@ hook under an alias, so activations are stored under the name that was asked for
 from __future__ import annotations
 
 import re
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from workbench.adapter import DoesNotApplyError, describe
 from workbench.data import DataConfig, build_text_data, repeated_sequence, stdlib_files
 from workbench.errors import InputError
+from workbench.hooked import HookedModel
 from workbench.model import lm_loss
 
 
@@ -23,7 +24,7 @@ def head_names(n_layers: int, n_heads: int) -> list[str]:
     return [f"L{l}H{h}" for l in range(n_layers) for h in range(n_heads)]
 
 
-def parse_head(model: Any, head: str) -> tuple[int, int]:
+def parse_head(model: HookedModel, head: str) -> tuple[int, int]:
     """(layer, head) of a name like 'L1H3', checked against the model's shape."""
     L, H = model.cfg.n_layers, model.cfg.n_heads
     match = re.fullmatch(r"\s*L(\d+)\s*H(\d+)\s*", str(head), flags=re.IGNORECASE)
@@ -36,7 +37,7 @@ def parse_head(model: Any, head: str) -> tuple[int, int]:
     return layer, index
 
 
-def require_attention(model: Any) -> None:
+def require_attention(model: HookedModel) -> None:
     """A clear error for a model with no attention heads to analyse."""
     if int(getattr(model.cfg, "n_heads", 0) or 0) < 1 or not any(
             name.endswith("attn.hook_pattern") for name in model.hook_dict):
@@ -44,7 +45,7 @@ def require_attention(model: Any) -> None:
                          "so it has no heads to analyse; use a model with attention.")
 
 
-def special_ids(model: Any) -> tuple[Optional[int], set[int]]:
+def special_ids(model: HookedModel) -> tuple[Optional[int], set[int]]:
     """(BOS id or None, ids never sampled as random tokens)."""
     tok = model.tokenizer
     if tok is None:
@@ -57,7 +58,7 @@ def special_ids(model: Any) -> tuple[Optional[int], set[int]]:
     return eos, {eos}
 
 
-def probe_tokens(model: Any, seq_len: int, n_copies: int, batch: int, seed: int, prepend_bos: bool
+def probe_tokens(model: HookedModel, seq_len: int, n_copies: int, batch: int, seed: int, prepend_bos: bool
                  ) -> tuple[torch.Tensor, int]:
     """([batch, prefix + n_copies * seq_len] random tokens repeated, prefix length), on the
     model's device, never using special ids; the prefix is the model's BOS when asked for."""
@@ -68,7 +69,7 @@ def probe_tokens(model: Any, seq_len: int, n_copies: int, batch: int, seed: int,
     return _with_prefix(model, rows, prefix), prefix
 
 
-def _probe_prefix(model: Any, seq_len: int, n_copies: int, prepend_bos: bool) -> int:
+def _probe_prefix(model: HookedModel, seq_len: int, n_copies: int, prepend_bos: bool) -> int:
     """The probe's prefix length (1 with a BOS, else 0); an error when the probe cannot fit in n_ctx."""
     bos, _ = special_ids(model)
     prefix = 1 if prepend_bos and bos is not None else 0
@@ -83,7 +84,7 @@ def _probe_prefix(model: Any, seq_len: int, n_copies: int, prepend_bos: bool) ->
     return prefix
 
 
-def _with_prefix(model: Any, rows: torch.Tensor, prefix: int) -> torch.Tensor:
+def _with_prefix(model: HookedModel, rows: torch.Tensor, prefix: int) -> torch.Tensor:
     """[B, prefix + T] rows with the model's BOS in front when prefix is 1, on the model's device."""
     if prefix:
         rows = torch.cat([torch.full((len(rows), 1), special_ids(model)[0]), rows], dim=1)
@@ -94,7 +95,7 @@ class _Collected(Exception):
     """Raised by the last hook `run_collect(..., stop_early=True)` needs, to end the forward pass there."""
 
 
-def run_collect(model: Any, tokens: torch.Tensor, keep: Sequence[str] = (), hooks: Sequence = (),
+def run_collect(model: HookedModel, tokens: torch.Tensor, keep: Sequence[str] = (), hooks: Sequence = (),
                 stop_early: bool = False) -> tuple[Optional[torch.Tensor], dict[str, torch.Tensor]]:
     """(logits, {hook name: activation}) for the hook names in `keep`, with `hooks` applied.
 
@@ -122,7 +123,7 @@ def run_collect(model: Any, tokens: torch.Tensor, keep: Sequence[str] = (), hook
     return logits, store
 
 
-def layer_hooks(model: Any, *suffixes: str) -> list[str]:
+def layer_hooks(model: HookedModel, *suffixes: str) -> list[str]:
     """blocks.<l>.<suffix> for every layer and suffix, e.g. layer_hooks(model, 'attn.hook_z')."""
     return [f"blocks.{l}.{s}" for l in range(model.cfg.n_layers) for s in suffixes]
 
@@ -149,7 +150,7 @@ def check_rows(n_rows: int, seq_len: int) -> None:
         raise InputError(f"--seq-len must be positive (the tokens per row), got {seq_len}.")
 
 
-def text_batch(model: Any, n_rows: int, seq_len: int) -> torch.Tensor:
+def text_batch(model: HookedModel, n_rows: int, seq_len: int) -> torch.Tensor:
     """[<= n_rows, seq_len] tokens of the Python standard library's source (text every machine has),
     encoded with the model's own tokenizer and cut into rows; an error if it has no tokenizer."""
     check_rows(n_rows, seq_len)
@@ -164,7 +165,7 @@ def text_batch(model: Any, n_rows: int, seq_len: int) -> torch.Tensor:
     return torch.tensor(ids[: n * seq_len], device=next(model.parameters()).device).view(n, seq_len)
 
 
-def text_rows(model: Any, source: str, n_rows: int, seq_len: int) -> torch.Tensor:
+def text_rows(model: HookedModel, source: str, n_rows: int, seq_len: int) -> torch.Tensor:
     """[<= n_rows, seq_len] token ids of the text `source` (see `workbench.data.load_text`: 'stdlib', a
     file or folder, a saved dataset, 'hub:<name>'), tokenized document by document until enough rows
     are made (streaming: the rest is never tokenized). Documents are joined by the model's EOS (its
@@ -207,7 +208,7 @@ TEXT_PROBES = ("text-distribution", "passage")
 real text (see `text_probe_tokens`)."""
 
 
-def _own_text(model: Any, split: str, n_rows: int, row_len: int) -> Optional[tuple[torch.Tensor, str]]:
+def _own_text(model: HookedModel, split: str, n_rows: int, row_len: int) -> Optional[tuple[torch.Tensor, str]]:
     """Rows of the model's own training text, split 'train' or 'val', when its folder records it."""
     if model.tokenizer is None:
         raise InputError("This model has no tokenizer, so it cannot read text; use token ids.")
@@ -222,7 +223,7 @@ def _own_text(model: Any, split: str, n_rows: int, row_len: int) -> Optional[tup
     return torch.from_numpy(rows.astype("int64")), where
 
 
-def training_text(model: Any, n_rows: int = 2000, row_len: int = 256) -> tuple[torch.Tensor, str]:
+def training_text(model: HookedModel, n_rows: int = 2000, row_len: int = 256) -> tuple[torch.Tensor, str]:
     """([<= n_rows, T] token ids, on the CPU; where they come from): the training split of the model's
     own training text when its folder records it, else the standard library's source (as
     `held_out_text`, whose rows these never overlap when both come from the model's text)."""
@@ -233,7 +234,7 @@ def training_text(model: Any, n_rows: int = 2000, row_len: int = 256) -> tuple[t
     return text_batch(model, n_rows, min(row_len, int(model.cfg.n_ctx))).cpu(), "the Python standard library's source"
 
 
-def held_out_text(model: Any, n_rows: int = 512, row_len: int = 256) -> tuple[torch.Tensor, str]:
+def held_out_text(model: HookedModel, n_rows: int = 512, row_len: int = 256) -> tuple[torch.Tensor, str]:
     """([<= n_rows, T] token ids of text, on the CPU; where it comes from).
 
     The validation split of the model's own training text when its folder records how it was
@@ -247,7 +248,7 @@ def held_out_text(model: Any, n_rows: int = 512, row_len: int = 256) -> tuple[to
     return rows, "the Python standard library's source (the model may have trained on it)"
 
 
-def text_probe_tokens(model: Any, kind: str, text_RT: torch.Tensor, seq_len: int, n_copies: int, batch: int,
+def text_probe_tokens(model: HookedModel, kind: str, text_RT: torch.Tensor, seq_len: int, n_copies: int, batch: int,
                       seed: int, prepend_bos: bool) -> tuple[torch.Tensor, int]:
     """Like `probe_tokens`, with the repeated sequence made from the text rows `text_RT` [R, T].
 

@@ -19,6 +19,7 @@ import torch
 
 from workbench import adapter
 from workbench.errors import InputError
+from workbench.hooked import HookedModel
 from workbench.probes import run_collect, special_ids
 
 COMPONENTS = {"resid": "hook_resid_post", "mlp": "hook_mlp_out", "attn": "hook_attn_out"}
@@ -42,7 +43,7 @@ class Encoded:
     target: int
 
 
-def _encode_with_offsets(model: Any, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+def _encode_with_offsets(model: HookedModel, text: str) -> tuple[list[int], list[tuple[int, int]]]:
     tok = model.tokenizer
     if hasattr(tok, "tok"):  # workbench TextCodec around a `tokenizers.Tokenizer`
         enc = tok.tok.encode(text)
@@ -51,7 +52,7 @@ def _encode_with_offsets(model: Any, text: str) -> tuple[list[int], list[tuple[i
     return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
 
 
-def encode_fact(model: Any, fact: FactPrompt, row: int = 0) -> Encoded:
+def encode_fact(model: HookedModel, fact: FactPrompt, row: int = 0) -> Encoded:
     """Tokens, subject span and target id of one fact; errors name the row."""
     if model.tokenizer is None:
         raise InputError("Fact prompts are text; this model has no tokenizer.")
@@ -73,7 +74,7 @@ def encode_fact(model: Any, fact: FactPrompt, row: int = 0) -> Encoded:
 
 
 @torch.no_grad()
-def top1_hits(model: Any, encs: list[Encoded], batch_size: int = 64) -> list[bool]:
+def top1_hits(model: HookedModel, encs: list[Encoded], batch_size: int = 64) -> list[bool]:
     """Whether the model's top-1 next token after each encoded prompt is its target (prompts of
     equal length run as one batch)."""
     by_len: dict[int, list[int]] = {}
@@ -89,7 +90,7 @@ def top1_hits(model: Any, encs: list[Encoded], batch_size: int = 64) -> list[boo
     return hits
 
 
-def recall(model: Any, facts: Sequence[Any]) -> list[bool]:
+def recall(model: HookedModel, facts: Sequence[Any]) -> list[bool]:
     """Whether the model's top-1 next token after each prompt (after the model's BOS, as every
     training document starts) is its target. `facts` are `workbench.facts.Fact`s, or anything with
     `.prompt`, `.subject` and `.target`."""
@@ -97,7 +98,7 @@ def recall(model: Any, facts: Sequence[Any]) -> list[bool]:
                              for i, f in enumerate(facts)])
 
 
-def embedding_noise_std(model: Any) -> float:
+def embedding_noise_std(model: HookedModel) -> float:
     """Standard deviation of the entries of what the tokens write into the residual stream, i.e. of
     hook_embed (the scale noise is measured in): W_E, times √d_model on Gemma, through BLOOM's
     embedding norm."""
@@ -110,7 +111,7 @@ def _prob(logits: torch.Tensor, target: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def causal_trace(model: Any, enc: Encoded, noise: float, components: tuple[str, ...] = ("resid", "mlp", "attn"),
+def causal_trace(model: HookedModel, enc: Encoded, noise: float, components: tuple[str, ...] = ("resid", "mlp", "attn"),
                  window: int = 1, n_samples: int = 3, seed: int = 0) -> dict[str, Any]:
     """{'p_clean', 'p_corrupt', component: effect [L, S]} averaged over `n_samples` noise draws.
 
@@ -168,7 +169,7 @@ def causal_trace(model: Any, enc: Encoded, noise: float, components: tuple[str, 
 
 
 @torch.no_grad()
-def attention_knockout(model: Any, enc: Encoded, positions: list[int], window: int = 1) -> tuple[float, Any]:
+def attention_knockout(model: HookedModel, enc: Encoded, positions: list[int], window: int = 1) -> tuple[float, Any]:
     """(p_clean, p [L]): p(target) when the last token cannot attend to `positions` in the layers
     [l, l + window) (row l). The knockout is the adapter's, verified to take effect on this
     architecture (an error where it cannot be)."""

@@ -14,10 +14,11 @@ import torch
 import workbench
 from analyses.circuit_tracing import CircuitTracingConfig, default_prompts
 from tests.conftest import signal_on_call, tiny_config
+from workbench.artifacts import TRANSCODERS_MANIFEST
 from workbench.attribution_graph import build_graph
 from workbench.cli import field_docs, main
 from workbench.probes import special_ids
-from workbench.sae.transcoders import MANIFEST, as_transcoders, make_transcoders
+from workbench.sae.transcoders import as_transcoders, make_transcoders
 from workbench.tokenizer import TextCodec, byte_tokenizer
 
 SETTINGS = dict(prompts=("abcdefgh abcdefg",), n_tokens=12 * 2048, compare_sae=False, eval_rows=8, d_tc=64, k=4,
@@ -57,11 +58,11 @@ def test_ctrl_c_in_the_cached_training_exits_130_and_the_next_run_continues_it(m
         assert main(_args(model_dir, tmp_path / "r1", seed=11)) == 130
     err = capsys.readouterr().err
     cached = _cache(model_dir, 11)
-    assert str(cached) in err and not (cached / MANIFEST).exists()
+    assert str(cached) in err and not (cached / TRANSCODERS_MANIFEST).exists()
     assert main(_args(model_dir, tmp_path / "r2", seed=11)) == 0
     err = capsys.readouterr().err
     assert str(cached) in err and "ontinu" in err
-    assert (cached / MANIFEST).exists()
+    assert (cached / TRANSCODERS_MANIFEST).exists()
     metrics = json.loads((tmp_path / "r2" / "metrics.json").read_text())
     assert str(cached) in json.dumps(metrics)
     log = [json.loads(line) for line in (cached / "layer_0" / "log.jsonl").read_text().splitlines()]
@@ -73,14 +74,14 @@ def test_a_killed_or_stale_run_in_the_cache_is_continued_or_restarted(model_dir,
     (killed / "layer_0").mkdir(parents=True)
     (killed / "layer_0" / "log.jsonl").write_text(json.dumps({"step": 1}) + "\n")
     assert main(_args(model_dir, tmp_path / "r1", seed=12)) == 0
-    assert (killed / MANIFEST).exists()
+    assert (killed / TRANSCODERS_MANIFEST).exists()
     stale = _cache(model_dir, 13)  # a checkpoint from other settings (an older workbench): cannot be continued
     for layer in (0, 1):
         step = stale / f"layer_{layer}" / "checkpoints" / "step_3"
         step.mkdir(parents=True)
         (step / "config.json").write_text(json.dumps({"step": 3, "train": {"n_tokens": 1}}))
     assert main(_args(model_dir, tmp_path / "r2", seed=13)) == 0
-    assert (stale / MANIFEST).exists() and "afresh" in capsys.readouterr().err
+    assert (stale / TRANSCODERS_MANIFEST).exists() and "afresh" in capsys.readouterr().err
 
 
 def test_transcoders_of_another_model_of_the_same_shape_are_refused(model_dir, tmp_path, capsys):

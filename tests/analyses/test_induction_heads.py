@@ -324,6 +324,7 @@ def llama_on_code(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_a_llama_trained_on_skewed_code_tokens_has_its_induction_head_labelled(llama_on_code):
     model = workbench.load(f"hf:{llama_on_code}", device="cpu")
     r = compute(model, InductionConfig(seq_len=20, prefix_seq_len=12, n_sequences=16))

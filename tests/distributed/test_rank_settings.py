@@ -67,7 +67,7 @@ def _sae_train(model_dir: Path, out: Path, *more: str) -> list[str]:
 
 
 @pytest.mark.parametrize("setting,values", [("--hook", ("blocks.0.hook_resid_post", "blocks.1.hook_resid_post")),
-                                            ("--d-sae", ("64", "128"))])
+                                            pytest.param("--d-sae", ("64", "128"), marks=pytest.mark.slow)])
 def test_sae_train_ranks_with_different_settings_all_stop_and_write_nothing(model_dir, tmp_path, setting, values):
     out = tmp_path / "sae"
     hooks = [["--hook", "blocks.0.hook_resid_post"]] * 2 if setting != "--hook" else [[], []]
@@ -80,6 +80,7 @@ TINY_RUN = {"model": {"n_layers": 1, "d_model": 16, "n_heads": 2, "d_head": 8, "
             "data": {"synthetic_fraction": 1.0}, "batch_size": 4, "n_steps": 4, "warmup_steps": 1, "n_checkpoints": 2}
 
 
+@pytest.mark.slow
 def test_train_ranks_with_different_settings_all_stop_and_write_nothing(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps(TINY_RUN))
     out = tmp_path / "run"
@@ -97,6 +98,7 @@ def test_transcoder_train_refuses_to_run_under_torchrun(model_dir, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_ranks_that_differ_only_in_device_or_progress_bar_train_together(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps(TINY_RUN))
     out = tmp_path / "run"

@@ -17,11 +17,11 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import tiny_config
+from workbench.artifacts import CIRCUIT_TRACER_CONFIG_FILE
 from workbench.cli import main
 from workbench.errors import CheckpointError, InputError
 from workbench.model import Transformer
 from workbench.sae.circuit_tracer_format import (
-    CONFIG_FILE,
     FORMAT_VERSION,
     THRESHOLD,
     export_circuit_tracer,
@@ -67,7 +67,7 @@ def circuit_tracer_forward(w: dict[str, torch.Tensor], x: torch.Tensor) -> tuple
 def test_the_files_compute_what_the_transcoders_compute(model, tmp_path, arch, skip):
     tc = _set(model, arch, skip)
     folder = export_circuit_tracer(tc, tmp_path / "ct")
-    config = yaml.safe_load((folder / CONFIG_FILE).read_text())
+    config = yaml.safe_load((folder / CIRCUIT_TRACER_CONFIG_FILE).read_text())
     assert config["model_kind"] == "transcoder_set" and config["workbench_format"] == FORMAT_VERSION
     assert config["transcoders"] == ["layer_0.safetensors", "layer_1.safetensors"]  # strings, in layer order
     assert config["feature_input_hook"] == "mlp.hook_in" and config["feature_output_hook"] == "hook_mlp_out"
@@ -129,7 +129,7 @@ def _circuit_tracer_folder(folder, tc: Transcoders, config: dict) -> None:
         save_file({k: v.detach().contiguous() for k, v in w.items()}, str(folder / f"tc{l}.safetensors"))
     base = {"model_kind": "transcoder_set", "feature_input_hook": "mlp.hook_in", "feature_output_hook": "hook_mlp_out",
             "scan": "mine", "transcoders": ["tc0.safetensors", "tc1.safetensors"]}
-    (folder / CONFIG_FILE).write_text(yaml.safe_dump({**base, **config}))
+    (folder / CIRCUIT_TRACER_CONFIG_FILE).write_text(yaml.safe_dump({**base, **config}))
 
 
 def test_circuit_tracers_own_files_are_read(model, tmp_path):
@@ -179,6 +179,6 @@ def test_damaged_layer_files_are_refused(model, tmp_path):
     path.write_bytes(b"not safetensors")
     with pytest.raises(CheckpointError, match="could not be read"):
         load_circuit_tracer(tmp_path / "ct")
-    (tmp_path / "ct" / CONFIG_FILE).write_text("transcoders: [unclosed")
+    (tmp_path / "ct" / CIRCUIT_TRACER_CONFIG_FILE).write_text("transcoders: [unclosed")
     with pytest.raises(CheckpointError, match="YAML"):
         load_circuit_tracer(tmp_path / "ct")

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import signal_on_call, tiny_train_config
-from workbench.artifacts import list_checkpoints
+from workbench.artifacts import SAE_TRAINING_WEIGHTS_FILE, list_checkpoints
 from workbench.cli import main
 from workbench.errors import CheckpointError, TrainingDiverged
 from workbench.runs import TrainingInterrupted
@@ -267,7 +267,7 @@ def test_an_sae_whose_weights_blow_up_keeps_the_previous_good_checkpoint(tiny_gp
     code, err = cli(capsys, *sae_train(tiny_gpt2, "--text", str(docs), "--lr", "1e30", "--out", str(out)))
     assert_error_line(code, err, r"last good checkpoint")
     for _, folder in list_checkpoints(out):
-        assert _largest(load_file(str(folder / sae_training.TRAINING_WEIGHTS)).values()) < 1e6, folder
+        assert _largest(load_file(str(folder / SAE_TRAINING_WEIGHTS_FILE)).values()) < 1e6, folder
     assert not (out / "cfg.json").exists()
 
 

@@ -436,6 +436,7 @@ def test_compiled_training_matches_eager_and_writes_the_same_files(tmp_path):
         torch.testing.assert_close(compiled.state_dict()[name], value, atol=1e-4, rtol=1e-4, msg=name)
 
 
+@pytest.mark.slow
 def test_compile_without_a_cpp_compiler_is_an_error_line(tmp_path):
     """`workbench train --compile` on a machine with no working C++ compiler: one error line naming the
     fix, exit code 2, no traceback. A fresh inductor cache, so that no kernel built earlier is reused."""

@@ -14,13 +14,13 @@ from safetensors.torch import load_file, save_file
 import workbench
 from tests.conftest import tiny_config
 from workbench.adapter import describe
+from workbench.artifacts import TRANSCODERS_MANIFEST
 from workbench.attribution_graph import build_graph, load_graph, save_graph
 from workbench.cli import main
 from workbench.errors import CheckpointError, InputError, WorkbenchError
 from workbench.model import Transformer
 from workbench.probes import special_ids
 from workbench.sae.transcoders import (
-    MANIFEST,
     as_transcoders,
     load_transcoders,
     make_transcoders,
@@ -64,13 +64,13 @@ def _manifest_copy(tc_folder: Path, tmp_path: Path, **changes) -> Path:
 
     folder = tmp_path / "copy"
     shutil.copytree(tc_folder, folder)
-    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest = json.loads((folder / TRANSCODERS_MANIFEST).read_text())
     for key, value in changes.items():
         if value is REMOVE:
             manifest.pop(key, None)
         else:
             manifest[key] = value
-    (folder / MANIFEST).write_text(json.dumps(manifest))
+    (folder / TRANSCODERS_MANIFEST).write_text(json.dumps(manifest))
     return folder
 
 

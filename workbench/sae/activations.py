@@ -24,15 +24,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from workbench.artifacts import atomic_write_json, write_output_folder
+from workbench.artifacts import STORE_MANIFEST, atomic_write_json, write_output_folder
 from workbench.errors import CheckpointError, HookNameError, InputError, unknown_name_message
+from workbench.hooked import HookedModel
 from workbench.probes import run_collect, special_ids
 
 Batch = dict[str, torch.Tensor]
-MANIFEST = "manifest.json"
 
 
-def check_hooks(model: Any, hooks: Sequence[str]) -> None:
+def check_hooks(model: HookedModel, hooks: Sequence[str]) -> None:
     """A clear error, with the nearest names, for a hook the model does not have."""
     for hook in hooks:
         if hook not in model.hook_dict:
@@ -41,7 +41,7 @@ def check_hooks(model: Any, hooks: Sequence[str]) -> None:
 
 
 @torch.no_grad()
-def model_activations(model: Any, tokens: torch.Tensor, hooks: Sequence[str], skip_first: int = 1,
+def model_activations(model: HookedModel, tokens: torch.Tensor, hooks: Sequence[str], skip_first: int = 1,
                       exclude: Optional[Sequence[int]] = None) -> Batch:
     """{hook: [rows * (positions - skip_first), d]} from one forward pass over `tokens` [rows, S].
     The first `skip_first` positions (the BOS, whose activations are outliers) are left out, and so
@@ -79,7 +79,7 @@ def usable_positions(token_rows: torch.Tensor, skip_first: int = 1, exclude: Opt
     return body.numel()
 
 
-def stream_activations(model: Any, token_rows: torch.Tensor, hooks: Sequence[str], batch_size: int = 4096,
+def stream_activations(model: HookedModel, token_rows: torch.Tensor, hooks: Sequence[str], batch_size: int = 4096,
                        rows_per_forward: int = 32, buffer_batches: int = 8, seed: int = 0,
                        skip_first: int = 1, loop: bool = True, exclude_special: bool = True) -> Iterator[Batch]:
     """Batches of activations at `hooks`, mixed across sequences by a shuffling buffer of
@@ -123,7 +123,7 @@ def stream_activations(model: Any, token_rows: torch.Tensor, hooks: Sequence[str
                    special)
 
 
-def _stream(model: Any, token_rows: torch.Tensor, hooks: Sequence[str], batch_size: int, rows_per_forward: int,
+def _stream(model: HookedModel, token_rows: torch.Tensor, hooks: Sequence[str], batch_size: int, rows_per_forward: int,
             buffer_batches: int, seed: int, skip_first: int, loop: bool, special: Optional[Sequence[int]]
             ) -> Iterator[Batch]:
     """The generator behind `stream_activations`, once its arguments are checked."""
@@ -185,11 +185,11 @@ class ActivationStore:
     def __init__(self, folder: Union[str, Path]):
         self.folder = Path(folder)
         try:
-            self.manifest = json.loads((self.folder / MANIFEST).read_text())
+            self.manifest = json.loads((self.folder / STORE_MANIFEST).read_text())
         except FileNotFoundError as err:
-            raise CheckpointError(f"{self.folder} is not an activation store: no {MANIFEST}.") from err
+            raise CheckpointError(f"{self.folder} is not an activation store: no {STORE_MANIFEST}.") from err
         except json.JSONDecodeError as err:
-            raise CheckpointError(f"{self.folder / MANIFEST} is damaged ({err}); rebuild the store.") from err
+            raise CheckpointError(f"{self.folder / STORE_MANIFEST} is damaged ({err}); rebuild the store.") from err
         self._check_manifest()
         self.hooks: list[str] = self.manifest["hooks"]
         self.d: dict[str, int] = self.manifest["d"]
@@ -198,7 +198,7 @@ class ActivationStore:
     def _check_manifest(self) -> None:
         """A CheckpointError, naming the field, for a manifest this class did not write: missing or mistyped
         fields, a shard file outside the store folder, or no activations at all."""
-        where, m = self.folder / MANIFEST, self.manifest
+        where, m = self.folder / STORE_MANIFEST, self.manifest
 
         def bad(what: str) -> CheckpointError:
             return CheckpointError(f"{where} is not a valid activation store manifest: {what}. Rebuild the store "
@@ -224,7 +224,8 @@ class ActivationStore:
                 raise CheckpointError(f"{where} lists the shard file {shard['file']!r}, which is not inside the store "
                                       f"folder {self.folder}; a shard must be a file inside it. Rebuild the store.")
         if not any(s["rows"] for s in shards):
-            raise CheckpointError(f"{self.folder} holds no activations: {MANIFEST} lists no shard with rows in it. "
+            raise CheckpointError(f"{self.folder} holds no activations: {STORE_MANIFEST} lists no shard with rows in "
+                                  "it. "
                                   "Rebuild the store (`workbench sae cache`).")
 
     @property
@@ -269,7 +270,7 @@ class ActivationStore:
                 raise InputError("No activations to store: the source was empty.")
             if have:
                 flush()
-            atomic_write_json(tmp / MANIFEST, {"kind": "workbench.ActivationStore", "hooks": hooks, "d": d,
+            atomic_write_json(tmp / STORE_MANIFEST, {"kind": "workbench.ActivationStore", "hooks": hooks, "d": d,
                                                "shards": shards})
 
         return cls(write_output_folder(Path(folder), "activation store", build))
@@ -281,7 +282,7 @@ class ActivationStore:
         if path.stat().st_size != shard["bytes"] or (
                 verify and hashlib.sha256(path.read_bytes()).hexdigest() != shard["sha256"]):
             raise CheckpointError(f"Activation shard {path} is corrupt (its size or checksum does not match "
-                                  f"{MANIFEST}); delete the store and cache the activations again.")
+                                  f"{STORE_MANIFEST}); delete the store and cache the activations again.")
         try:
             return safe_open(str(path), framework="pt")
         except Exception as err:
@@ -308,12 +309,13 @@ class ActivationStore:
                 missing = [h for h in hooks if h not in fh.keys()]
                 if missing:
                     raise CheckpointError(f"Activation shard {self.folder / shards[i]['file']} has no {missing[0]!r}, "
-                                          f"which {MANIFEST} lists; rebuild the store.")
+                                          f"which {STORE_MANIFEST} lists; rebuild the store.")
                 data = {h: fh.get_tensor(h) for h in hooks}
             for h, t in data.items():  # what a reader sizes itself by must be what it gets
                 if tuple(t.shape) != (shards[i]["rows"], self.d[h]):
                     raise CheckpointError(f"Activation shard {self.folder / shards[i]['file']} holds {h} as "
-                                          f"{list(t.shape)}, but {MANIFEST} says {shards[i]['rows']} rows of width "
+                                          f"{list(t.shape)}, but {STORE_MANIFEST} says {shards[i]['rows']} rows "
+                                          "of width "
                                           f"d = {self.d[h]}; rebuild the store.")
             self._verified.add(shards[i]["file"])
             return data

@@ -25,19 +25,19 @@ join the paths to it). `workbench_format` in the config keeps this layout's vers
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from workbench.artifacts import write_output_folder
+from workbench.artifacts import CIRCUIT_TRACER_CONFIG_FILE, write_output_folder
 from workbench.errors import CheckpointError, InputError
+from workbench.hooked import HookedModel
 from workbench.sae.modules import SAEConfig, make_sae
 from workbench.sae.transcoders import Transcoders, input_hook, mlp_input_hooks, output_hook
 
-CONFIG_FILE = "config.yaml"
 FORMAT_VERSION = 2
 """1: the first export (W_enc [d_model, d_tc], `{layer, path}` entries, W_skip as x @ W_skip), which
 circuit-tracer could not load; 2: circuit-tracer 0.5's own layout."""
@@ -113,14 +113,14 @@ def export_circuit_tracer(tc: Transcoders, folder: Union[str, Path]) -> Path:
     def build(tmp: Path) -> None:
         for l, tensors in enumerate(layers):
             save_file(tensors, str(tmp / layer_file(l)))
-        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
+        (tmp / CIRCUIT_TRACER_CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
 
     needed = sum(v.numel() * v.element_size() for tensors in layers for v in tensors.values())
     return write_output_folder(Path(folder), "circuit-tracer transcoders", build, needed_bytes=needed)
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
-    path = folder / CONFIG_FILE
+    path = folder / CIRCUIT_TRACER_CONFIG_FILE
     try:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
@@ -134,7 +134,7 @@ def _read_config(folder: Path) -> dict[str, Any]:
 
 def _layer_paths(folder: Path, config: dict[str, Any]) -> list[Path]:
     """Each layer's file, inside `folder` (circuit-tracer's list of paths, one per layer)."""
-    where = folder / CONFIG_FILE
+    where = folder / CIRCUIT_TRACER_CONFIG_FILE
     if config.get("model_kind") != "transcoder_set":
         raise CheckpointError(f"{where}: model_kind {config.get('model_kind')!r} is not 'transcoder_set'; the "
                               "workbench reads circuit-tracer's per-layer transcoder sets only (not cross-layer "
@@ -162,14 +162,15 @@ def _layer_paths(folder: Path, config: dict[str, Any]) -> list[Path]:
     return out
 
 
-def load_circuit_tracer(folder: Union[str, Path], model: Any = None, model_name: str = "") -> Transcoders:
+def load_circuit_tracer(folder: Union[str, Path], model: Optional[HookedModel] = None,
+                        model_name: str = "") -> Transcoders:
     """circuit-tracer's per-layer ReLU or JumpReLU transcoder files (as `export_circuit_tracer` writes
     them, or circuit-tracer's own) as workbench `Transcoders`. With `model`, the input hooks are that
     model's MLP inputs (ln1's output on GPT-J and Phi); without, ln2's."""
     folder = Path(folder)
     config = _read_config(folder)
     paths = _layer_paths(folder, config)
-    where = folder / CONFIG_FILE
+    where = folder / CIRCUIT_TRACER_CONFIG_FILE
     hook_in, hook_out = config.get("feature_input_hook"), config.get("feature_output_hook")
     if hook_in != INPUT_HOOK:
         raise CheckpointError(
@@ -193,7 +194,8 @@ def _layer(path: Path, layer: int, hook: str, model_name: str):
     try:
         w = load_file(str(path))
     except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing (listed for layer {layer} in {CONFIG_FILE}).") from None
+        raise CheckpointError(f"{path} is missing (listed for layer {layer} in "
+                              f"{CIRCUIT_TRACER_CONFIG_FILE}).") from None
     except (OSError, SafetensorError, ValueError) as err:
         raise CheckpointError(f"{path} could not be read as safetensors ({err}).") from err
     for key in ("log_thresholds", "threshold"):

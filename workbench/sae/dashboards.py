@@ -11,7 +11,7 @@ import html
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -19,6 +19,8 @@ from tqdm.auto import tqdm
 
 from workbench.adapter import describe, unembed
 from workbench.artifacts import write_output_folder
+from workbench.assets import read_asset
+from workbench.hooked import HookedModel
 from workbench.sae.activations import check_hooks, model_activations
 from workbench.sae.modules import SAE
 from workbench.tokenizer import readable_tokens
@@ -50,7 +52,7 @@ class FeatureData:
 
 
 @torch.no_grad()
-def collect_feature_data(model: Any, sae: SAE, token_rows: torch.Tensor, hook_name: Optional[str] = None,
+def collect_feature_data(model: HookedModel, sae: SAE, token_rows: torch.Tensor, hook_name: Optional[str] = None,
                          features: Optional[list[int]] = None, top_n: int = 12, n_sample: int = 200,
                          rows_per_forward: int = 16, seed: int = 0, progress: bool = True) -> FeatureData:
     """One pass over `token_rows` [rows, seq_len] (position 0, the BOS, is never counted)."""
@@ -113,10 +115,10 @@ def collect_feature_data(model: Any, sae: SAE, token_rows: torch.Tensor, hook_na
 
 
 # -- rendering ------------------------------------------------------------------------------------------
-STYLE = ("body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em}"
-         "table{border-collapse:collapse}td,th{border:1px solid #ddd;padding:2px 8px}th{cursor:pointer}"
-         ".ctx{font-family:monospace;white-space:pre-wrap;margin:2px 0;padding:2px;border-bottom:1px solid #eee}"
-         ".tok{border-radius:2px}.up{color:#1a7f37}.down{color:#cf222e}")
+STYLE = read_asset("dashboard.css")
+SORT_SCRIPT = read_asset("dashboard.js")
+"""The dashboards' style sheet and the index's sorting script (workbench/assets/dashboard.css, .js),
+inlined into each page so that it works from the disk alone."""
 
 
 def _context(data: FeatureData, j: int, where: int, width: int = 10) -> str:
@@ -178,11 +180,7 @@ def index_page(data: FeatureData, title: str, selection: str) -> str:
         f"<td>{max(float(data.top_values[j, 0]), 0.0):.4f}</td>"
         f"<td>{html.escape(', '.join(t for t, _ in data.logit_up[j][:5]))}</td></tr>"
         for j, f in enumerate(data.features))
-    script = ("function sortBy(c){const t=document.getElementById('f');const r=[...t.rows].slice(1);"
-              "const d=t.dataset.dir==c?-1:1;t.dataset.dir=d==1?c:'';"
-              "r.sort((a,b)=>{const x=a.cells[c].innerText,y=b.cells[c].innerText;"
-              "const nx=parseFloat(x),ny=parseFloat(y);"
-              "return (isNaN(nx)?x.localeCompare(y):nx-ny)*d});r.forEach(e=>t.tBodies[0].appendChild(e));}")
+    script = SORT_SCRIPT
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{STYLE}</style><script>{script}</script></head><body><h1>{html.escape(title)}</h1>"
             f"<p>{_coverage(data, selection)} Click a column to sort.</p>"

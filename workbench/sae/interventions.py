@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from workbench.errors import InputError
+from workbench.hooked import HookedModel
 from workbench.model import lm_loss
 from workbench.numbers import ratio
 from workbench.sae.modules import SAE
@@ -60,7 +61,7 @@ def feature_hook(sae: SAE, feature: int, scale: float = 0.0, add: float = 0.0, k
 
 
 @torch.no_grad()
-def logit_change(model: Any, tokens: torch.Tensor, hook_name: str, hook: Hook, top: int = 10
+def logit_change(model: HookedModel, tokens: torch.Tensor, hook_name: str, hook: Hook, top: int = 10
                  ) -> dict[str, Any]:
     """The intervention's change to the next-token logits at the last position: the largest rises
     and falls, by token."""
@@ -79,7 +80,7 @@ noise (an ablation the model hardly notices) and the ratio is reported as None."
 
 
 @torch.no_grad()
-def downstream_metrics(model: Any, sae: SAE, tokens: torch.Tensor, hook_name: Optional[str] = None
+def downstream_metrics(model: HookedModel, sae: SAE, tokens: torch.Tensor, hook_name: Optional[str] = None
                        ) -> dict[str, Optional[float]]:
     """Next-token loss clean, with the SAE spliced in, with the hook zero-ablated and mean-ablated;
     CE loss recovered against each ablation, (CE_ablated − CE_sae) / (CE_ablated − CE_clean), None

@@ -27,13 +27,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from workbench.artifacts import atomic_write_json, staged_files
+from workbench.artifacts import SAE_CFG_FILE, SAE_WEIGHTS_FILE, atomic_write_json, staged_files
 from workbench.config import check_types
 from workbench.distributed import Dist
 from workbench.errors import CheckpointError, ConfigError, InputError, check_field, unknown_name_message
 from workbench.sae.kernels import sparse_code, topk_indices
-
-CFG_FILE, WEIGHTS_FILE = "cfg.json", "sae_weights.safetensors"
 
 
 @dataclass(frozen=True)
@@ -440,8 +438,8 @@ def save_sae(sae: SAE, folder: Union[str, Path], extra: Optional[dict[str, Any]]
                         "workbench": {"config": sae.cfg.to_dict(), **(extra or {})}}}
     tensors = {k: v.contiguous().to(dtype).cpu() for k, v in weights.items()}
     with staged_files(folder, sum(t.numel() * t.element_size() for t in tensors.values())) as stage:
-        save_file(tensors, str(stage(WEIGHTS_FILE)))
-        atomic_write_json(stage(CFG_FILE), cfg)  # last: it marks the folder complete
+        save_file(tensors, str(stage(SAE_WEIGHTS_FILE)))
+        atomic_write_json(stage(SAE_CFG_FILE), cfg)  # last: it marks the folder complete
     return folder
 
 
@@ -449,10 +447,11 @@ def load_sae(folder: Union[str, Path], device: Union[str, torch.device] = "cpu")
     """An SAE from a SAELens-layout folder (written by SAELens or by `save_sae`)."""
     folder = Path(folder)
     try:
-        cfg = json.loads((folder / CFG_FILE).read_text())
-        weights = load_file(str(folder / WEIGHTS_FILE))
+        cfg = json.loads((folder / SAE_CFG_FILE).read_text())
+        weights = load_file(str(folder / SAE_WEIGHTS_FILE))
     except FileNotFoundError as err:
-        raise CheckpointError(f"{folder} is not an SAE folder: it needs {CFG_FILE} and {WEIGHTS_FILE}.") from err
+        raise CheckpointError(f"{folder} is not an SAE folder: it needs {SAE_CFG_FILE} and "
+                              f"{SAE_WEIGHTS_FILE}.") from err
     except Exception as err:  # a bad JSON file, or safetensors' own error types for a damaged weights file
         raise CheckpointError(f"Could not read the SAE in {folder} ({type(err).__name__}: {err}); the files are "
                               "damaged or not an SAE.") from err
@@ -462,7 +461,8 @@ def load_sae(folder: Union[str, Path], device: Union[str, torch.device] = "cpu")
     arch = cfg.get("architecture")
     known = {"standard": "relu", "relu": "relu", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "batchtopk"}
     if arch not in known:
-        raise CheckpointError(unknown_name_message("SAE architecture in " + str(folder / CFG_FILE), str(arch), known))
+        raise CheckpointError(unknown_name_message("SAE architecture in " + str(folder / SAE_CFG_FILE), str(arch),
+                                                   known))
     meta = cfg.get("metadata") or {}
     own = (meta.get("workbench") or {}).get("config") or {}
     valid = {f.name for f in fields(SAEConfig)}
@@ -479,9 +479,9 @@ def load_sae(folder: Union[str, Path], device: Union[str, torch.device] = "cpu")
     for key, shape in expected.items():
         if key not in weights or tuple(weights[key].shape) != shape:
             got = tuple(weights[key].shape) if key in weights else "missing"
-            raise CheckpointError(f"{folder / WEIGHTS_FILE}: {key} should have shape {shape}, got {got}.")
+            raise CheckpointError(f"{folder / SAE_WEIGHTS_FILE}: {key} should have shape {shape}, got {got}.")
     if not sae.cfg.is_transcoder:  # a transcoder's b_dec is an output bias, never applied to the input
-        weights = _fold_saelens_options(folder / CFG_FILE, cfg, known[arch], weights)
+        weights = _fold_saelens_options(folder / SAE_CFG_FILE, cfg, known[arch], weights)
     with torch.no_grad():
         for key in ("W_enc", "b_enc", "W_dec", "b_dec") + (("W_skip",) if sae.cfg.skip else ()):
             getattr(sae, key).copy_(weights[key])

@@ -37,6 +37,9 @@ from tqdm.auto import tqdm
 from workbench.artifacts import (
     CHECKPOINTS_DIR,
     LOG_FILE,
+    SAE_CFG_FILE,
+    SAE_TRAINING_WEIGHTS_FILE,
+    SAE_WEIGHTS_FILE,
     append_log,
     atomic_write_json,
     list_checkpoints,
@@ -53,12 +56,11 @@ from workbench.errors import CheckpointError, ConfigError, InputError, TrainingD
 from workbench.runs import StopRequest, TrainingInterrupted, config_diff, refuse_changed_config, refuse_foreign
 from workbench.sae.activations import Batch
 from workbench.sae.metrics import ReconstructionStats
-from workbench.sae.modules import CFG_FILE, SAE, WEIGHTS_FILE, SAEConfig, geometric_median, make_sae, save_sae
+from workbench.sae.modules import SAE, SAEConfig, geometric_median, make_sae, save_sae
 from workbench.train import fused_adam, param_norms, weights_problem
 
 __all__ = ["SAETrainConfig", "TrainingDiverged", "train_sae", "train_saes"]
-TRAINING_WEIGHTS = "training_weights.safetensors"
-RUN_FILES = {LOG_FILE, CHECKPOINTS_DIR, CFG_FILE, WEIGHTS_FILE}
+RUN_FILES = {LOG_FILE, CHECKPOINTS_DIR, SAE_CFG_FILE, SAE_WEIGHTS_FILE}
 """What an SAE run writes at the top of its folder."""
 
 
@@ -189,7 +191,7 @@ class _Trainer:
 
         def write(tmp: Path) -> None:
             save_file({k: v.detach().contiguous().cpu() for k, v in self.sae.state_dict().items()},
-                      str(tmp / TRAINING_WEIGHTS))
+                      str(tmp / SAE_TRAINING_WEIGHTS_FILE))
             write_state(tmp, {"optimizer": self.opt.state_dict(), "since_fired": self.since_fired,
                               "scale": self.scale, "scale_out": self.scale_out, "step": self.step,
                               "stats": dict(vars(self.stats))})  # the log's running sums, so it resumes exactly
@@ -221,9 +223,9 @@ class _Trainer:
                                   f"{'; '.join(diff)}. Resume with the same data, or start a new run in another "
                                   "folder.")
         try:
-            weights = load_file(str(folder / TRAINING_WEIGHTS))
+            weights = load_file(str(folder / SAE_TRAINING_WEIGHTS_FILE))
         except Exception as err:  # safetensors raises its own error types for a damaged file
-            raise CheckpointError(f"{folder / TRAINING_WEIGHTS} is damaged ({err}). Move {folder} out of "
+            raise CheckpointError(f"{folder / SAE_TRAINING_WEIGHTS_FILE} is damaged ({err}). Move {folder} out of "
                                   f"{folder.parent} to resume from the checkpoint before it.") from err
         state = read_state(folder)
         self.sae.load_state_dict(weights)
@@ -356,7 +358,7 @@ def _out_for(out: Optional[Path], name: str, many: bool) -> Optional[Path]:
 def _check_fresh(t: _Trainer, hint: str) -> None:
     if t.out is None or not t.out.exists():
         return
-    if (t.out / CFG_FILE).exists():
+    if (t.out / SAE_CFG_FILE).exists():
         raise InputError(f"{t.out} already holds a trained SAE; nothing was overwritten. Choose another --out.")
     if list_checkpoints(t.out) or (t.out / LOG_FILE).exists():
         raise InputError(f"{t.out} holds an unfinished SAE run; continue it with {hint}, or choose another --out.")
@@ -371,7 +373,7 @@ def _resume_all(trainers: list[_Trainer]) -> list[_Trainer]:
 
     todo = []
     for t in trainers:
-        if t.out is not None and (t.out / CFG_FILE).exists():
+        if t.out is not None and (t.out / SAE_CFG_FILE).exists():
             own_load = getattr(type(t.sae), "load", None)  # dictionaries with their own file layout
             done = own_load(t.out) if own_load is not None else load_sae(t.out)
             t.sae.load_state_dict(done.to(_device(t.sae)).state_dict())

@@ -39,13 +39,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from workbench.artifacts import atomic_write_json, open_modes
+from workbench.artifacts import SAE_CFG_FILE, SAE_WEIGHTS_FILE, TRANSCODERS_MANIFEST, atomic_write_json, open_modes
 from workbench.distributed import Dist
 from workbench.errors import CheckpointError, InputError
+from workbench.hooked import HookedModel
 from workbench.sae.modules import (
-    CFG_FILE,
     SAE,
-    WEIGHTS_FILE,
     SAEConfig,
     TrainOut,
     _JumpReLU,
@@ -56,7 +55,6 @@ from workbench.sae.modules import (
     save_sae,
 )
 
-MANIFEST = "transcoders.json"
 CLT_INPUT, CLT_TARGET = "clt.inputs", "clt.targets"
 """Batch keys of a cross-layer transcoder: every layer's MLP input (and output), concatenated."""
 
@@ -76,7 +74,7 @@ def output_hook(layer: int) -> str:
     return f"blocks.{layer}.hook_mlp_out"
 
 
-def mlp_layers(model: Any) -> list[int]:
+def mlp_layers(model: HookedModel) -> list[int]:
     """Every layer's index, or a clear error for a model whose blocks have no MLP (or no ln2 hook)."""
     n_layers = int(model.cfg.n_layers)
     missing = [l for l in range(n_layers) if output_hook(l) not in model.hook_dict]
@@ -88,7 +86,7 @@ def mlp_layers(model: Any) -> list[int]:
     return list(range(n_layers))
 
 
-def mlp_input_hooks(model: Any) -> list[str]:
+def mlp_input_hooks(model: HookedModel) -> list[str]:
     """Each layer's MLP input hook (see `input_hook`), or a clear error where there is none."""
     from workbench.adapter import describe
 
@@ -104,7 +102,7 @@ def mlp_input_hooks(model: Any) -> list[str]:
     return hooks
 
 
-def model_name_of(model: Any) -> str:
+def model_name_of(model: HookedModel) -> str:
     """The model's name, as transcoder sets and graphs record it: its folder's name (a shipped or trained
     model: 'gelu-2l'), else the last part of its config's model_name (a Hugging Face model: 'gpt2' for
     hf:gpt2, hf:openai-community/gpt2 or hf:/path/to/gpt2); '' for a model with neither."""
@@ -263,15 +261,15 @@ class CrossLayerTranscoder(nn.Module):
         """cfg.json + sae_weights.safetensors (weights first, then the config, each renamed into place)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / CFG_FILE).unlink(missing_ok=True)
+        (folder / SAE_CFG_FILE).unlink(missing_ok=True)
         weights = {"W_enc": self.W_enc, "b_enc": self.b_enc, "b_dec": self.b_dec,
                    **{f"W_dec.{l}": w for l, w in enumerate(self.W_dec_layers)},
                    **({"threshold": self.threshold} if self.cfg.arch == "jumprelu" else {})}
-        tmp = folder / f".{WEIGHTS_FILE}.tmp{os.getpid()}"
+        tmp = folder / f".{SAE_WEIGHTS_FILE}.tmp{os.getpid()}"
         save_file({k: v.detach().contiguous().float().cpu() for k, v in weights.items()}, str(tmp))
         open_modes(tmp)  # safetensors writes 0600; the weights get the mode of the JSON beside them
-        os.replace(tmp, folder / WEIGHTS_FILE)
-        atomic_write_json(folder / CFG_FILE, {"architecture": "cross_layer_transcoder", "n_layers": self.n_layers,
+        os.replace(tmp, folder / SAE_WEIGHTS_FILE)
+        atomic_write_json(folder / SAE_CFG_FILE, {"architecture": "cross_layer_transcoder", "n_layers": self.n_layers,
                                               "input_hooks": self.input_hooks,
                                               "d_model": self.d_model, "d_transcoder": self.d_tc,
                                               "metadata": {"model_name": self.cfg.model_name,
@@ -282,19 +280,20 @@ class CrossLayerTranscoder(nn.Module):
     @classmethod
     def load(cls, folder: Union[str, Path]) -> "CrossLayerTranscoder":
         folder = Path(folder)
-        cfg = _read_json(folder / CFG_FILE)
+        cfg = _read_json(folder / SAE_CFG_FILE)
         try:
             own = SAEConfig(**cfg["metadata"]["workbench"]["config"])
             n_layers, hooks = cfg["n_layers"], cfg.get("input_hooks")
             if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
-                raise CheckpointError(f"{folder / CFG_FILE}: n_layers should be a positive integer, got {n_layers!r}; "
+                raise CheckpointError(f"{folder / SAE_CFG_FILE}: n_layers should be a positive integer, got "
+                                      f"{n_layers!r}; "
                                       "the file is damaged.")
             if hooks is not None and not (isinstance(hooks, list) and len(hooks) == n_layers
                                           and all(isinstance(h, str) for h in hooks)):
-                raise CheckpointError(f"{folder / CFG_FILE}: input_hooks should list {n_layers} hook names, got "
+                raise CheckpointError(f"{folder / SAE_CFG_FILE}: input_hooks should list {n_layers} hook names, got "
                                       f"{hooks!r:.80}; the file is damaged.")
             clt = cls(own, n_layers, input_hooks=hooks)
-            weights = load_file(str(folder / WEIGHTS_FILE))
+            weights = load_file(str(folder / SAE_WEIGHTS_FILE))
             state = {"W_enc": weights["W_enc"], "b_enc": weights["b_enc"], "b_dec": weights["b_dec"],
                      **{f"W_dec_layers.{l}": weights[f"W_dec.{l}"] for l in range(clt.n_layers)},
                      **({"threshold": weights["threshold"]} if own.arch == "jumprelu" else {})}
@@ -459,7 +458,7 @@ class Transcoders:
     def write_manifest(self, folder: Union[str, Path]) -> Path:
         folder = Path(folder)
         where = {"clt": "clt"} if self.clt is not None else {str(l): f"layer_{l}" for l in range(self.n_layers)}
-        atomic_write_json(folder / MANIFEST, {"kind": "workbench.Transcoders", "format_version": 1,
+        atomic_write_json(folder / TRANSCODERS_MANIFEST, {"kind": "workbench.Transcoders", "format_version": 1,
                                               "type": self.kind, "model_name": self.model_name,
                                               "n_layers": self.n_layers, "d_model": self.d_model,
                                               "input_hooks": [self.in_hook(l) for l in range(self.n_layers)],
@@ -467,7 +466,7 @@ class Transcoders:
                                               "folders": where})
         return folder
 
-    def check_model(self, model: Any) -> None:
+    def check_model(self, model: HookedModel) -> None:
         """A clear error when these transcoders do not fit `model` (layers, widths or hook names) or were
         trained on another model (its name, `model_name_of`, differs from theirs; where either name is
         unknown, only the shapes can be checked)."""
@@ -492,7 +491,7 @@ class Transcoders:
 def load_transcoders(folder: Union[str, Path], device: Union[str, torch.device] = "cpu") -> Transcoders:
     """A set saved by `Transcoders.save` (or `workbench transcoder train`)."""
     folder = Path(folder)
-    path = folder / MANIFEST
+    path = folder / TRANSCODERS_MANIFEST
     manifest = _read_json(path)
     if manifest.get("kind") != "workbench.Transcoders":
         raise CheckpointError(f"{path} is not a workbench transcoder manifest.")
@@ -545,7 +544,7 @@ def clt_batches(batches: Iterator[dict[str, torch.Tensor]], input_hooks: Sequenc
 
 
 # -- training and evaluation ------------------------------------------------------------------------
-def make_transcoders(model: Any, d_tc: int, architecture: str = "topk", k: int = 32, skip: bool = False,
+def make_transcoders(model: HookedModel, d_tc: int, architecture: str = "topk", k: int = 32, skip: bool = False,
                      cross_layer: bool = False, l1_coefficient: float = 5.0, seed: int = 0,
                      model_name: str = "") -> dict[str, nn.Module]:
     """Freshly initialised dictionaries for every MLP of `model`: {'layer_<l>': SAE} or {'clt': CLT}, made
@@ -566,7 +565,7 @@ def make_transcoders(model: Any, d_tc: int, architecture: str = "topk", k: int =
                                              skip=skip, **common), seed=seed + l) for l in layers}
 
 
-def check_memory(model: Any, d_tc: int, cross_layer: bool = False, skip: bool = False,
+def check_memory(model: HookedModel, d_tc: int, cross_layer: bool = False, skip: bool = False,
                  device: Optional[Union[str, torch.device]] = None, batch_size: int = 0) -> None:
     """A clear error, before anything is allocated, when transcoders of `d_tc` features per layer cannot
     fit: their float32 weights in the CPU's memory (where they are made) or, with a `device` to train
@@ -606,7 +605,8 @@ def as_transcoders(dictionaries: dict[str, nn.Module], n_layers: int, model_name
 
 
 @torch.no_grad()
-def evaluate_transcoders(model: Any, tc: Transcoders, rows: torch.Tensor, batch_rows: int = 16) -> dict[str, Any]:
+def evaluate_transcoders(model: HookedModel, tc: Transcoders, rows: torch.Tensor, batch_rows: int = 16
+                         ) -> dict[str, Any]:
     """Per layer: FVU of the MLP output, L0 and dead fraction on `rows` (positions 1 on); and the next-token
     loss (every position) with the
     model clean, with every MLP replaced by its transcoder (no error terms), with each MLP replaced
@@ -670,7 +670,7 @@ def _zeros(layer: int, act: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(act)
 
 
-def _run_ablated(model: Any, toks: torch.Tensor, layers: Sequence[int], value: Any) -> torch.Tensor:
+def _run_ablated(model: HookedModel, toks: torch.Tensor, layers: Sequence[int], value: Any) -> torch.Tensor:
     """Logits with the MLP outputs of `layers` set to value(layer, act) (broadcast to act) from position 1
     on. Position 0 stays clean in these baselines as in the replacements (`_run_replaced`), so CE loss
     recovered compares like with like."""
@@ -684,7 +684,7 @@ def _run_ablated(model: Any, toks: torch.Tensor, layers: Sequence[int], value: A
     return model.run_with_hooks(toks, fwd_hooks=[(output_hook(l), partial(set_output, l=l)) for l in layers])
 
 
-def _run_replaced(model: Any, tc: Transcoders, toks: torch.Tensor, layers: Sequence[int],
+def _run_replaced(model: HookedModel, tc: Transcoders, toks: torch.Tensor, layers: Sequence[int],
                   errors: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
     """Logits with the MLP outputs of `layers` replaced by the transcoders' predictions from this run's
     own MLP inputs (plus `errors[l]`, the clean output minus the prediction on the clean run, if given:
@@ -718,7 +718,7 @@ def _run_replaced(model: Any, tc: Transcoders, toks: torch.Tensor, layers: Seque
     return model.run_with_hooks(toks, fwd_hooks=hooks)
 
 
-def train_transcoders(model: Any, d_tc: int, out: Optional[Union[str, Path]] = None, architecture: str = "topk",
+def train_transcoders(model: HookedModel, d_tc: int, out: Optional[Union[str, Path]] = None, architecture: str = "topk",
                       k: int = 32, skip: bool = False, cross_layer: bool = False, l1_coefficient: float = 5.0,
                       n_tokens: int = 1_000_000, batch_size: int = 2048, lr: float = 1e-3, n_rows: int = 2000,
                       seed: int = 0, resume: bool = False, progress: bool = True, model_name: str = "",
@@ -749,8 +749,9 @@ def train_transcoders(model: Any, d_tc: int, out: Optional[Union[str, Path]] = N
     cfg = SAETrainConfig(sae=first.cfg, n_tokens=n_tokens, batch_size=batch_size, lr=lr, seed=seed,
                          n_checkpoints=n_checkpoints, dead_window=min(200_000, max(batch_size, n_tokens // 10)),
                          precision=precision)
-    if out is not None and (out / MANIFEST).exists() and not resume:
-        raise InputError(f"{out} already holds trained transcoders ({MANIFEST}); nothing was overwritten. Choose "
+    if out is not None and (out / TRANSCODERS_MANIFEST).exists() and not resume:
+        raise InputError(f"{out} already holds trained transcoders ({TRANSCODERS_MANIFEST}); nothing was overwritten. "
+                         "Choose "
                          "another --out.")
     source = _stream(model, rows, batch_size, seed)
     data = {"rows": n_rows, "seq_len": int(rows.shape[1])}  # a resume with other data settings is refused
@@ -765,7 +766,7 @@ def train_transcoders(model: Any, d_tc: int, out: Optional[Union[str, Path]] = N
     return tc, logs
 
 
-def _stream(model: Any, rows: torch.Tensor, batch_size: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+def _stream(model: HookedModel, rows: torch.Tensor, batch_size: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
     from workbench.sae.activations import stream_activations
 
     hooks = [h for l, x in enumerate(mlp_input_hooks(model)) for h in (x, output_hook(l))]
