@@ -153,6 +153,7 @@ def test_circuit_tracers_own_files_are_read(model, tmp_path):
     ({"transcoders": ["hf://mwhanna/x/layer_0.safetensors", "tc1.safetensors"]}, "hub"),
     ({"transcoders": ["tc0.safetensors", "missing.safetensors"]}, "missing"),
     ({"workbench_format": 1}, "older workbench export"),
+    ({"activation_function": "topk"}, "refuses rather than guess"),
 ])
 def test_files_it_cannot_read_are_refused(model, tmp_path, config, match):
     (tmp_path / "outside.safetensors").write_bytes(b"")

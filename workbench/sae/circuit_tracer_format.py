@@ -181,6 +181,12 @@ def load_circuit_tracer(folder: Union[str, Path], model: Optional[HookedModel] =
     if hook_out not in OUTPUT_HOOKS:
         raise CheckpointError(f"{where}: feature_output_hook is {hook_out!r}; transcoders predict the MLP's output "
                               f"({' or '.join(map(repr, OUTPUT_HOOKS))}).")
+    declared = config.get("activation_function", "relu")
+    if declared not in ("relu", "jumprelu", "jump_relu"):
+        raise CheckpointError(f"{where}: activation_function is {declared!r}. circuit-tracer's file loader ignores "
+                              "that field and builds a ReLU (or a JumpReLU where the files hold a threshold), so these "
+                              "transcoders would not compute what they were trained to; the workbench refuses rather "
+                              "than guess (a TopK set also needs its k).")
     hooks = mlp_input_hooks(model) if model is not None else [input_hook(l) for l in range(len(paths))]
     if len(hooks) != len(paths):
         raise InputError(f"{where} lists {len(paths)} layers; the model has {len(hooks)}.")
