@@ -29,6 +29,7 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -231,29 +232,147 @@ def _token_strs(model: HookedModel, tokens: torch.Tensor) -> list[str]:
 
 def build_graph(model: HookedModel, transcoders: Transcoders, prompt: Union[str, torch.Tensor, Sequence[int]],
                 cfg: GraphConfig = GraphConfig(), progress: bool = True) -> AttributionGraph:
-    """The attribution graph of `prompt` (text or token ids) through `transcoders`."""
+    """The attribution graph of `prompt` (text or token ids) through `transcoders`, in four phases:
+    (1) one clean run records what the frozen model holds fixed; (2) the nodes: active features, error
+    vectors, logit targets; (3) the edges, by batched backward passes through the frozen replacement
+    model; (4) both identities checked, or a DoesNotApplyError."""
     transcoders.check_model(model)
-    tokens = _tokens(model, prompt)
-    S, L, d = tokens.shape[1], transcoders.n_layers, transcoders.d_model
-    arch = describe(model)
-    scale_names = [n for n in model.hook_dict if n.endswith("hook_scale") and n in arch.fired]
-    pattern_names = _frozen_attention(model, tokens)
-    pos_name = "hook_pos_embed" if cfg.token_nodes == "token" and "hook_pos_embed" in arch.fired else None
-    keep = ["blocks.0.hook_resid_pre", *([pos_name] if pos_name else []), *scale_names, *pattern_names,
-            *(h for l in range(L) for h in (transcoders.in_hook(l), output_hook(l)))]
-    with torch.no_grad():
-        logits, clean = run_collect(model, tokens, keep)
-    tc_dtype = torch.float32
-    last_real = logits[0, -1].float()
-    logits = uncap_logits(model, logits)  # logit nodes are the logits before a soft-cap (Gemma 2), which is not linear
-    xs = [per_token(clean[transcoders.in_hook(l)], 1, S)[0].to(tc_dtype) for l in range(L)]  # [S, d]
-    ys = [per_token(clean[output_hook(l)], 1, S)[0].to(tc_dtype) for l in range(L)]
-    last = logits[0, -1].float()
+    run = _CleanRun.record(model, transcoders, _tokens(model, prompt), cfg)  # 1
+    nodes = _Nodes.find(model, transcoders, run, cfg)  # 2
+    frozen = _FrozenReplacement(model, transcoders, run)
+    A, gap = _edges(frozen, transcoders, run, nodes, cfg, progress)  # 3
+    bias, values, worst = _check_identities(frozen, transcoders, run, nodes, A)  # 4
+    if not cfg.first_position_errors:  # their edges join the targets' biases: bias + edges is unchanged
+        cols = torch.tensor([nodes.nf + l * run.S for l in range(run.L)])
+        bias[nodes.target_rows] += A[nodes.target_rows][:, cols].sum(1)
+        A[:, cols] = 0
+        values[cols] = 0
+    graph = AttributionGraph(model_name_of(model), run.tokens[0].tolist(), _token_strs(model, run.tokens), run.L,
+                             nodes.features, nodes.activations.cpu(), nodes.logit_tokens, nodes.logit_probs, A, bias,
+                             values, transcoders.kind)
+    graph.meta["logit_strs"] = ([_token_strs(model, nodes.logit_tokens.view(1, -1))[j] for j in range(nodes.n_logits)]
+                                if model.tokenizer is not None else [str(int(t)) for t in nodes.logit_tokens])
+    graph.meta["logits_clean"] = run.last[nodes.logit_tokens.to(run.last.device)].cpu().tolist()
+    graph.meta.update({"identity_max_relative_error": worst, "logit_max_error": gap, "config": vars(cfg).copy()})
+    return graph
 
-    # active features and the error terms
-    with torch.no_grad():
+
+TC_DTYPE = torch.float32
+"""What the transcoders compute in, whatever the model's dtype."""
+
+
+@dataclass
+class _CleanRun:
+    """Phase 1: the prompt's clean forward pass, and everything the frozen model holds fixed."""
+
+    tokens: torch.Tensor
+    """[1, S]"""
+    xs: list[torch.Tensor]
+    """Each layer's MLP input [S, d]."""
+    ys: list[torch.Tensor]
+    """Each layer's MLP output [S, d]."""
+    last_real: torch.Tensor
+    """[V] the last position's logits as the model outputs them (after any soft-cap)."""
+    last: torch.Tensor
+    """[V] the same before a soft-cap (Gemma 2): what logit nodes are, since the cap is not linear."""
+    emb: torch.Tensor
+    """[S, d] the embedding nodes: hook_resid_pre, less the position embedding for token_nodes='token'."""
+    position: torch.Tensor
+    """[S, d] what the embedding nodes leave out (zero for token_nodes='token_and_position')."""
+    frozen: dict[str, torch.Tensor]
+    """Every normalisation scale and attention pattern, by hook name."""
+    label: str
+    """The architecture, for error messages."""
+
+    @property
+    def S(self) -> int:
+        return int(self.tokens.shape[1])
+
+    @property
+    def L(self) -> int:
+        return len(self.xs)
+
+    @property
+    def d(self) -> int:
+        return int(self.emb.shape[-1])
+
+    @classmethod
+    def record(cls, model: HookedModel, transcoders: Transcoders, tokens: torch.Tensor, cfg: GraphConfig
+               ) -> "_CleanRun":
+        S, L = tokens.shape[1], transcoders.n_layers
+        arch = describe(model)
+        scale_names = [n for n in model.hook_dict if n.endswith("hook_scale") and n in arch.fired]
+        pattern_names = _frozen_attention(model, tokens)
+        pos_name = "hook_pos_embed" if cfg.token_nodes == "token" and "hook_pos_embed" in arch.fired else None
+        keep = ["blocks.0.hook_resid_pre", *([pos_name] if pos_name else []), *scale_names, *pattern_names,
+                *(h for l in range(L) for h in (transcoders.in_hook(l), output_hook(l)))]
+        with torch.no_grad():
+            logits, clean = run_collect(model, tokens, keep)
+        resid0 = clean["blocks.0.hook_resid_pre"][0].float()
+        position = clean[pos_name].reshape(resid0.shape).float() if pos_name else torch.zeros_like(resid0)
+        return cls(tokens,
+                   [per_token(clean[transcoders.in_hook(l)], 1, S)[0].to(TC_DTYPE) for l in range(L)],
+                   [per_token(clean[output_hook(l)], 1, S)[0].to(TC_DTYPE) for l in range(L)],
+                   logits[0, -1].float(), uncap_logits(model, logits)[0, -1].float(), resid0 - position, position,
+                   {n: clean[n] for n in (*scale_names, *pattern_names)}, arch.label)
+
+
+@dataclass
+class _Nodes:
+    """Phase 2: the graph's nodes, and what each target reads (features: their encoder column and bias)."""
+
+    features: torch.Tensor
+    """[n_features, 3] (layer, position, id), on the CPU."""
+    activations: torch.Tensor
+    """[n_features]"""
+    no_skip: list[torch.Tensor]
+    """[S, d] each layer's MLP output less its skip path: what the frozen model's MLP leaves hold."""
+    errors: list[torch.Tensor]
+    """[S, d] each layer's error vectors: no_skip less the transcoder's reconstruction."""
+    logit_tokens: torch.Tensor
+    logit_probs: torch.Tensor
+    enc_cols: torch.Tensor
+    """[n_features, d] each feature target's encoder column."""
+    enc_bias: torch.Tensor
+    """[n_features] and its bias."""
+    logit_nodes: str
+    """GraphConfig.logit_nodes."""
+
+    @property
+    def nf(self) -> int:
+        return int(self.features.shape[0])
+
+    @property
+    def n_logits(self) -> int:
+        return int(self.logit_tokens.shape[0])
+
+    def n_nodes(self, run: _CleanRun) -> int:
+        return self.nf + run.L * run.S + run.S + self.n_logits
+
+    @property
+    def target_rows(self) -> torch.Tensor:
+        """Node indices of the targets: every feature, then every logit (node order: features, errors,
+        tokens, logits)."""
+        N = self.nf + len(self.errors) * self.errors[0].shape[0] + self.errors[0].shape[0] + self.n_logits
+        return torch.cat([torch.arange(self.nf), torch.arange(N - self.n_logits, N)])
+
+    def logit_value(self, logits_NV: torch.Tensor, ids_N: torch.Tensor) -> torch.Tensor:
+        """[N] each row's logit node: logits_NV[i, ids_N[i]], less the row's mean logit when demeaned."""
+        picked = logits_NV.float().gather(-1, ids_N[:, None])[:, 0]
+        return picked - logits_NV.float().mean(-1) if self.logit_nodes == "demeaned" else picked
+
+    def feature_values(self, x_LSd: torch.Tensor) -> torch.Tensor:
+        """[n_features] every feature target's pre-activation from every layer's MLP input [L, S, d]."""
+        if not self.nf:
+            return torch.zeros(0)
+        return (x_LSd[self.features[:, 0], self.features[:, 1]] * self.enc_cols).sum(-1) + self.enc_bias
+
+    @classmethod
+    @torch.no_grad()
+    def find(cls, model: HookedModel, transcoders: Transcoders, run: _CleanRun, cfg: GraphConfig) -> "_Nodes":
+        S, L, d, xs = run.S, run.L, run.d, run.xs
         acts = [transcoders.encode(l, xs[l]) for l in range(L)]  # [S, F]
-        if cfg.skip_bos_features and _starts_with_bos(model, tokens):
+        if cfg.skip_bos_features and _starts_with_bos(model, run.tokens):
             for a in acts:
                 a[0] = 0
         feats, fvals = [], []
@@ -262,94 +381,96 @@ def build_graph(model: HookedModel, transcoders: Transcoders, prompt: Union[str,
             feats.append(torch.stack([torch.full_like(pos, l), pos, fid], 1))
             fvals.append(acts[l][pos, fid])
         features = torch.cat(feats).cpu()
-        activations = torch.cat(fvals).float()
         recon = [transcoders.b_dec(l).expand(S, d).clone() for l in range(L)]
         for l in range(L):
             dec = transcoders.decoder(l)
             for j in range(dec.shape[1]):
                 recon[l + j] += acts[l] @ dec[:, j]
         skips = [transcoders.skip(l, xs[l]) for l in range(L)]
-        no_skip = [ys[l] - (skips[l] if skips[l] is not None else 0) for l in range(L)]  # what the leaves hold
-        errors = [no_skip[l] - recon[l] for l in range(L)]
+        no_skip = [run.ys[l] - (skips[l] if skips[l] is not None else 0) for l in range(L)]
+        # the logit nodes: the most probable tokens until they hold logit_mass, at most max_logits
+        probs = run.last_real.softmax(-1)
+        order = probs.argsort(descending=True)
+        n_logits = int(min(cfg.max_logits, int((probs[order].cumsum(0) < cfg.logit_mass).sum()) + 1))
+        dev = xs[0].device
+        by_layer = [features[features[:, 0] == l, 2].to(dev) for l in range(L)]
+        enc_cols = (torch.cat([transcoders.encoder(l)[:, by_layer[l]].T for l in range(L)]).detach() if len(features)
+                    else torch.zeros(0, d))
+        enc_bias = (torch.cat([transcoders.pre_acts(l, torch.zeros(1, d, device=dev))[0, by_layer[l]]
+                               for l in range(L)]).detach() if len(features) else torch.zeros(0))
+        return cls(features, torch.cat(fvals).float(), no_skip, [no_skip[l] - recon[l] for l in range(L)],
+                   order[:n_logits].cpu(), probs[order[:n_logits]].cpu(), enc_cols, enc_bias, cfg.logit_nodes)
 
-    # logit nodes
-    probs = last_real.softmax(-1)
-    order = probs.argsort(descending=True)
-    n_logits = int(min(cfg.max_logits, int((probs[order].cumsum(0) < cfg.logit_mass).sum()) + 1))
-    logit_tokens = order[:n_logits].cpu()
-    logit_probs = probs[order[:n_logits]].cpu()
 
-    nf, ne, N = len(features), L * S, len(features) + L * S + S + n_logits
-    graph = AttributionGraph(model_name_of(model),
-                             tokens[0].tolist(), _token_strs(model, tokens), L, features, activations.cpu(),
-                             logit_tokens, logit_probs, torch.zeros(N, N), torch.zeros(N), torch.zeros(N),
-                             transcoders.kind)
-    graph.meta["logit_strs"] = ([_token_strs(model, logit_tokens.view(1, -1))[j] for j in range(n_logits)]
-                                if model.tokenizer is not None else [str(int(t)) for t in logit_tokens])
-    graph.meta["logits_clean"] = last[logit_tokens.to(last.device)].cpu().tolist()
+class _FrozenReplacement:
+    """The local replacement model: the model run with its attention patterns and norm scales fixed at
+    the clean run's values, its embeddings and MLP outputs taken from given sources (leaves to
+    differentiate), and each MLP's skip path recomputed from that run's own MLP input."""
 
-    # encoder column and bias of every feature target
-    enc_cols = torch.cat([transcoders.encoder(l)[:, features[features[:, 0] == l, 2].to(xs[0].device)].T
-                          for l in range(L)]).detach() if nf else torch.zeros(0, d)
-    enc_bias = torch.cat([transcoders.pre_acts(l, torch.zeros(1, d, device=xs[0].device))[0,
-                          features[features[:, 0] == l, 2].to(xs[0].device)] for l in range(L)]).detach() \
-        if nf else torch.zeros(0)
-    resid0 = clean["blocks.0.hook_resid_pre"][0].float()
-    position = clean[pos_name].reshape(resid0.shape).float() if pos_name else torch.zeros_like(resid0)
-    emb = resid0 - position  # the embedding nodes; the position embedding (token_nodes="token") is a bias
-    scales = {n: clean[n] for n in scale_names}
-    patterns = {n: clean[n] for n in pattern_names}
+    def __init__(self, model: HookedModel, transcoders: Transcoders, run: _CleanRun):
+        self.model, self.transcoders, self.run = model, transcoders, run
+        self.seen: dict[int, torch.Tensor] = {}
+        self.B = 1
+        self.emb_src: torch.Tensor = run.emb[None]
+        self.m_src: list[torch.Tensor] = []
 
-    def logit_value(logits_NV: torch.Tensor, ids_N: torch.Tensor) -> torch.Tensor:
-        """[N] each row's logit node: logits_NV[i, ids_N[i]], less the row's mean logit when demeaned."""
-        picked = logits_NV.float().gather(-1, ids_N[:, None])[:, 0]
-        return picked - logits_NV.float().mean(-1) if cfg.logit_nodes == "demeaned" else picked
+    def __call__(self, B: int, emb_src: torch.Tensor, m_src: list[torch.Tensor]
+                 ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """On B copies of the prompt: (every layer's MLP input [B, S, d], logits [B, S, V] before a cap)."""
+        self.seen, self.B, self.emb_src, self.m_src = {}, B, emb_src, m_src
+        L = self.run.L
+        hooks = [("blocks.0.hook_resid_pre", self._embed)]
+        hooks += [(n, partial(self._fix, value=v)) for n, v in self.run.frozen.items()]
+        hooks += [(self.transcoders.in_hook(l), partial(self._grab, layer=l)) for l in range(L)]
+        hooks += [(output_hook(l), partial(self._mlp_out, layer=l)) for l in range(L)]
+        out = uncap_logits(self.model, self.model.run_with_hooks(self.run.tokens.expand(B, self.run.S),
+                                                                 fwd_hooks=hooks))
+        return [self.seen[l].to(TC_DTYPE) for l in range(L)], out
 
-    def frozen(B: int, emb_src: torch.Tensor, m_src: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """The frozen replacement model on B copies: (every layer's MLP input [B, S, d], logits [B, S, V])."""
-        seen: dict[int, torch.Tensor] = {}
+    def _embed(self, act: torch.Tensor, hook: Any) -> torch.Tensor:
+        return (self.emb_src + self.run.position).to(act.dtype)
 
-        def fix(act, hook, value):
-            if value.shape[0] == 1:
-                return value.expand(act.shape).to(act.dtype)
-            return value.repeat(act.shape[0] // value.shape[0], *[1] * (value.ndim - 1)).to(act.dtype)  # [B·S, ...]
+    @staticmethod
+    def _fix(act: torch.Tensor, hook: Any, value: torch.Tensor) -> torch.Tensor:
+        if value.shape[0] == 1:
+            return value.expand(act.shape).to(act.dtype)
+        return value.repeat(act.shape[0] // value.shape[0], *[1] * (value.ndim - 1)).to(act.dtype)  # [B·S, ...]
 
-        def grab(act, hook, l):
-            seen[l] = per_token(act, B, S)
-            return act
+    def _grab(self, act: torch.Tensor, hook: Any, layer: int) -> torch.Tensor:
+        self.seen[layer] = per_token(act, self.B, self.run.S)
+        return act
 
-        def mlp_out(act, hook, l):
-            s = transcoders.skip(l, seen[l].to(tc_dtype))
-            out = m_src[l] + (s if s is not None else 0)
-            return out.reshape(act.shape).to(act.dtype)
+    def _mlp_out(self, act: torch.Tensor, hook: Any, layer: int) -> torch.Tensor:
+        s = self.transcoders.skip(layer, self.seen[layer].to(TC_DTYPE))
+        out = self.m_src[layer] + (s if s is not None else 0)
+        return out.reshape(act.shape).to(act.dtype)
 
-        hooks = [("blocks.0.hook_resid_pre", lambda a, hook: (emb_src + position).to(a.dtype))]
-        hooks += [(n, lambda a, hook, v=v: fix(a, hook, v)) for n, v in {**scales, **patterns}.items()]
-        hooks += [(transcoders.in_hook(l), lambda a, hook, l=l: grab(a, hook, l)) for l in range(L)]
-        hooks += [(output_hook(l), lambda a, hook, l=l: mlp_out(a, hook, l)) for l in range(L)]
-        out = uncap_logits(model, model.run_with_hooks(tokens.expand(B, S), fwd_hooks=hooks))
-        return [seen[l].to(tc_dtype) for l in range(L)], out
 
-    def targets(x_all: list[torch.Tensor], out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Each copy b's target rows[b]: a feature's pre-activation or a logit, [len(rows)]. Only the layers
-        the rows need are touched, so the backward pass goes no further down than it must."""
-        vals = torch.zeros(len(rows), device=emb.device)
-        is_feat = rows < nf
-        for l in features[rows[is_feat], 0].unique().tolist():
-            sel = (is_feat & (features[rows.clamp_max(max(nf - 1, 0)), 0] == l)).nonzero().flatten()
-            fr = rows[sel]
-            picked = x_all[l][sel.to(emb.device), features[fr, 1].to(emb.device)]  # [n, d]
-            vals = vals.index_add(0, sel.to(emb.device), (picked * enc_cols[fr]).sum(-1) + enc_bias[fr])
-        if bool((~is_feat).any()):
-            sel = (~is_feat).nonzero().flatten().to(out.device)
-            lr = rows[~is_feat] - (nf + ne + S)
-            vals = vals.index_add(0, sel, logit_value(out[sel, -1], logit_tokens[lr].to(out.device)))
-        return vals
+def _targets(nodes: _Nodes, run: _CleanRun, x_all: list[torch.Tensor], out: torch.Tensor, rows: torch.Tensor
+             ) -> torch.Tensor:
+    """Each copy b's target rows[b]: a feature's pre-activation or a logit, [len(rows)]. Only the layers
+    the rows need are touched, so the backward pass goes no further down than it must."""
+    features, nf, dev = nodes.features, nodes.nf, run.emb.device
+    vals = torch.zeros(len(rows), device=dev)
+    is_feat = rows < nf
+    for l in features[rows[is_feat], 0].unique().tolist():
+        sel = (is_feat & (features[rows.clamp_max(max(nf - 1, 0)), 0] == l)).nonzero().flatten()
+        fr = rows[sel]
+        picked = x_all[l][sel.to(dev), features[fr, 1].to(dev)]  # [n, d]
+        vals = vals.index_add(0, sel.to(dev), (picked * nodes.enc_cols[fr]).sum(-1) + nodes.enc_bias[fr])
+    if bool((~is_feat).any()):
+        sel = (~is_feat).nonzero().flatten().to(out.device)
+        lr = rows[~is_feat] - (nf + run.L * run.S + run.S)
+        vals = vals.index_add(0, sel, nodes.logit_value(out[sel, -1], nodes.logit_tokens[lr].to(out.device)))
+    return vals
 
-    # each source layer's decoder writes, padded to [S, most features at one position, d] for one batched
-    # matmul per (source layer, output layer): O(targets × features × d) multiply-adds, no gathered copies
+
+def _decoder_writes(transcoders: Transcoders, run: _CleanRun, nodes: _Nodes) -> list[tuple]:
+    """Each source layer's decoder writes, padded to [S, most features at one position, d] for one batched
+    matmul per (source layer, output layer): O(targets × features × d) multiply-adds, no gathered copies."""
+    features, dev, S, d = nodes.features, run.emb.device, run.S, run.d
     writes = []
-    for l0 in range(L):
+    for l0 in range(run.L):
         idx = (features[:, 0] == l0).nonzero().flatten()
         if not len(idx):
             continue
@@ -359,30 +480,36 @@ def build_graph(model: HookedModel, transcoders: Transcoders, prompt: Union[str,
             at = (pos == p).nonzero().flatten()
             slot[at] = torch.arange(len(at))
         dec = transcoders.decoder(l0).detach()
-        a = activations[idx].to(emb.device)
-        padded = torch.zeros(dec.shape[1], S, int(slot.max()) + 1, d, device=emb.device)
-        padded[:, pos.to(emb.device), slot.to(emb.device)] = (dec[features[idx, 2].to(emb.device)] * a[:, None, None]
-                                                               ).transpose(0, 1)
+        a = nodes.activations[idx].to(dev)
+        padded = torch.zeros(dec.shape[1], S, int(slot.max()) + 1, d, device=dev)
+        padded[:, pos.to(dev), slot.to(dev)] = (dec[features[idx, 2].to(dev)] * a[:, None, None]).transpose(0, 1)
         writes.append((l0, idx, pos, slot, padded))
+    return writes
 
-    target_rows = torch.cat([torch.arange(nf), torch.arange(N - n_logits, N)])
-    B = cfg.batch_size or max(8, min(512, 8192 // S))
-    B = min(B, len(target_rows))
+
+def _edges(frozen: _FrozenReplacement, transcoders: Transcoders, run: _CleanRun, nodes: _Nodes, cfg: GraphConfig,
+           progress: bool) -> tuple[torch.Tensor, float]:
+    """Phase 3: the adjacency [N, N], B targets per backward pass (one per copy of the prompt), and the
+    largest logit gap between the frozen replacement model and the model (identity (b), checked here)."""
+    S, L, d, emb, nf = run.S, run.L, run.d, run.emb, nodes.nf
+    N, target_rows = nodes.n_nodes(run), nodes.target_rows
+    writes = _decoder_writes(transcoders, run, nodes)
+    B = min(cfg.batch_size or max(8, min(512, 8192 // S)), len(target_rows))
     emb_leaf = emb[None].expand(B, S, d).clone().requires_grad_(True)
-    m_leaves = [no_skip[l][None].expand(B, S, d).clone().requires_grad_(True) for l in range(L)]
+    m_leaves = [nodes.no_skip[l][None].expand(B, S, d).clone().requires_grad_(True) for l in range(L)]
     x_all, out = frozen(B, emb_leaf, m_leaves)
     with torch.no_grad():  # identity (b): the frozen replacement model is the model, on this prompt
-        gap = float((out[0, -1].float() - last).abs().max())
-    if gap > LOGIT_TOL * max(1.0, float(last.abs().max())):
-        raise DoesNotApplyError(f"{arch.label}: circuit tracing does not apply: with attention patterns and "
+        gap = float((out[0, -1].float() - run.last).abs().max())
+    if gap > LOGIT_TOL * max(1.0, float(run.last.abs().max())):
+        raise DoesNotApplyError(f"{run.label}: circuit tracing does not apply: with attention patterns and "
                                 f"normalisation scales frozen at their own values, the logits moved by {gap:.2e}, so "
                                 "freezing does not take effect on this architecture.")
     A = torch.zeros(N, N)
-    tok_cols = slice(nf + ne, nf + ne + S)
+    tok_cols = slice(nf + L * S, nf + L * S + S)
     bar = tqdm(total=len(target_rows), desc="attribution graph", unit="node", disable=not progress or None)
     for start in range(0, len(target_rows), B):
         rows = target_rows[start:start + B]
-        t = targets(x_all, out, rows)
+        t = _targets(nodes, run, x_all, out, rows)
         grads = torch.autograd.grad(t.sum(), [emb_leaf, *m_leaves], retain_graph=True, allow_unused=True)
         n = len(rows)
         g_emb = grads[0][:n] if grads[0] is not None else torch.zeros(n, S, d)
@@ -391,7 +518,7 @@ def build_graph(model: HookedModel, transcoders: Transcoders, prompt: Union[str,
             block = torch.zeros(n, N, device=emb.device)
             block[:, tok_cols] = (g_emb * emb).sum(-1)
             for l in range(L):
-                block[:, nf + l * S: nf + (l + 1) * S] = (g_m[l] * errors[l]).sum(-1)
+                block[:, nf + l * S: nf + (l + 1) * S] = (g_m[l] * nodes.errors[l]).sum(-1)
             for l0, idx, pos, slot, padded in writes:
                 for j in range(padded.shape[0]):
                     per_pos = torch.bmm(g_m[l0 + j].transpose(0, 1), padded[j].transpose(1, 2))  # [S, n, slots]
@@ -399,44 +526,42 @@ def build_graph(model: HookedModel, transcoders: Transcoders, prompt: Union[str,
             A[rows] = block.cpu()
         bar.update(n)
     bar.close()
-    del x_all, out, emb_leaf, m_leaves
+    return A, gap
 
-    # identity (a): every target is its bias plus its incoming edges; and, to catch an edit that does not
-    # take effect (a pattern only reported after the fact), the same with every source doubled
+
+@torch.no_grad()
+def _check_identities(frozen: _FrozenReplacement, transcoders: Transcoders, run: _CleanRun, nodes: _Nodes,
+                      A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Phase 4, identity (a): every target is its bias plus its incoming edges; and, to catch an edit that
+    does not take effect (a pattern only reported after the fact), the same with every source doubled.
+    Returns (bias [N], values [N], the largest relative miss), or raises DoesNotApplyError."""
+    S, L, d, nf, emb = run.S, run.L, run.d, nodes.nf, run.emb
+    N, target_rows = nodes.n_nodes(run), nodes.target_rows
+
     def target_values(x_run: list[torch.Tensor], out_run: torch.Tensor) -> torch.Tensor:
-        feats = (torch.stack(x_run)[features[:, 0], 0, features[:, 1]] * enc_cols).sum(-1) + enc_bias if nf \
-            else torch.zeros(0)
-        ids = logit_tokens.to(out_run.device)
-        return torch.cat([feats, logit_value(out_run[0, -1].expand(len(ids), -1), ids)]).cpu()
+        ids = nodes.logit_tokens.to(out_run.device)
+        return torch.cat([nodes.feature_values(torch.stack(x_run)[:, 0]),
+                          nodes.logit_value(out_run[0, -1].expand(len(ids), -1), ids)]).cpu()
 
-    with torch.no_grad():
-        b_dec = [transcoders.b_dec(l).expand(1, S, d) for l in range(L)]
-        bias_rows = target_values(*frozen(1, torch.zeros(1, S, d, device=emb.device), b_dec))
-        doubled = target_values(*frozen(1, 2 * emb[None], [2 * no_skip[l][None] - b_dec[l] for l in range(L)]))
-        actual = torch.cat([
-            (torch.stack(xs)[features[:, 0], features[:, 1]] * enc_cols).sum(-1) + enc_bias if nf else torch.zeros(0),
-            logit_value(last.expand(n_logits, -1), logit_tokens.to(last.device))]).cpu()
-    bias = torch.zeros(N)
+    b_dec = [transcoders.b_dec(l).expand(1, S, d) for l in range(L)]
+    bias_rows = target_values(*frozen(1, torch.zeros(1, S, d, device=emb.device), b_dec))
+    doubled = target_values(*frozen(1, 2 * emb[None], [2 * nodes.no_skip[l][None] - b_dec[l] for l in range(L)]))
+    ids = nodes.logit_tokens.to(run.last.device)
+    actual = torch.cat([nodes.feature_values(torch.stack(run.xs)),
+                        nodes.logit_value(run.last.expand(len(ids), -1), ids)]).cpu()
+    bias, values = torch.zeros(N), torch.zeros(N)
     bias[target_rows] = bias_rows
-    values = torch.zeros(N)
     values[target_rows] = actual
-    values[nf: nf + ne] = torch.stack([e.norm(dim=-1) for e in errors]).flatten().cpu()
-    values[tok_cols] = emb.norm(dim=-1).cpu()
+    values[nf: nf + L * S] = torch.stack([e.norm(dim=-1) for e in nodes.errors]).flatten().cpu()
+    values[nf + L * S: nf + L * S + S] = emb.norm(dim=-1).cpu()
     edges = A[target_rows].sum(1)
     residual = torch.maximum((actual - bias_rows - edges).abs(), (doubled - bias_rows - 2 * edges).abs() / 2)
     worst = float((residual / actual.abs().clamp_min(1.0)).max()) if len(residual) else 0.0
     if worst > IDENTITY_TOL:
-        raise DoesNotApplyError(f"{arch.label}: circuit tracing does not apply: a target's bias plus its incoming "
+        raise DoesNotApplyError(f"{run.label}: circuit tracing does not apply: a target's bias plus its incoming "
                                 f"edges misses its real value by {worst:.2e} (relative), so the frozen model is not "
                                 "linear here (a normalisation or attention edit that does not take effect).")
-    if not cfg.first_position_errors:  # their edges join the targets' biases: bias + edges is unchanged
-        cols = torch.tensor([nf + l * S for l in range(L)])
-        bias[target_rows] += A[target_rows][:, cols].sum(1)
-        A[:, cols] = 0
-        values[cols] = 0
-    graph.adjacency, graph.bias, graph.values = A, bias, values
-    graph.meta.update({"identity_max_relative_error": worst, "logit_max_error": gap, "config": vars(cfg).copy()})
-    return graph
+    return bias, values, worst
 
 
 def check_supported(model: HookedModel) -> None:

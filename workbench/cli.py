@@ -18,7 +18,6 @@ import ast
 import collections.abc
 import dataclasses
 import inspect
-import itertools
 import shlex
 import sys
 import textwrap
@@ -250,18 +249,13 @@ def cmd_list(argv: list[str]) -> int:
     return 0
 
 
-def _sae_source(args: argparse.Namespace, model: Any, hooks: list[str], batch_size: int, seed: int,
-                rank: int = 0, world: int = 1):
-    """Activations streamed from the model over the standard library's source; under torchrun each rank
-    reads its own rows (every world-th) and makes its own share of each batch."""
+def _text_source(args: argparse.Namespace, model: Any) -> tuple[Any, dict[str, Any]]:
+    """(BOS-first rows of --text, whose position 0 training leaves out; the stream's options)."""
     from workbench.probes import text_rows
-    from workbench.sae.activations import stream_activations
 
-    seq = min(int(model.cfg.n_ctx), args.seq_len)
-    rows = text_rows(model, args.text, args.rows, seq)  # BOS-first rows, whose position 0 training leaves out
-    return stream_activations(model, rows[rank::world], hooks, batch_size=batch_size, seed=seed + rank,
-                              buffer_batches=args.buffer_batches, exclude_special=not args.keep_special,
-                              skip_first=0 if args.keep_first else 1)
+    rows = text_rows(model, args.text, args.rows, min(int(model.cfg.n_ctx), args.seq_len))
+    return rows, {"buffer_batches": args.buffer_batches, "exclude_special": not args.keep_special,
+                  "skip_first": 0 if args.keep_first else 1}
 
 
 def cmd_sae(argv: list[str]) -> int:
@@ -272,7 +266,14 @@ def cmd_sae(argv: list[str]) -> int:
     from workbench.loading import load, resolve_device
     from workbench.sae.activations import ActivationStore, check_hooks, model_activations
     from workbench.sae.modules import make_sae
-    from workbench.sae.training import SAETrainConfig, train_saes
+    from workbench.sae.training import (
+        RankShare,
+        SAETrainConfig,
+        rank_share,
+        store_batches,
+        text_batches,
+        train_saes,
+    )
 
     usage = "usage: workbench sae {train,cache} --model M --hook H [options]  (--help on each)"
     if not argv or argv[0] not in ("train", "cache"):
@@ -327,7 +328,8 @@ def cmd_sae(argv: list[str]) -> int:
         check_hooks(model, args.hook)
     if sub == "cache":
         n = args.n_tokens or 1_000_000
-        store = ActivationStore.write(args.out, _sae_source(args, model, args.hook, 4096, 0), n)
+        rows, stream = _text_source(args, model)
+        store = ActivationStore.write(args.out, text_batches(model, rows, RankShare(args.hook, 4096), 0, **stream), n)
         print(f"Wrote {store.n_tokens:,} activations of {', '.join(args.hook)} to {args.out} "
               f"({len(store.manifest['shards'])} shards, manifest.json)")
         return 0
@@ -337,9 +339,6 @@ def cmd_sae(argv: list[str]) -> int:
     missing = [h for h in hooks if store is not None and h not in store.d]
     if missing:
         raise InputError(f"The store {args.store} holds {store.hooks}, not {missing[0]!r}.")
-    if args.spread_hooks and len(hooks) < dist.world:
-        raise InputError(f"--spread-hooks deals {len(hooks)} hook(s) over {dist.world} processes; give at least as "
-                         "many --hook as processes, or train data parallel (without --spread-hooks).")
     probe = torch.zeros(1, 2, dtype=torch.long, device=next(model.parameters()).device) if model is not None else None
     widths = (store.d if store is not None
               else {h: a.shape[-1] for h, a in model_activations(model, probe, hooks, 0).items()})
@@ -361,16 +360,12 @@ def cmd_sae(argv: list[str]) -> int:
     name = hooks[0].replace(".", "_") if len(hooks) == 1 else f"{len(hooks)}-hooks"
     out = args.out or Path("runs") / f"sae-{name}-{cfg.sae.arch}"
     spread = args.spread_hooks and dist.active
-    if not spread and cfg.batch_size % dist.world:
-        raise InputError(f"--batch-size {cfg.batch_size} does not split over {dist.world} processes; use a multiple "
-                         f"of {dist.world}.")
-    share = cfg.batch_size if spread else cfg.batch_size // dist.world
-    mine = hooks[dist.rank::dist.world] if spread else hooks  # with --spread-hooks a rank reads only its own hooks
+    share = rank_share(dist, hooks, cfg.batch_size, spread)  # under torchrun: this rank's hooks, batch and rows
     if store is not None:
-        batches = store.batches(share, seed=cfg.seed, hooks=mine)
-        batches = batches if spread else itertools.islice(batches, dist.rank, None, dist.world)  # a rank's share
+        batches = store_batches(store, share, cfg.seed)
     else:
-        batches = _sae_source(args, model, mine, share, cfg.seed, *((0, 1) if spread else (dist.rank, dist.world)))
+        rows, stream = _text_source(args, model)
+        batches = text_batches(model, rows, share, cfg.seed, **stream)
     resume = args.resume or restart_count() > 0  # torchrun --max-restarts
     saes = {h: make_sae(c.sae, seed=c.seed).to(device) for h, c in configs.items()}  # train_saes keeps a rank's own
     from workbench.sae.training import wandb_logger

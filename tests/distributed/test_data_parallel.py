@@ -152,3 +152,28 @@ def test_two_ranks_train_the_model_one_process_trains(tmp_path):
         a, b = json.loads(a), json.loads(b)
         if "loss" in a:
             assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)  # the logged loss is the whole batch's
+
+
+def test_each_rank_reads_its_own_share_of_rows_and_batches():
+    """The sharding the CLI uses, as a library call: rank r of w reads every w-th row (or store batch) from
+    r, a w-th of each batch and every hook; with spread hooks, whole batches of its own hooks."""
+    import pytest
+
+    from workbench.distributed import Dist
+    from workbench.errors import InputError
+    from workbench.sae.training import RankShare, rank_share, store_batches
+
+    hooks = ["a", "b", "c"]
+    assert rank_share(Dist(1, 2), hooks, 64) == RankShare(hooks, 32, 1, 2)
+    assert rank_share(Dist(1, 2), hooks, 64, spread=True) == RankShare(["b"], 64)
+    assert rank_share(Dist(0, 1), hooks, 64) == RankShare(hooks, 64)
+    with pytest.raises(InputError, match="does not split"):
+        rank_share(Dist(0, 3), hooks, 64)
+    with pytest.raises(InputError, match="at least as many --hook"):
+        rank_share(Dist(0, 4), hooks, 64, spread=True)
+
+    class Store:  # batches numbered in order, as a store's shuffled stream would come
+        def batches(self, batch_size, seed, hooks):
+            return iter(range(10))
+
+    assert list(store_batches(Store(), RankShare(hooks, 32, 1, 2), 0)) == [1, 3, 5, 7, 9]

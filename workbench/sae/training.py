@@ -19,12 +19,13 @@ Several SAEs train in lockstep from one source, so one forward pass of the model
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -59,7 +60,8 @@ from workbench.sae.metrics import ReconstructionStats
 from workbench.sae.modules import SAE, SAEConfig, geometric_median, make_sae, save_sae
 from workbench.train import fused_adam, param_norms, weights_problem
 
-__all__ = ["SAETrainConfig", "TrainingDiverged", "train_sae", "train_saes"]
+__all__ = ["RankShare", "SAETrainConfig", "TrainingDiverged", "rank_share", "store_batches", "text_batches",
+           "train_sae", "train_saes"]
 RUN_FILES = {LOG_FILE, CHECKPOINTS_DIR, SAE_CFG_FILE, SAE_WEIGHTS_FILE}
 """What an SAE run writes at the top of its folder."""
 
@@ -393,6 +395,50 @@ def _resume_all(trainers: list[_Trainer]) -> list[_Trainer]:
     for t in todo:
         t.resume(max(common))
     return todo
+
+
+# -- data parallel: what each process reads -----------------------------------------------------------
+@dataclass(frozen=True)
+class RankShare:
+    """What one process of a data-parallel SAE job trains on: the hooks whose SAEs it trains, its share
+    of every batch, and which slice (every `world`-th row or store batch, from `rank`) it reads. With
+    spread hooks a process reads everything, for its own hooks only."""
+
+    hooks: list[str]
+    batch_size: int
+    rank: int = 0
+    world: int = 1
+
+
+def rank_share(dist: Dist, hooks: Sequence[str], batch_size: int, spread: bool = False) -> RankShare:
+    """This process's share: the batch split over the processes (every hook's SAE on every rank), or,
+    with `spread`, the hooks dealt over them (each SAE on one rank, whole batches)."""
+    hooks = list(hooks)
+    if spread and len(hooks) < dist.world:
+        raise InputError(f"--spread-hooks deals {len(hooks)} hook(s) over {dist.world} processes; give at least as "
+                         "many --hook as processes, or train data parallel (without --spread-hooks).")
+    if spread:
+        return RankShare(hooks[dist.rank::dist.world], batch_size)
+    if batch_size % dist.world:
+        raise InputError(f"--batch-size {batch_size} does not split over {dist.world} processes; use a multiple "
+                         f"of {dist.world}.")
+    return RankShare(hooks, batch_size // dist.world, dist.rank, dist.world)
+
+
+def store_batches(store: Any, share: RankShare, seed: int) -> Iterator[Batch]:
+    """This process's batches from an `ActivationStore`: every world-th of the shuffled stream."""
+    return itertools.islice(store.batches(share.batch_size, seed=seed, hooks=share.hooks), share.rank, None,
+                            share.world)
+
+
+def text_batches(model: Any, token_rows: torch.Tensor, share: RankShare, seed: int, **stream: Any
+                 ) -> Iterator[Batch]:
+    """This process's batches streamed from `model` over its own rows (every world-th), with its own
+    shuffling seed; `stream` goes to `stream_activations` (buffer_batches, exclude_special, skip_first)."""
+    from workbench.sae.activations import stream_activations
+
+    return stream_activations(model, token_rows[share.rank::share.world], share.hooks, batch_size=share.batch_size,
+                              seed=seed + share.rank, **stream)
 
 
 def train_saes(saes: dict[str, SAE], batches: Iterable[Batch], cfg: SAETrainConfig,
