@@ -41,7 +41,7 @@ from workbench.attribution_graph import (
     viewer_data,
 )
 from workbench.config import check_types
-from workbench.errors import CheckpointError, ConfigError, InputError, check_field
+from workbench.errors import CheckpointError, ConfigError, check_field
 from workbench.hooked import HookedModel
 from workbench.plotting import bars, captioned, heatmap, table
 from workbench.probes import held_out_text, special_ids
@@ -259,7 +259,7 @@ def _train_into_cache(model: HookedModel, cfg: CircuitTracingConfig, cached: Pat
     try:
         try:
             return train(resume=unfinished)
-        except (CheckpointError, ConfigError, InputError) as err:
+        except (CheckpointError, ConfigError) as err:  # the cached run cannot be resumed (damaged, or stale)
             if not unfinished:
                 raise
             print(f"The unfinished run in {cached} cannot be continued ({err}); training afresh.", file=sys.stderr)

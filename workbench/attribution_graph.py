@@ -244,7 +244,8 @@ def build_graph(model: HookedModel, transcoders: Transcoders, prompt: Union[str,
     bias, values, worst = _check_identities(frozen, transcoders, run, nodes, A)  # 4
     if not cfg.first_position_errors:  # their edges join the targets' biases: bias + edges is unchanged
         cols = torch.tensor([nodes.nf + l * run.S for l in range(run.L)])
-        bias[nodes.target_rows] += A[nodes.target_rows][:, cols].sum(1)
+        rows = nodes.target_rows(run)
+        bias[rows] += A[rows][:, cols].sum(1)
         A[:, cols] = 0
         values[cols] = 0
     graph = AttributionGraph(model_name_of(model), run.tokens[0].tolist(), _token_strs(model, run.tokens), run.L,
@@ -349,11 +350,10 @@ class _Nodes:
     def n_nodes(self, run: _CleanRun) -> int:
         return self.nf + run.L * run.S + run.S + self.n_logits
 
-    @property
-    def target_rows(self) -> torch.Tensor:
+    def target_rows(self, run: _CleanRun) -> torch.Tensor:
         """Node indices of the targets: every feature, then every logit (node order: features, errors,
         tokens, logits)."""
-        N = self.nf + len(self.errors) * self.errors[0].shape[0] + self.errors[0].shape[0] + self.n_logits
+        N = self.n_nodes(run)
         return torch.cat([torch.arange(self.nf), torch.arange(N - self.n_logits, N)])
 
     def logit_value(self, logits_NV: torch.Tensor, ids_N: torch.Tensor) -> torch.Tensor:
@@ -492,7 +492,7 @@ def _edges(frozen: _FrozenReplacement, transcoders: Transcoders, run: _CleanRun,
     """Phase 3: the adjacency [N, N], B targets per backward pass (one per copy of the prompt), and the
     largest logit gap between the frozen replacement model and the model (identity (b), checked here)."""
     S, L, d, emb, nf = run.S, run.L, run.d, run.emb, nodes.nf
-    N, target_rows = nodes.n_nodes(run), nodes.target_rows
+    N, target_rows = nodes.n_nodes(run), nodes.target_rows(run)
     writes = _decoder_writes(transcoders, run, nodes)
     B = min(cfg.batch_size or max(8, min(512, 8192 // S)), len(target_rows))
     emb_leaf = emb[None].expand(B, S, d).clone().requires_grad_(True)
@@ -536,7 +536,7 @@ def _check_identities(frozen: _FrozenReplacement, transcoders: Transcoders, run:
     does not take effect (a pattern only reported after the fact), the same with every source doubled.
     Returns (bias [N], values [N], the largest relative miss), or raises DoesNotApplyError."""
     S, L, d, nf, emb = run.S, run.L, run.d, nodes.nf, run.emb
-    N, target_rows = nodes.n_nodes(run), nodes.target_rows
+    N, target_rows = nodes.n_nodes(run), nodes.target_rows(run)
 
     def target_values(x_run: list[torch.Tensor], out_run: torch.Tensor) -> torch.Tensor:
         ids = nodes.logit_tokens.to(out_run.device)
