@@ -28,7 +28,8 @@ import torch
 from tqdm.auto import tqdm
 
 from workbench.artifacts import TRANSCODERS_MANIFEST
-from workbench.attribution_graph import (
+from workbench.cache.collect import held_out_text, special_ids
+from workbench.compute.attribution_graph import (
     AttributionGraph,
     GraphConfig,
     build_graph,
@@ -42,12 +43,12 @@ from workbench.attribution_graph import (
 )
 from workbench.config import check_types
 from workbench.errors import CheckpointError, ConfigError, check_field
-from workbench.hooked import HookedModel
-from workbench.plotting import bars, captioned, heatmap, table
-from workbench.probes import held_out_text, special_ids
-from workbench.report import Analysis
-from workbench.runs import TrainingInterrupted
-from workbench.sae.dashboards import collect_feature_data, render_dashboards
+from workbench.model.hooked import HookedModel
+from workbench.report.dashboards import render_dashboards
+from workbench.report.pipeline import Analysis
+from workbench.report.plotting import bars, captioned, heatmap, table
+from workbench.report.widgets import SECTION_FILES, Widget, graph_viewer
+from workbench.sae.features import collect_feature_data
 from workbench.sae.interventions import splice_hook
 from workbench.sae.transcoders import (
     Transcoders,
@@ -58,7 +59,7 @@ from workbench.sae.transcoders import (
     output_hook,
     train_transcoders,
 )
-from workbench.widgets import SECTION_FILES, Widget, graph_viewer
+from workbench.train.runs import TrainingInterrupted
 
 SHIPPED = "transcoders"
 """Where a shipped model keeps its transcoders: models/<name>/transcoders/."""
@@ -274,7 +275,7 @@ def _train_into_cache(model: HookedModel, cfg: CircuitTracingConfig, cached: Pat
 def cache_folder(model: HookedModel, cfg: CircuitTracingConfig) -> Path:
     """Where the study keeps the transcoders it trains for `model` with `cfg`'s settings (keyed by the
     model's weights and those settings, so it never serves another model's)."""
-    from workbench.data import cache_dir
+    from workbench.data.text import cache_dir
 
     d_tc = cfg.d_tc or 8 * int(model.cfg.d_model)
     key = hashlib.sha256(repr((_fingerprint(model), d_tc, cfg.k, cfg.n_tokens, cfg.seed)).encode()).hexdigest()[:16]
@@ -296,14 +297,14 @@ def compare_with_sae(model: HookedModel, tc: Transcoders, quality: dict[str, Any
     """A TopK SAE of the same width and k, trained on as many tokens, on the output of the MLP whose
     zero-ablation costs the most loss, against that layer's transcoder: FVU and L0 of the MLP output
     and the loss recovered when each replaces it (against zero-ablating it), on the same rows."""
-    from workbench.model import lm_loss
-    from workbench.numbers import ratio
-    from workbench.probes import training_text
-    from workbench.sae.activations import model_activations, stream_activations
+    from workbench.cache.activations import model_activations, stream_activations
+    from workbench.cache.collect import training_text
+    from workbench.model.transformer import lm_loss
     from workbench.sae.interventions import MIN_ABLATION_GAP
     from workbench.sae.metrics import ReconstructionStats
     from workbench.sae.modules import SAEConfig, make_sae
     from workbench.sae.training import SAETrainConfig, train_saes
+    from workbench.strict_json import ratio
 
     ce = quality["ce"]
     layer = max(range(tc.n_layers), key=lambda l: ce[f"zero_layer_{l}"] - ce["clean"])
@@ -343,8 +344,8 @@ def compare_with_sae(model: HookedModel, tc: Transcoders, quality: dict[str, Any
 # -- prompts ---------------------------------------------------------------------------------------------
 def default_prompts(model: HookedModel, cfg: CircuitTracingConfig) -> list[tuple[str, Any, dict[str, Any]]]:
     """[(kind, prompt text or token ids, what to check)]: facts the model recalls, else induction prompts."""
-    from workbench.facts import KnowledgeBase
-    from workbench.tracing import FactPrompt, encode_fact, top1_hits
+    from workbench.compute.causal_tracing import FactPrompt, encode_fact, top1_hits
+    from workbench.data.facts import KnowledgeBase
 
     data = ((getattr(model, "meta", None) or {}).get("train") or {}).get("data") or {}
     if data.get("text") == "facts" and model.tokenizer is not None:
@@ -371,7 +372,7 @@ def _readable_ids(model: HookedModel, special: set[int]) -> torch.Tensor:
     """Token ids that read as letters (so an induction prompt is legible in the viewer)."""
     if model.tokenizer is None:
         return torch.tensor([i for i in range(int(model.cfg.d_vocab)) if i not in special])
-    from workbench.tokenizer import readable_tokens
+    from workbench.data.tokenizer import readable_tokens
     ids = [i for i in range(int(model.cfg.d_vocab)) if i not in special]
     names = readable_tokens(model.tokenizer, ids)
     good = [i for i, s in zip(ids, names) if s.strip().isalpha() and s.strip().isascii()]
@@ -381,7 +382,7 @@ def _readable_ids(model: HookedModel, special: set[int]) -> torch.Tensor:
 def _fact_finding(model: HookedModel, graph: AttributionGraph, info: dict[str, Any]) -> dict[str, Any]:
     """Influence on the answer logit by layer and position group (features + errors), next to causal
     tracing's MLP restoration effect on the same prompt: do they point at the same place?"""
-    from workbench.tracing import GROUPS, causal_trace, position_groups
+    from workbench.compute.causal_tracing import GROUPS, causal_trace, position_groups
 
     enc = info["encoded"]
     answer = [int(t) for t in graph.logit_tokens].index(enc.target) if enc.target in graph.logit_tokens.tolist() else 0

@@ -21,9 +21,21 @@ import torch
 from tqdm.auto import tqdm
 
 from workbench.adapter import describe
-from workbench.attention_scores import induction_score, previous_token_score
-from workbench.attribution import direct_logit_attribution, path_patch_many
-from workbench.circuits import (
+from workbench.cache.collect import (
+    half_losses,
+    head_names,
+    layer_hooks,
+    parse_head,
+    per_token_loss,
+    probe_tokens,
+    require_attention,
+    run_collect,
+    text_batch,
+)
+from workbench.compute.attention_scores import induction_score, previous_token_score
+from workbench.compute.logit_attribution import direct_logit_attribution
+from workbench.compute.path_patching import path_patch_many
+from workbench.compute.qk_ov import (
     FoldedWeights,
     composition_scores,
     copying_score,
@@ -39,21 +51,10 @@ from workbench.circuits import (
 )
 from workbench.config import check_types
 from workbench.errors import InputError, check_field
-from workbench.hooked import HookedModel
-from workbench.numbers import finite, json_array
-from workbench.plotting import bars, captioned, heatmap, heatmap_picker, table
-from workbench.probes import (
-    half_losses,
-    head_names,
-    layer_hooks,
-    parse_head,
-    per_token_loss,
-    probe_tokens,
-    require_attention,
-    run_collect,
-    text_batch,
-)
-from workbench.report import Analysis
+from workbench.model.hooked import HookedModel
+from workbench.report.pipeline import Analysis
+from workbench.report.plotting import bars, captioned, heatmap, heatmap_picker, table
+from workbench.strict_json import finite, json_array
 
 MODES = ("K", "Q", "V")
 COMPONENTS = ("q", "k", "v")

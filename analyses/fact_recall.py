@@ -23,16 +23,8 @@ import torch
 from tqdm.auto import tqdm
 
 from workbench.adapter import random_control
-from workbench.attribution import direct_logit_attribution
-from workbench.config import check_types
-from workbench.errors import InputError, check_field
-from workbench.facts import KnowledgeBase
-from workbench.hooked import HookedModel
-from workbench.numbers import finite, json_array, ratio
-from workbench.plotting import bars, captioned, heatmap, lines
-from workbench.probes import run_collect
-from workbench.report import Analysis
-from workbench.tracing import (
+from workbench.cache.collect import run_collect
+from workbench.compute.causal_tracing import (
     GROUPS,
     FactPrompt,
     attention_knockout,
@@ -41,6 +33,14 @@ from workbench.tracing import (
     position_groups,
     top1_hits,
 )
+from workbench.compute.logit_attribution import direct_logit_attribution
+from workbench.config import check_types
+from workbench.data.facts import KnowledgeBase
+from workbench.errors import InputError, check_field
+from workbench.model.hooked import HookedModel
+from workbench.report.pipeline import Analysis
+from workbench.report.plotting import bars, captioned, heatmap, lines
+from workbench.strict_json import finite, json_array, ratio
 
 
 @dataclass(frozen=True)

@@ -41,8 +41,11 @@ from tqdm.auto import tqdm
 from workbench.artifacts import LOG_FILE, list_checkpoints, load_folder, read_log
 from workbench.config import check_types
 from workbench.errors import InputError, check_field
-from workbench.hooked import HookedModel
-from workbench.modular import (
+from workbench.model.hooked import HookedModel
+from workbench.report.pipeline import Analysis
+from workbench.report.plotting import LAYOUT, captioned, heatmap
+from workbench.strict_json import finite, json_array
+from workbench.train.modular import (
     ModularData,
     answer_logits,
     is_prime,
@@ -50,9 +53,6 @@ from workbench.modular import (
     require_modular,
     warn_if_not_prime,
 )
-from workbench.numbers import finite, json_array
-from workbench.plotting import LAYOUT, captioned, heatmap
-from workbench.report import Analysis
 
 TERMS = ("a alone", "b alone", "a + b", "a − b", "other frequencies")
 """How the variance of an activation over the p² inputs splits up (constant removed)."""

@@ -7,7 +7,7 @@ verdict backed by behaviour, and the in-context-learning phase change over train
 Every head is measured on three kinds of repeated sequence (KINDS): random tokens over the whole
 vocabulary, random tokens at the frequencies of real text, and a passage of held-out text. On each
 kind, one cached forward pass on a sequence repeated once gives the induction, previous-token,
-duplicate-token and first-token scores (defined once, in workbench.attention_scores), and a
+duplicate-token and first-token scores (defined once, in workbench.compute.attention_scores), and a
 sequence repeated `prefix_copies` times gives Olsson et al.'s prefix-matching score. Ablating each
 head (mean; on random tokens also zero) measures how much the loss on the second copy relies on it.
 The head's full OV circuit gives its copying score, which does not depend on the input.
@@ -34,21 +34,7 @@ from tqdm.auto import tqdm
 
 from workbench.adapter import describe
 from workbench.artifacts import list_checkpoints, load_folder
-from workbench.attention_scores import (
-    duplicate_token_score,
-    first_token_score,
-    induction_score,
-    prefix_matching_score,
-    previous_token_score,
-)
-from workbench.circuits import copying_score, folded_weights, ov_circuit
-from workbench.config import check_types
-from workbench.data import Batches, DataConfig, build_text_data
-from workbench.errors import InputError, check_field
-from workbench.hooked import HookedModel
-from workbench.numbers import finite, json_array
-from workbench.plotting import captioned, heatmap, heatmap_picker, lines, table
-from workbench.probes import (
+from workbench.cache.collect import (
     TEXT_PROBES,
     half_losses,
     head_names,
@@ -60,9 +46,23 @@ from workbench.probes import (
     run_collect,
     text_probe_tokens,
 )
-from workbench.report import Analysis
-from workbench.tokenizer import readable_tokens
-from workbench.widgets import Widget, attention_viewer
+from workbench.compute.attention_scores import (
+    duplicate_token_score,
+    first_token_score,
+    induction_score,
+    prefix_matching_score,
+    previous_token_score,
+)
+from workbench.compute.qk_ov import copying_score, folded_weights, ov_circuit
+from workbench.config import check_types
+from workbench.data.text import Batches, DataConfig, build_text_data
+from workbench.data.tokenizer import readable_tokens
+from workbench.errors import InputError, check_field
+from workbench.model.hooked import HookedModel
+from workbench.report.pipeline import Analysis
+from workbench.report.plotting import captioned, heatmap, heatmap_picker, lines, table
+from workbench.report.widgets import Widget, attention_viewer
+from workbench.strict_json import finite, json_array
 
 ATTENTION_SCORES = ("induction", "prefix matching", "previous token", "duplicate token", "first token")
 """The scores read from attention patterns, measured on every kind of sequence."""

@@ -16,16 +16,16 @@ import plotly.graph_objects as go
 import torch
 
 from workbench.artifacts import LOG_FILE
-from workbench.attention_scores import induction_score, previous_token_score
+from workbench.compute.attention_scores import induction_score, previous_token_score
+from workbench.compute.lens import LensMismatchError, LogitLens, logit_lens
 from workbench.config import check_types
-from workbench.data import repeated_sequence
+from workbench.data.text import repeated_sequence
+from workbench.data.tokenizer import readable_tokens
 from workbench.errors import check_field
-from workbench.hooked import HookedModel
-from workbench.lens import LensMismatchError, LogitLens, logit_lens
-from workbench.plotting import captioned, heatmap, lines, table, token_heatmap
-from workbench.report import Analysis
-from workbench.tokenizer import readable_tokens
-from workbench.widgets import Widget, attention_viewer
+from workbench.model.hooked import HookedModel
+from workbench.report.pipeline import Analysis
+from workbench.report.plotting import captioned, heatmap, lines, table, token_heatmap
+from workbench.report.widgets import Widget, attention_viewer
 
 DEFAULT_PROMPTS = (
     "def greet(name):\n    return 'Hello, ' + name\n\nprint(greet('world'))\n",

@@ -19,20 +19,21 @@ import numpy as np
 import plotly.graph_objects as go
 import torch
 
+from workbench.cache.activations import TensorSource, check_hooks, model_activations, stream_activations
+from workbench.cache.collect import text_batch
 from workbench.config import check_types
 from workbench.errors import InputError, check_field
-from workbench.hooked import HookedModel
-from workbench.numbers import finite
-from workbench.plotting import bars, captioned, histograms, lines, table
-from workbench.probes import text_batch
-from workbench.report import Analysis
-from workbench.sae.activations import TensorSource, check_hooks, model_activations, stream_activations
-from workbench.sae.dashboards import collect_feature_data, render_dashboards
+from workbench.model.hooked import HookedModel
+from workbench.report.dashboards import render_dashboards
+from workbench.report.pipeline import Analysis
+from workbench.report.plotting import bars, captioned, histograms, lines, table
+from workbench.sae.features import collect_feature_data
 from workbench.sae.interventions import MIN_ABLATION_GAP, downstream_metrics
 from workbench.sae.metrics import ReconstructionStats, mmcs
 from workbench.sae.modules import ARCH_ALIASES, ARCHITECTURES, SAEConfig, make_sae
 from workbench.sae.synthetic import SyntheticFeatures
 from workbench.sae.training import SAETrainConfig, train_saes
+from workbench.strict_json import finite
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ the phase diagram and computation in superposition, every figure from one comman
     python -m analyses.superposition --kind linear --export ground-truth/
 
 Each sweep trains all its instances (one per sparsity and seed) at once in one batched model; the
-analyses are pure functions of the trained weights (workbench.toy_models).
+analyses are pure functions of the trained weights (workbench.model.toy_models).
 """
 
 from __future__ import annotations
@@ -23,9 +23,7 @@ from plotly.subplots import make_subplots
 
 from workbench.config import check_types
 from workbench.errors import check_field
-from workbench.plotting import LAYOUT, captioned, heatmap
-from workbench.report import Analysis
-from workbench.toy_models import (
+from workbench.model.toy_models import (
     PHASES,
     STICKY_FRACTIONS,
     AbsModel,
@@ -41,6 +39,8 @@ from workbench.toy_models import (
     superposition,
     train_toy,
 )
+from workbench.report.pipeline import Analysis
+from workbench.report.plotting import LAYOUT, captioned, heatmap
 
 DEFAULT_SPARSITIES = (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995)
 

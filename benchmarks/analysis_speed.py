@@ -33,8 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from workbench.artifacts import list_checkpoints  # noqa: E402
-from workbench.loading import resolve_model_path  # noqa: E402
-from workbench.report import run_analysis, write_report  # noqa: E402
+from workbench.model.loading import resolve_model_path  # noqa: E402
+from workbench.report.pipeline import run_analysis, write_report  # noqa: E402
 
 BUDGETS = {"induction-heads": (("attn-only-2l",), 60.0),
            "circuits": (("attn-only-2l", "attn-only-1l", "gelu-2l"), 30.0),

@@ -57,7 +57,7 @@ PROMPTS = {16: "QEjaXVzC QEjaXVz", 48: "def add(a, b):\n    return a + b\n\nprin
 
 def prompt_ids(model: Any, text: str, n_tokens: int) -> list[int]:
     """BOS then the text's tokens, exactly n_tokens long."""
-    from workbench.probes import special_ids
+    from workbench.cache.collect import special_ids
 
     bos, _ = special_ids(model)
     ids = [bos] + model.tokenizer.encode(text)
@@ -68,8 +68,8 @@ def prompt_ids(model: Any, text: str, n_tokens: int) -> list[int]:
 
 def compare(ours: Any, theirs: dict[str, torch.Tensor], header: dict[str, Any], tc: Any, model: Any) -> dict[str, Any]:
     """Every figure of one prompt's comparison."""
-    from workbench.attribution_graph import graph_scores, prune
-    from workbench.probes import run_collect
+    from workbench.cache.collect import run_collect
+    from workbench.compute.attribution_graph import graph_scores, prune
     from workbench.sae.transcoders import per_token
 
     tokens = torch.tensor([ours.tokens])
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     import workbench
-    from workbench.attribution_graph import GraphConfig, build_graph
+    from workbench.compute.attribution_graph import GraphConfig, build_graph
     from workbench.errors import InputError
     from workbench.sae.circuit_tracer_format import export_circuit_tracer
     from workbench.sae.transcoders import load_transcoders, train_transcoders

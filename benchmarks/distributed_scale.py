@@ -44,10 +44,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from workbench.distributed import init_from_env, shutdown  # noqa: E402
-from workbench.sae.activations import ActivationStore, TensorSource  # noqa: E402
+from workbench.cache.activations import ActivationStore, TensorSource  # noqa: E402
 from workbench.sae.modules import SAEConfig, make_sae  # noqa: E402
 from workbench.sae.training import SAETrainConfig, train_saes  # noqa: E402
+from workbench.train.distributed import init_from_env, shutdown  # noqa: E402
 
 D_IN, D_SAE, K, BATCH = 512, 4096, 32, 4096
 

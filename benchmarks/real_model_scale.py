@@ -71,7 +71,7 @@ def build(folder: Path, tiny: bool) -> dict[str, Path]:
     import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from workbench.data import stdlib_files
+    from workbench.data.text import stdlib_files
 
     folder.mkdir(parents=True, exist_ok=True)
     tok_dir = folder / "tokenizer"
@@ -110,8 +110,8 @@ def child(model_path: str, analysis: str, facts: str) -> None:
     """Load the model, run one analysis with its default settings, print a JSON line."""
     import torch
 
-    from workbench.loading import load
-    from workbench.report import get_analysis, make_config, run_analysis
+    from workbench.model.loading import load
+    from workbench.report.pipeline import get_analysis, make_config, run_analysis
 
     start = time.perf_counter()
     spec = get_analysis(analysis)

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.train_speed import matmul_peak, sync  # noqa: E402  (the same peak and sync as the LM benchmark)
-from workbench.loading import resolve_device  # noqa: E402
+from workbench.model.loading import resolve_device  # noqa: E402
 from workbench.sae.modules import SAEConfig, make_sae  # noqa: E402
 from workbench.sae.training import SAETrainConfig, _Trainer  # noqa: E402
 

@@ -27,8 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from workbench.loading import resolve_device  # noqa: E402
-from workbench.toy_models import ToyModel, instance_losses, train_toy  # noqa: E402
+from workbench.model.loading import resolve_device  # noqa: E402
+from workbench.model.toy_models import ToyModel, instance_losses, train_toy  # noqa: E402
 
 N_INSTANCES = 32
 

@@ -11,10 +11,10 @@ import torch
 from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
-from workbench.data import DataConfig
-from workbench.model import ModelConfig, Transformer
-from workbench.tokenizer import TextCodec, byte_tokenizer
-from workbench.train import TrainConfig
+from workbench.data.text import DataConfig
+from workbench.data.tokenizer import TextCodec, byte_tokenizer
+from workbench.model.transformer import ModelConfig, Transformer
+from workbench.train.lm import TrainConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test that reaches for the hub must fail fast
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -25,7 +25,7 @@ FIRST_FIGURE_BUDGET_S = 2.0
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> Path:
-    from workbench.report import report_all
+    from workbench.report.pipeline import report_all
 
     return report_all(tmp_path_factory.mktemp("browser") / "report", device="cpu", progress=False)
 
@@ -137,7 +137,7 @@ def test_the_attention_viewer_stays_responsive_on_a_256_token_prompt(browser, tm
     the readout, the head strip and the pattern canvas within a frame or two."""
     import numpy as np
 
-    from workbench.widgets import WIDGETS_JS, attention_viewer
+    from workbench.report.widgets import WIDGETS_JS, attention_viewer
 
     S, rng = 256, np.random.default_rng(0)
     scores = rng.normal(size=(4, 8, S, S)) + np.triu(np.full((S, S), -np.inf), 1)
@@ -202,7 +202,7 @@ def test_the_graph_viewer_filters_and_explains_nodes(browser, tmp_path):
     node threshold of 0 leaves only the embeddings and logits."""
     import numpy as np
 
-    from workbench.widgets import WIDGETS_JS, graph_viewer
+    from workbench.report.widgets import WIDGETS_JS, graph_viewer
 
     graph = _synthetic_graph(np.random.default_rng(0))
     (tmp_path / "widgets.js").write_text(WIDGETS_JS)

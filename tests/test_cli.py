@@ -79,7 +79,7 @@ def test_run_refuses_an_out_that_would_lose_files(model_dir, tmp_path, monkeypat
 
 
 def test_ctrl_c_prints_the_exact_command_that_resumes(tmp_path, monkeypatch, capsys):
-    from workbench.data import Batches
+    from workbench.data.text import Batches
 
     cfg = tiny_train_config(n_steps=24).to_dict()
     (tmp_path / "my config.json").write_text(json.dumps(cfg))
@@ -146,7 +146,7 @@ def test_settings_help_comes_from_the_config_docstrings(capsys):
 
 
 def test_list_settings_parse_as_their_element_type(monkeypatch, capsys):
-    import workbench.report
+    import workbench.report.pipeline
     from workbench.errors import ConfigError
 
     seen = []
@@ -155,7 +155,7 @@ def test_list_settings_parse_as_their_element_type(monkeypatch, capsys):
         seen.append(cfg)
         raise ConfigError("stop here: the config is all this test needs")
 
-    monkeypatch.setattr(workbench.report, "run_analysis", fake_run_analysis)
+    monkeypatch.setattr(workbench.report.pipeline, "run_analysis", fake_run_analysis)
     assert main(["run", "grokking", "--key-frequencies", "5", "6", "--out", "unused"]) == 2
     assert "stop here" in capsys.readouterr().err
     assert [c.key_frequencies for c in seen] == [(5, 6)]

@@ -70,17 +70,67 @@ def test_the_workbench_package_has_no_import_cycles():
             visit(m)
 
 
-def test_data_sources_know_nothing_of_analyses():
+# The layers, lowest first, and what each may import. Data flows one way: model → adapter → cache →
+# compute → Result → figures → report. The foundation (errors, configs, artifact files, strict JSON)
+# sits under everything; the command line sits over everything.
+FOUNDATION = {"workbench.errors", "workbench.config", "workbench.artifacts", "workbench.strict_json",
+              "workbench.allocator"}
+MAY_IMPORT = {
+    "data": set(),
+    "model": {"data"},
+    "train": {"data", "model"},
+    "adapter": {"model"},
+    "cache": {"data", "model", "adapter"},
+    "sae": {"data", "model", "adapter", "cache", "train"},
+    "compute": {"data", "model", "adapter", "cache", "sae"},
+    "report": {"data", "model", "adapter", "cache", "sae", "compute", "train"},
+}
+
+
+def _layer(module: str) -> str:
+    parts = module.split(".")
+    if module in FOUNDATION or len(parts) < 2:
+        return "foundation"
+    return parts[1]
+
+
+def test_each_layer_imports_only_the_layers_below_it():
+    offenders = []
+    for module, deps in _graph().items():
+        layer = _layer(module)
+        if not module.startswith("workbench.") or layer not in MAY_IMPORT:
+            continue
+        allowed = MAY_IMPORT[layer] | {layer, "foundation"}
+        offenders += [f"{module} imports {d}" for d in sorted(deps)
+                      if d.startswith("workbench.") and _layer(d) not in allowed]
+    assert not offenders, "imports against the layers:\n" + "\n".join(offenders)
+
+
+def test_data_and_model_never_reach_cache_compute_or_report():
     graph = _graph()
-    reach, todo = set(), ["workbench.data"]
-    while todo:
-        for d in graph.get(todo.pop(), ()):
-            if d not in reach:
-                reach.add(d)
-                todo.append(d)
-    engines = {"workbench.tracing", "workbench.probes", "workbench.circuits", "workbench.attribution",
-               "workbench.report"}
-    assert not reach & engines, f"workbench.data reaches {sorted(reach & engines)}"
+    for start in ("workbench.data", "workbench.model"):
+        reach, todo = set(), [m for m in graph if m == start or m.startswith(start + ".")]
+        while todo:
+            for d in graph.get(todo.pop(), ()):
+                if d not in reach:
+                    reach.add(d)
+                    todo.append(d)
+        bad = sorted(d for d in reach if _layer(d) in {"cache", "compute", "report", "sae"})
+        assert not bad, f"{start} reaches {bad}"
+
+
+def test_the_foundation_imports_no_layer():
+    graph = _graph()
+    bad = {m: sorted(d for d in graph[m] if d.startswith("workbench.") and _layer(d) != "foundation")
+           for m in FOUNDATION if m in graph}
+    assert not any(bad.values()), bad
+
+
+def test_every_module_belongs_to_a_layer():
+    """A new module goes into the package of its layer (docs/guide/architecture.md), not beside them."""
+    top = {m for m in _graph() if m.count(".") == 1 and m.startswith("workbench.")}
+    loose = sorted(top - FOUNDATION - {f"workbench.{p}" for p in MAY_IMPORT} - {"workbench.cli", "workbench.__main__"})
+    assert not loose, f"modules outside the layers: {loose}"
 
 
 UNSAFE = re.compile(r"weights_only\s*=\s*False|pickle\.loads?\(|torch\.load\(|trust_remote_code\s*=\s*True|"
@@ -98,7 +148,7 @@ def test_nothing_unpickles_or_runs_remote_code():
 
 
 def test_front_end_code_lives_in_asset_files():
-    """JavaScript and CSS are .js and .css files under workbench/assets (linted, highlighted, shipped as
+    """JavaScript and CSS are .js and .css files under workbench/report/assets (linted, highlighted, shipped as
     package data), not strings inside Python modules."""
     js = re.compile(r"document\.|addEventListener|\bfunction\s*\w*\s*\([^)]*\)\s*\{|=>\s*\{")
     css_rule = re.compile(r"[.#a-zA-Z*][\w.#:>-]*\{[a-z-]+:[^}]*\}")
@@ -110,8 +160,8 @@ def test_front_end_code_lives_in_asset_files():
             if found:
                 offenders[str(path.relative_to(ROOT))] = found
     assert not offenders, offenders
-    from workbench.assets import read_asset
-    from workbench.widgets import WIDGETS_JS
+    from workbench.report.assets import read_asset
+    from workbench.report.widgets import WIDGETS_JS
 
     for name in ("widgets.js", "widgets.css", "report.css", "dashboard.css", "dashboard.js"):
         assert read_asset(name).strip()

@@ -16,9 +16,9 @@ import torch
 import workbench
 from analyses.induction_heads import KINDS
 from workbench.artifacts import list_checkpoints
-from workbench.attention_scores import induction_score, previous_token_score
-from workbench.loading import models_dir, shipped_models
-from workbench.probes import half_losses, held_out_text, per_token_loss, probe_tokens, text_probe_tokens
+from workbench.cache.collect import half_losses, held_out_text, per_token_loss, probe_tokens, text_probe_tokens
+from workbench.compute.attention_scores import induction_score, previous_token_score
+from workbench.model.loading import models_dir, shipped_models
 
 SHIPPED = ("attn-only-1l", "attn-only-2l", "gelu-2l")
 INDUCTION_MODELS = ("attn-only-2l", "gelu-2l")

@@ -9,8 +9,8 @@ built. It changes nothing off glibc, and WORKBENCH_MALLOC=default skips it.
 
 from workbench import allocator
 from workbench.errors import CheckpointError, ConfigError, HookNameError, InputError, OfflineError, WorkbenchError
-from workbench.loading import load, resolve_device, save_model
-from workbench.model import ModelConfig, Transformer
+from workbench.model.loading import load, resolve_device, save_model
+from workbench.model.transformer import ModelConfig, Transformer
 
 allocator.tune()  # large CPU buffers reused, not page-faulted in each time; WORKBENCH_MALLOC=default skips it
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from workbench.errors import ConfigError, WorkbenchError
-from workbench.runs import TrainingInterrupted
+from workbench.train.runs import TrainingInterrupted
 
 DEVICE_HELP = "auto (cuda if available, else cpu), cpu or cuda"
 
@@ -112,7 +112,14 @@ def _resume_command(prog: str, argv: list[str], out: Path) -> str:
 
 def cmd_run(argv: list[str]) -> int:
     from workbench.artifacts import check_output_folder
-    from workbench.report import default_report_dir, get_analysis, make_config, registry, run_analysis, write_report
+    from workbench.report.pipeline import (
+        default_report_dir,
+        get_analysis,
+        make_config,
+        registry,
+        run_analysis,
+        write_report,
+    )
 
     if not argv or argv[0].startswith("-"):
         names = ", ".join(sorted(registry()))
@@ -141,7 +148,7 @@ def cmd_run(argv: list[str]) -> int:
 
 
 def cmd_report(argv: list[str]) -> int:
-    from workbench.report import report_all
+    from workbench.report.pipeline import report_all
 
     parser = argparse.ArgumentParser(prog="workbench report",
                                      description="Run every analysis on the shipped toy models.")
@@ -155,8 +162,8 @@ def cmd_report(argv: list[str]) -> int:
 
 
 def cmd_train(argv: list[str]) -> int:
-    from workbench.modular import load_modular_config
-    from workbench.train import load_train_config, train
+    from workbench.train.lm import load_train_config, train
+    from workbench.train.modular import load_modular_config
 
     parser = argparse.ArgumentParser(prog="workbench train", description="Train a preset or a config JSON.")
     parser.add_argument("config", help="preset name in models/ or a path to a TrainConfig JSON")
@@ -186,8 +193,8 @@ def cmd_train(argv: list[str]) -> int:
 
 
 def cmd_train_modular(args: argparse.Namespace, argv: list[str]) -> int:
-    """`workbench train` for a modular-addition preset or config (workbench.modular)."""
-    from workbench.modular import load_modular_config, train_modular
+    """`workbench train` for a modular-addition preset or config (workbench.train.modular)."""
+    from workbench.train.modular import load_modular_config, train_modular
 
     name, cfg = load_modular_config(args.config)
     if args.precision is not None:
@@ -198,7 +205,7 @@ def cmd_train_modular(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _run_training(trainer, cfg: Any, name: str, args: argparse.Namespace, argv: list[str]) -> int:
-    """Run `trainer` (workbench.train.train or workbench.modular.train_modular) into --out; 130 after Ctrl-C."""
+    """Run `trainer` (train.lm.train or train.modular.train_modular) into --out; 130 after Ctrl-C."""
     out = args.out or Path("runs") / name
     try:
         trainer(cfg, out, name=name, resume=args.resume, device=args.device, progress=not args.no_progress,
@@ -210,7 +217,7 @@ def _run_training(trainer, cfg: Any, name: str, args: argparse.Namespace, argv: 
 
 
 def cmd_info(argv: list[str]) -> int:
-    from workbench.loading import load
+    from workbench.model.loading import load
 
     parser = argparse.ArgumentParser(prog="workbench info", description="Hook names, shapes and config of a model.")
     parser.add_argument("model", help="preset name, model folder, or hf:<name or path>")
@@ -234,8 +241,8 @@ def cmd_info(argv: list[str]) -> int:
 
 
 def cmd_list(argv: list[str]) -> int:
-    from workbench.loading import models_dir, preset_names, shipped_models
-    from workbench.report import registry
+    from workbench.model.loading import models_dir, preset_names, shipped_models
+    from workbench.report.pipeline import registry
 
     argparse.ArgumentParser(prog="workbench list", description="List the presets (trained or not) in models/ "
                             "and the analyses `workbench run` knows.").parse_args(argv)
@@ -251,7 +258,7 @@ def cmd_list(argv: list[str]) -> int:
 
 def _text_source(args: argparse.Namespace, model: Any) -> tuple[Any, dict[str, Any]]:
     """(BOS-first rows of --text, whose position 0 training leaves out; the stream's options)."""
-    from workbench.probes import text_rows
+    from workbench.cache.collect import text_rows
 
     rows = text_rows(model, args.text, args.rows, min(int(model.cfg.n_ctx), args.seq_len))
     return rows, {"buffer_batches": args.buffer_batches, "exclude_special": not args.keep_special,
@@ -262,9 +269,9 @@ def cmd_sae(argv: list[str]) -> int:
 
     import torch
 
+    from workbench.cache.activations import ActivationStore, check_hooks, model_activations
     from workbench.errors import InputError
-    from workbench.loading import load, resolve_device
-    from workbench.sae.activations import ActivationStore, check_hooks, model_activations
+    from workbench.model.loading import load, resolve_device
     from workbench.sae.modules import make_sae
     from workbench.sae.training import (
         RankShare,
@@ -316,9 +323,9 @@ def cmd_sae(argv: list[str]) -> int:
         parser.add_argument("--spread-hooks", action="store_true",
                             help="under torchrun: deal the hooks' SAEs over the processes instead of splitting batches")
     args = parser.parse_args(argv)
-    from workbench.probes import check_rows
+    from workbench.cache.collect import check_rows
     check_rows(args.rows, args.seq_len)  # before the model loads: a bad --rows or --seq-len is an error at once
-    from workbench.distributed import init_from_env, restart_count, shutdown
+    from workbench.train.distributed import init_from_env, restart_count, shutdown
     dist = init_from_env(resolve_device(args.device)) if sub == "train" else None
     device = str(resolve_device(args.device))
     if dist is not None and dist.active and device.startswith("cuda"):
@@ -386,11 +393,11 @@ def cmd_sae(argv: list[str]) -> int:
 
 
 def cmd_transcoder(argv: list[str]) -> int:
-    from workbench.distributed import under_torchrun
     from workbench.errors import InputError
-    from workbench.loading import load
+    from workbench.model.loading import load
     from workbench.sae.circuit_tracer_format import export_circuit_tracer
     from workbench.sae.transcoders import load_transcoders, train_transcoders
+    from workbench.train.distributed import under_torchrun
 
     usage = "usage: workbench transcoder {train,export} [options]  (--help on each)"
     if not argv or argv[0] not in ("train", "export"):
@@ -475,8 +482,8 @@ COMMANDS = {"run": cmd_run, "report": cmd_report, "train": cmd_train, "info": cm
 def _same_command_on_every_rank(argv: list[str]) -> None:
     """Under torchrun: join the process group (as the command will, for the device it names) and stop
     every rank unless all were started with the same settings (`distributed.check_same_settings`)."""
-    from workbench.distributed import check_same_settings, command_settings, init_from_env
-    from workbench.loading import resolve_device
+    from workbench.model.loading import resolve_device
+    from workbench.train.distributed import check_same_settings, command_settings, init_from_env
 
     device = command_settings(argv, may_differ=()).get("--device") or ["auto"]
     check_same_settings(init_from_env(resolve_device(device[-1])), command_settings(argv))
@@ -488,7 +495,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(__doc__)
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
-    from workbench.distributed import shutdown, under_torchrun
+    from workbench.train.distributed import shutdown, under_torchrun
 
     try:
         if under_torchrun():

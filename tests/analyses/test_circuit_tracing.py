@@ -11,12 +11,12 @@ import pytest
 import workbench
 from analyses.circuit_tracing import CircuitTracingConfig
 from tests.conftest import tiny_config
-from workbench.attribution_graph import load_graph
 from workbench.cli import main
+from workbench.compute.attribution_graph import load_graph
+from workbench.data.tokenizer import TextCodec, byte_tokenizer
 from workbench.errors import ConfigError, InputError
-from workbench.report import run_analysis, write_report
+from workbench.report.pipeline import run_analysis, write_report
 from workbench.sae.transcoders import load_transcoders
-from workbench.tokenizer import TextCodec, byte_tokenizer
 
 QUICK = CircuitTracingConfig(prompts=("abcdefgh abcdefg",), n_tokens=40 * 2048, sae_tokens=10 * 2048, eval_rows=8,
                              d_tc=64, k=4, viewer_nodes=30, ablate=2)
@@ -118,7 +118,7 @@ def test_auxk_keeps_dead_transcoder_features_under_five_percent_on_gelu_2l():
     from workbench.sae.transcoders import _stream, make_transcoders
 
     model = workbench.load("gelu-2l", device="cpu")
-    from workbench.probes import training_text
+    from workbench.cache.collect import training_text
     rows, _ = training_text(model, 600, 128)
     dead = {}
     for aux in (1 / 32, 0.0):

@@ -15,11 +15,11 @@ import workbench
 from analyses.circuit_tracing import CircuitTracingConfig, default_prompts
 from tests.conftest import signal_on_call, tiny_config
 from workbench.artifacts import TRANSCODERS_MANIFEST
-from workbench.attribution_graph import build_graph
+from workbench.cache.collect import special_ids
 from workbench.cli import field_docs, main
-from workbench.probes import special_ids
+from workbench.compute.attribution_graph import build_graph
+from workbench.data.tokenizer import TextCodec, byte_tokenizer
 from workbench.sae.transcoders import as_transcoders, make_transcoders
-from workbench.tokenizer import TextCodec, byte_tokenizer
 
 SETTINGS = dict(prompts=("abcdefgh abcdefg",), n_tokens=12 * 2048, compare_sae=False, eval_rows=8, d_tc=64, k=4,
                 viewer_nodes=20, ablate=1, dashboard_features=4)

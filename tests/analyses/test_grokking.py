@@ -27,12 +27,14 @@ from analyses.grokking import (
     term_shares,
 )
 from tests.conftest import assert_colorbars_titled, signal_on_call
-from workbench import modular as modular_module
 from workbench.artifacts import has_state, list_checkpoints, read_config, strict_json
 from workbench.cli import main as cli_main
 from workbench.errors import ConfigError, InputError, TrainingDiverged
-from workbench.loading import models_dir
-from workbench.modular import (
+from workbench.model.loading import models_dir
+from workbench.report.pipeline import run_analysis, write_report
+from workbench.report.plotting import caption_of
+from workbench.train import modular as modular_module
+from workbench.train.modular import (
     ModularConfig,
     answer_logits,
     answer_logits_fast,
@@ -42,9 +44,7 @@ from workbench.modular import (
     modular_data,
     train_modular,
 )
-from workbench.plotting import caption_of
-from workbench.report import run_analysis, write_report
-from workbench.runs import TrainingInterrupted
+from workbench.train.runs import TrainingInterrupted
 
 SHIPPED = "modular-addition"
 

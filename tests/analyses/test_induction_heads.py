@@ -29,19 +29,19 @@ from analyses.induction_heads import (
     steepest_change,
 )
 from tests.conftest import NoAttention, tiny_config
-from workbench.attention_scores import (
+from workbench.cache.collect import held_out_text, text_probe_tokens
+from workbench.compute.attention_scores import (
     duplicate_token_score,
     induction_score,
     prefix_matching_score,
     previous_token_score,
 )
-from workbench.circuits import copying_score, folded_weights, ov_circuit
-from workbench.data import stdlib_files
+from workbench.compute.qk_ov import copying_score, folded_weights, ov_circuit
+from workbench.data.text import stdlib_files
 from workbench.errors import ConfigError, InputError
-from workbench.plotting import caption_of
-from workbench.probes import held_out_text, text_probe_tokens
-from workbench.report import run_analysis, write_report
-from workbench.widgets import Widget
+from workbench.report.pipeline import run_analysis, write_report
+from workbench.report.plotting import caption_of
+from workbench.report.widgets import Widget
 
 SMALL = InductionConfig(seq_len=8, prefix_seq_len=5, n_sequences=4, icl_early=2, icl_late=20)
 

@@ -10,10 +10,10 @@ import workbench
 from analyses.sae import SAEAnalysisConfig, compute
 from tests.conftest import tiny_config
 from workbench.cli import main
+from workbench.data.tokenizer import TextCodec, byte_tokenizer
 from workbench.errors import ConfigError, InputError
-from workbench.report import run_analysis, write_report
+from workbench.report.pipeline import run_analysis, write_report
 from workbench.sae import ActivationStore, load_sae
-from workbench.tokenizer import TextCodec, byte_tokenizer
 
 QUICK = SAEAnalysisConfig(hook="blocks.1.hook_resid_post", saes=("topk:4", "relu:1", "jumprelu:1"), dashboard="topk:4",
                           dashboard_features=8, n_tokens=40 * 256, batch_size=256, train_rows=24, eval_rows=20,
@@ -96,8 +96,8 @@ def test_activations_stop_the_forward_pass_at_the_last_hook_they_need(model_dir,
     later blocks and the unembedding never run."""
     import torch
 
-    from workbench.probes import run_collect
-    from workbench.sae.activations import model_activations
+    from workbench.cache.activations import model_activations
+    from workbench.cache.collect import run_collect
 
     model = workbench.load(str(model_dir), device="cpu")
     tokens = torch.randint(0, 256, (2, 12))

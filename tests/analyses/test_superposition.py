@@ -11,7 +11,7 @@ import torch
 from analyses.superposition import SuperpositionConfig, compute, figures
 from tests.conftest import assert_colorbars_titled
 from workbench.errors import ConfigError
-from workbench.report import run_analysis, write_report
+from workbench.report.pipeline import run_analysis, write_report
 
 QUICK = SuperpositionConfig(n_features=(5, 8), n_hidden=(2, 3), sparsities=(0.0, 0.9, 0.99), n_steps=600,
                             phase_grid=3, phase_seeds=2, phase_steps=300, abs_features=6, abs_neurons=3,

@@ -23,9 +23,9 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from workbench.distributed import init_from_env, restart_count, shutdown  # noqa: E402
 from workbench.sae.modules import SAEConfig, make_sae  # noqa: E402
 from workbench.sae.training import SAETrainConfig, train_saes  # noqa: E402
+from workbench.train.distributed import init_from_env, restart_count, shutdown  # noqa: E402
 
 D, D_SAE, BATCH = 16, 64, 128
 

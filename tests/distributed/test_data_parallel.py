@@ -78,10 +78,10 @@ def test_a_resumed_run_sees_exactly_the_activations_an_uninterrupted_run_sees(tm
     trainer reads (hashed) are the ones the uninterrupted run read at the same steps."""
     import workbench
     from tests.conftest import signal_on_call, tiny_config
-    from workbench.runs import TrainingInterrupted
+    from workbench.data.tokenizer import TextCodec, byte_tokenizer
     from workbench.sae import SAEConfig, SAETrainConfig, stream_activations, train_sae
     from workbench.sae import training as training_module
-    from workbench.tokenizer import TextCodec, byte_tokenizer
+    from workbench.train.runs import TrainingInterrupted
 
     model = workbench.Transformer(tiny_config(d_mlp=64), tokenizer=TextCodec(byte_tokenizer())).eval()
     rows = torch.randint(0, 257, (40, 24), generator=torch.Generator().manual_seed(0))
@@ -159,9 +159,9 @@ def test_each_rank_reads_its_own_share_of_rows_and_batches():
     r, a w-th of each batch and every hook; with spread hooks, whole batches of its own hooks."""
     import pytest
 
-    from workbench.distributed import Dist
     from workbench.errors import InputError
     from workbench.sae.training import RankShare, rank_share, store_batches
+    from workbench.train.distributed import Dist
 
     hooks = ["a", "b", "c"]
     assert rank_share(Dist(1, 2), hooks, 64) == RankShare(hooks, 32, 1, 2)

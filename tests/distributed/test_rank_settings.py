@@ -18,7 +18,7 @@ import pytest
 
 import workbench
 from tests.conftest import tiny_config
-from workbench.tokenizer import TextCodec, byte_tokenizer
+from workbench.data.tokenizer import TextCodec, byte_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.conftest import tiny_train_config  # noqa: E402
-from workbench.train import train  # noqa: E402
+from workbench.train.lm import train  # noqa: E402
 
 if __name__ == "__main__":
     train(tiny_train_config(), sys.argv[1], name="tiny", device="cpu", progress=False)

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from workbench import adapter
-from workbench.attribution import direct_logit_attribution, path_patch
-from workbench.probes import half_losses, per_token_loss, probe_tokens
+from workbench.cache.collect import half_losses, per_token_loss, probe_tokens
+from workbench.compute.logit_attribution import direct_logit_attribution
+from workbench.compute.path_patching import path_patch
 
 EXPECTED = {  # family: (norm, positional, parallel, KV heads of 4, knockout)
     "gpt2": ("LN", "learned", False, 4, "attn_scores"),

@@ -24,9 +24,9 @@ from analyses.sae import SAEAnalysisConfig
 from analyses.superposition import SuperpositionConfig
 from tests.hf_families import FAMILIES
 from workbench.adapter import DoesNotApplyError
-from workbench.plotting import caption_of
-from workbench.report import run_analysis
-from workbench.widgets import Widget
+from workbench.report.pipeline import run_analysis
+from workbench.report.plotting import caption_of
+from workbench.report.widgets import Widget
 
 FAST = ("qwen2", "gptj")
 ANALYSES = ("model-card", "induction-heads", "circuits", "sae", "fact-recall", "circuit-tracing")

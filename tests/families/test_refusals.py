@@ -48,7 +48,7 @@ def test_the_cli_prints_one_line_naming_the_architecture_and_the_missing_piece(
 
 def test_a_hook_that_is_registered_but_never_fires_is_a_clear_error(family_folders):
     import workbench
-    from workbench.probes import run_collect
+    from workbench.cache.collect import run_collect
 
     model = workbench.load(f"hf:{family_folders['llama']}", device="cpu")
     assert "hook_pos_embed" in model.hook_dict  # registered ...
@@ -58,7 +58,7 @@ def test_a_hook_that_is_registered_but_never_fires_is_a_clear_error(family_folde
 
 def test_sae_activations_from_a_hook_that_never_fires_are_a_clear_error(family_folders):
     import workbench
-    from workbench.sae.activations import model_activations
+    from workbench.cache.activations import model_activations
 
     model = workbench.load(f"hf:{family_folders['gemma']}", device="cpu")
     with pytest.raises(adapter.DoesNotApplyError, match="gemma .*hook_pos_embed"):

@@ -20,8 +20,8 @@ from tests.conftest import tiny_config
 from workbench import cli
 from workbench.artifacts import append_log, atomic_write_json, write_model_folder
 from workbench.cli import main
+from workbench.data.tokenizer import TextCodec, byte_tokenizer
 from workbench.errors import OutOfSpaceError
-from workbench.tokenizer import TextCodec, byte_tokenizer
 
 SIZE = "120k"
 MESSAGE = re.compile(r"^error: The disk filled while writing .+: it needs about [\d.,]+ MB and [\d.,]+ MB are free\. "

@@ -1,7 +1,7 @@
 """Sparse autoencoders: architectures, training, metrics, activation stores, dashboards and
 interventions. SAELens-compatible files (cfg.json + sae_weights.safetensors)."""
 
-from workbench.sae.activations import ActivationStore, TensorSource, model_activations, stream_activations
+from workbench.cache.activations import ActivationStore, TensorSource, model_activations, stream_activations
 from workbench.sae.metrics import ReconstructionStats, mmcs
 from workbench.sae.modules import ARCHITECTURES, SAE, SAEConfig, load_sae, make_sae, save_sae
 from workbench.sae.synthetic import SyntheticFeatures, load_ground_truth

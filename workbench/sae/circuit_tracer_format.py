@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from workbench.artifacts import CIRCUIT_TRACER_CONFIG_FILE, write_output_folder
 from workbench.errors import CheckpointError, InputError
-from workbench.hooked import HookedModel
+from workbench.model.hooked import HookedModel
 from workbench.sae.modules import SAEConfig, make_sae
 from workbench.sae.transcoders import Transcoders, input_hook, mlp_input_hooks, output_hook
 

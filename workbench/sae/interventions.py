@@ -17,10 +17,10 @@ from typing import Any, Callable, Optional
 import torch
 
 from workbench.errors import InputError
-from workbench.hooked import HookedModel
-from workbench.model import lm_loss
-from workbench.numbers import ratio
+from workbench.model.hooked import HookedModel
+from workbench.model.transformer import lm_loss
 from workbench.sae.modules import SAE
+from workbench.strict_json import ratio
 
 Hook = Callable[[torch.Tensor, Any], torch.Tensor]
 

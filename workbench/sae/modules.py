@@ -29,9 +29,9 @@ from safetensors.torch import load_file, save_file
 
 from workbench.artifacts import SAE_CFG_FILE, SAE_WEIGHTS_FILE, atomic_write_json, staged_files
 from workbench.config import check_types
-from workbench.distributed import Dist
 from workbench.errors import CheckpointError, ConfigError, InputError, check_field, unknown_name_message
 from workbench.sae.kernels import sparse_code, topk_indices
+from workbench.train.distributed import Dist
 
 
 @dataclass(frozen=True)

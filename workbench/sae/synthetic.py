@@ -2,7 +2,7 @@
 
 x = Σᵢ fᵢ dᵢ over n unit-norm directions dᵢ in d dimensions, each feature active with probability
 mean_active / n and then uniform on [0, 1]. The superposition toy models' exported ground truth
-(`workbench.toy_models.export_ground_truth`) is read by `load_ground_truth` into the same form.
+(`workbench.model.toy_models.export_ground_truth`) is read by `load_ground_truth` into the same form.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@
 - A progress bar with L0, FVU and tokens/s; a JSONL log; log-spaced checkpoints; `resume`.
 - NaN or inf in a batch, the loss or the gradient stops training before the step is taken, and the
   error names the last good checkpoint.
-- Ctrl-C is handled between steps (`workbench.runs.StopRequest`), state is safetensors plus JSON
+- Ctrl-C is handled between steps (`workbench.train.runs.StopRequest`), state is safetensors plus JSON
   (never pickle), and a run folder is locked while a process writes it.
 
 Several SAEs train in lockstep from one source, so one forward pass of the model feeds them all.
@@ -51,14 +51,14 @@ from workbench.artifacts import (
     write_checkpoint,
     write_state,
 )
+from workbench.cache.activations import Batch
 from workbench.config import check_types, from_dict
-from workbench.distributed import Dist
 from workbench.errors import CheckpointError, ConfigError, InputError, TrainingDiverged, check_field
-from workbench.runs import StopRequest, TrainingInterrupted, config_diff, refuse_changed_config, refuse_foreign
-from workbench.sae.activations import Batch
 from workbench.sae.metrics import ReconstructionStats
 from workbench.sae.modules import SAE, SAEConfig, geometric_median, make_sae, save_sae
-from workbench.train import fused_adam, param_norms, weights_problem
+from workbench.train.distributed import Dist
+from workbench.train.lm import fused_adam, param_norms, weights_problem
+from workbench.train.runs import StopRequest, TrainingInterrupted, config_diff, refuse_changed_config, refuse_foreign
 
 __all__ = ["RankShare", "SAETrainConfig", "TrainingDiverged", "rank_share", "store_batches", "text_batches",
            "train_sae", "train_saes"]
@@ -435,7 +435,7 @@ def text_batches(model: Any, token_rows: torch.Tensor, share: RankShare, seed: i
                  ) -> Iterator[Batch]:
     """This process's batches streamed from `model` over its own rows (every world-th), with its own
     shuffling seed; `stream` goes to `stream_activations` (buffer_batches, exclude_special, skip_first)."""
-    from workbench.sae.activations import stream_activations
+    from workbench.cache.activations import stream_activations
 
     return stream_activations(model, token_rows[share.rank::share.world], share.hooks, batch_size=share.batch_size,
                               seed=seed + share.rank, **stream)
@@ -456,7 +456,7 @@ def train_saes(saes: dict[str, SAE], batches: Iterable[Batch], cfg: SAETrainConf
     `resume` continues the unfinished run from its newest checkpoint, or starts it if it has none;
     its config must equal the one the run started with. Each folder is locked while training.
 
-    Data parallel (`dist` from `workbench.distributed.init_from_env`, under torchrun): `cfg.batch_size`
+    Data parallel (`dist` from `workbench.train.distributed.init_from_env`, under torchrun): `cfg.batch_size`
     is the whole batch; each rank's `batches` give its share, batch_size / world rows, its own
     activations. Gradients are averaged over the ranks, and every statistic that decides what
     training does is taken over the whole batch: the normalisation scale, b_dec's starting point,

@@ -40,9 +40,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from workbench.artifacts import SAE_CFG_FILE, SAE_WEIGHTS_FILE, TRANSCODERS_MANIFEST, atomic_write_json, open_modes
-from workbench.distributed import Dist
 from workbench.errors import CheckpointError, InputError
-from workbench.hooked import HookedModel
+from workbench.model.hooked import HookedModel
 from workbench.sae.modules import (
     SAE,
     SAEConfig,
@@ -54,6 +53,7 @@ from workbench.sae.modules import (
     make_sae,
     save_sae,
 )
+from workbench.train.distributed import Dist
 
 CLT_INPUT, CLT_TARGET = "clt.inputs", "clt.targets"
 """Batch keys of a cross-layer transcoder: every layer's MLP input (and output), concatenated."""
@@ -614,11 +614,11 @@ def evaluate_transcoders(model: HookedModel, tc: Transcoders, rows: torch.Tensor
     mean-ablated. CE loss recovered = (CE_ablated − CE_replaced) / (CE_ablated − CE_clean), where one
     MLP replaced alone is measured against zero-ablating that MLP alone. Replacing leaves position 0
     (usually the BOS, whose activations are outliers) as it is, as training leaves it out."""
-    from workbench.model import lm_loss
-    from workbench.numbers import ratio
-    from workbench.probes import run_collect
+    from workbench.cache.collect import run_collect
+    from workbench.model.transformer import lm_loss
     from workbench.sae.interventions import MIN_ABLATION_GAP
     from workbench.sae.metrics import ReconstructionStats
+    from workbench.strict_json import ratio
 
     tc.check_model(model)
     L = tc.n_layers
@@ -728,7 +728,7 @@ def train_transcoders(model: HookedModel, d_tc: int, out: Optional[Union[str, Pa
     source for a model without one), with the SAE trainer: one forward pass feeds every layer. With
     `out`, each layer's run folder (out/layer_<l>, or out/clt) gets the trainer's log, checkpoints
     and resume, and out/transcoders.json is written last. Returns (transcoders, the trainer's logs)."""
-    from workbench.probes import training_text
+    from workbench.cache.collect import training_text
     from workbench.sae.training import SAETrainConfig, train_saes
 
     name = model_name or model_name_of(model)
@@ -767,7 +767,7 @@ def train_transcoders(model: HookedModel, d_tc: int, out: Optional[Union[str, Pa
 
 
 def _stream(model: HookedModel, rows: torch.Tensor, batch_size: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
-    from workbench.sae.activations import stream_activations
+    from workbench.cache.activations import stream_activations
 
     hooks = [h for l, x in enumerate(mlp_input_hooks(model)) for h in (x, output_hook(l))]
     return stream_activations(model, rows, hooks, batch_size=batch_size, seed=seed)

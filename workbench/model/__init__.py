@@ -1,0 +1,11 @@
+"""The model layer: the hookable `Transformer` (TransformerLens hook names and weight shapes), the
+superposition toy models, loading shipped, local and Hugging Face models, and `HookedModel`, the type
+of a model as the layers above see it."""
+
+from workbench.model.hooked import HookedModel, ModelShape
+from workbench.model.loading import load, load_hf, models_dir, resolve_device, save_model, shipped_models
+from workbench.model.toy_models import ToyConfig, ToyModel, train_toy
+from workbench.model.transformer import ModelConfig, Transformer, lm_loss
+
+__all__ = ["HookedModel", "ModelConfig", "ModelShape", "ToyConfig", "ToyModel", "Transformer", "load", "load_hf",
+           "lm_loss", "models_dir", "resolve_device", "save_model", "shipped_models", "train_toy"]
