@@ -1,3 +1,4 @@
+# Over 500 lines: what is left is the study's own (config, transcoder cache, prompts, figure captions).
 """Circuit tracing: replace each MLP by a transcoder, build attribution graphs for a few prompts, prune
 them, score them, test them with interventions on the real model, and show them in an interactive
 viewer (Ameisen et al., "Circuit Tracing", 2025).
@@ -27,19 +28,22 @@ import plotly.graph_objects as go
 import torch
 from tqdm.auto import tqdm
 
+from workbench.adapter.provenance import model_label, model_name_of, run_folder
 from workbench.artifacts import TRANSCODERS_MANIFEST
-from workbench.cache.collect import held_out_text, special_ids
+from workbench.cache.rows import held_out_text, readable_ids, special_ids
 from workbench.compute.attribution_graph import (
     AttributionGraph,
     GraphConfig,
     build_graph,
     check_supported,
+    fact_finding,
     graph_files,
     graph_scores,
+    induction_finding,
     intervene,
-    position_influence,
     prune,
     viewer_data,
+    viewer_examples,
 )
 from workbench.config import check_types
 from workbench.errors import CheckpointError, ConfigError, check_field
@@ -49,17 +53,15 @@ from workbench.report.pipeline import Analysis
 from workbench.report.plotting import bars, captioned, heatmap, table
 from workbench.report.widgets import SECTION_FILES, Widget, graph_viewer
 from workbench.sae.features import collect_feature_data
-from workbench.sae.interventions import splice_hook
+from workbench.sae.transcoder_vs_sae import compare_with_sae
 from workbench.sae.transcoders import (
     Transcoders,
     evaluate_transcoders,
     load_transcoders,
     mlp_layers,
-    model_name_of,
-    output_hook,
     train_transcoders,
 )
-from workbench.train.runs import TrainingInterrupted
+from workbench.train.lifecycle import TrainingInterrupted
 
 SHIPPED = "transcoders"
 """Where a shipped model keeps its transcoders: models/<name>/transcoders/."""
@@ -220,10 +222,9 @@ def get_transcoders(model: HookedModel, cfg: CircuitTracingConfig) -> tuple[Tran
         tc = load_transcoders(cfg.transcoders, device)
         tc.check_model(model)
         return tc, cfg.transcoders
-    folder = getattr(model, "folder", None)
-    if folder is not None and (Path(folder) / SHIPPED / TRANSCODERS_MANIFEST).exists():
-        return _its_own(load_transcoders(Path(folder) / SHIPPED, device), model), \
-            f"shipped in {Path(folder).name}/{SHIPPED}"
+    folder, _ = run_folder(model)
+    if folder is not None and (folder / SHIPPED / TRANSCODERS_MANIFEST).exists():
+        return _its_own(load_transcoders(folder / SHIPPED, device), model), f"shipped in {folder.name}/{SHIPPED}"
     cached = cache_folder(model, cfg)
     if (cached / TRANSCODERS_MANIFEST).exists():
         return _its_own(load_transcoders(cached, device), model), f"trained earlier, cached in {cached}"
@@ -292,55 +293,6 @@ def _fingerprint(model: HookedModel) -> str:
     return h.hexdigest()
 
 
-def compare_with_sae(model: HookedModel, tc: Transcoders, quality: dict[str, Any], rows: torch.Tensor,
-                     cfg: CircuitTracingConfig) -> dict[str, Any]:
-    """A TopK SAE of the same width and k, trained on as many tokens, on the output of the MLP whose
-    zero-ablation costs the most loss, against that layer's transcoder: FVU and L0 of the MLP output
-    and the loss recovered when each replaces it (against zero-ablating it), on the same rows."""
-    from workbench.cache.activations import model_activations, stream_activations
-    from workbench.cache.collect import training_text
-    from workbench.model.transformer import lm_loss
-    from workbench.sae.interventions import MIN_ABLATION_GAP
-    from workbench.sae.metrics import ReconstructionStats
-    from workbench.sae.modules import SAEConfig, make_sae
-    from workbench.sae.training import SAETrainConfig, train_saes
-    from workbench.strict_json import ratio
-
-    ce = quality["ce"]
-    layer = max(range(tc.n_layers), key=lambda l: ce[f"zero_layer_{l}"] - ce["clean"])
-    hook, width = output_hook(layer), tc.width(layer)
-    k = tc.clt.cfg.k if tc.clt is not None else tc.per_layer[layer].cfg.k
-    sae = make_sae(SAEConfig(d_in=tc.d_model, d_sae=width, architecture="topk", k=k, hook_name=hook),
-                   seed=cfg.seed).to(next(model.parameters()).device)
-    train_rows, _ = training_text(model, 2000, min(int(model.cfg.n_ctx), 256))
-    batch = 2048
-    n_tokens = max(batch, cfg.sae_tokens // batch * batch)
-    tcfg = SAETrainConfig(sae=sae.cfg, n_tokens=n_tokens, batch_size=batch, n_checkpoints=0, seed=cfg.seed,
-                          dead_window=max(batch, min(200_000, n_tokens // 10)))
-    train_saes({hook: sae}, stream_activations(model, train_rows, [hook], batch_size=batch, seed=cfg.seed), tcfg,
-               progress=False)
-    sae.eval()
-    stats = ReconstructionStats(width)
-    total = 0.0
-    with torch.no_grad():
-        for start in range(0, len(rows), 16):
-            toks = rows[start:start + 16]
-            x = model_activations(model, toks, [hook])[hook]
-            f = sae.encode(x)
-            stats.add(x, sae.decode(f), f)
-            spliced = model.run_with_hooks(toks, fwd_hooks=[(hook, splice_hook(sae, keep_first=True))])
-            total += float(lm_loss(spliced.float(), toks)) * len(toks)
-    s = stats.summary()
-    ce_sae = total / len(rows)
-    t = quality["layers"][layer]
-    return {"layer": layer, "width": width, "k": k, "n_tokens": n_tokens,
-            "transcoder": {"fvu": t["fvu"], "l0": t["l0"], "dead_fraction": t["dead_fraction"],
-                           "ce_loss_recovered": t["ce_loss_recovered_alone"]},
-            "sae": {"fvu": s["fvu"], "l0": s["l0"], "dead_fraction": s["dead_fraction"],
-                    "ce_loss_recovered": ratio(ce[f"zero_layer_{layer}"] - ce_sae,
-                                               ce[f"zero_layer_{layer}"] - ce["clean"], MIN_ABLATION_GAP)}}
-
-
 # -- prompts ---------------------------------------------------------------------------------------------
 def default_prompts(model: HookedModel, cfg: CircuitTracingConfig) -> list[tuple[str, Any, dict[str, Any]]]:
     """[(kind, prompt text or token ids, what to check)]: facts the model recalls, else induction prompts."""
@@ -356,8 +308,8 @@ def default_prompts(model: HookedModel, cfg: CircuitTracingConfig) -> list[tuple
         rng = np.random.default_rng(cfg.seed)
         chosen = sorted(rng.choice(known, size=min(cfg.n_prompts, len(known)), replace=False).tolist())
         return [("fact", encs[i].tokens[0].cpu(), {"fact": facts[i], "encoded": encs[i]}) for i in chosen]
-    bos, special = special_ids(model)
-    allowed = _readable_ids(model, special)
+    bos, _ = special_ids(model)
+    allowed = readable_ids(model)
     out = []
     gen = torch.Generator().manual_seed(cfg.seed)
     for _ in range(cfg.n_prompts):
@@ -368,75 +320,18 @@ def default_prompts(model: HookedModel, cfg: CircuitTracingConfig) -> list[tuple
     return out
 
 
-def _readable_ids(model: HookedModel, special: set[int]) -> torch.Tensor:
-    """Token ids that read as letters (so an induction prompt is legible in the viewer)."""
-    if model.tokenizer is None:
-        return torch.tensor([i for i in range(int(model.cfg.d_vocab)) if i not in special])
-    from workbench.data.tokenizer import readable_tokens
-    ids = [i for i in range(int(model.cfg.d_vocab)) if i not in special]
-    names = readable_tokens(model.tokenizer, ids)
-    good = [i for i, s in zip(ids, names) if s.strip().isalpha() and s.strip().isascii()]
-    return torch.tensor(good if len(good) >= 16 else ids)
-
-
-def _fact_finding(model: HookedModel, graph: AttributionGraph, info: dict[str, Any]) -> dict[str, Any]:
-    """Influence on the answer logit by layer and position group (features + errors), next to causal
-    tracing's MLP restoration effect on the same prompt: do they point at the same place?"""
-    from workbench.compute.causal_tracing import GROUPS, causal_trace, position_groups
-
-    enc = info["encoded"]
-    answer = [int(t) for t in graph.logit_tokens].index(enc.target) if enc.target in graph.logit_tokens.tolist() else 0
-    infl = position_influence(graph, answer)
-    by_pos = (infl["features"] + infl["errors"]).numpy()  # [L, S]
-    trace = causal_trace(model, enc, 3.0, components=("mlp",), window=1, n_samples=3, seed=0)["mlp"]  # [L, S]
-    groups = {g: p for g, p in position_groups(enc).items() if p}
-    names = [g for g in GROUPS if g in groups]
-    G = np.stack([by_pos[:, groups[g]].mean(1) for g in names], 1)  # [L, groups], per position of the group
-    T = np.stack([trace[:, groups[g]].mean(1) for g in names], 1)
-    inside = [g for g in names if g != "last token"]  # where, before the last token, the answer is prepared
-    graph_peak = max(inside, key=lambda g: G[:, names.index(g)].sum()) if inside else "last token"
-    trace_peak = max(inside, key=lambda g: T[:, names.index(g)].sum()) if inside else "last token"
-    corr = float(np.corrcoef(G.flatten(), T.flatten())[0, 1]) if G.std() > 0 and T.std() > 0 else float("nan")
-    subject = set(range(*enc.subject))
-    token_infl = infl["tokens"].numpy()
-    S = by_pos.shape[1]
-    positive = np.clip(trace, 0, None)
-    graph_last = float(by_pos[:, S - 1].sum() / max(by_pos.sum(), 1e-30))
-    trace_last = float(positive[:, S - 1].sum() / max(positive.sum(), 1e-30))
-    graph_layer, trace_layer = int(by_pos[:, S - 1].argmax()), int(trace[:, S - 1].argmax())
-    return {"prompt": info["fact"].prompt, "target": info["fact"].target, "groups": names, "graph": G.tolist(),
-            "trace": T.tolist(), "graph_last_token_share": graph_last, "trace_last_token_share": trace_last,
-            "graph_peak_layer": graph_layer, "trace_peak_layer": trace_layer,
-            "agree": graph_last > 0.5 and trace_last > 0.5 and abs(graph_layer - trace_layer) <= 1,
-            "graph_peak_group": graph_peak, "trace_peak_group": trace_peak, "correlation": corr,
-            "subject_token_share": float(token_infl[sorted(subject)].sum() / max(token_infl.sum(), 1e-30))}
-
-
-def _induction_finding(graph: AttributionGraph, info: dict[str, Any]) -> dict[str, Any]:
-    """Where the answer's influence starts among the tokens: the token after the earlier occurrence
-    should lead (it reaches the last position only through attention)."""
-    ids = graph.logit_tokens.tolist()
-    answer = ids.index(info["answer"]) if info["answer"] in ids else 0
-    tokens = position_influence(graph, answer)["tokens"][:-1]  # the last token's own embedding is not the point
-    order = tokens.argsort(descending=True).tolist()
-    return {"answer_is_top": ids[0] == info["answer"], "answer_prob": float(graph.logit_probs[answer]),
-            "earlier_position": info["earlier"], "earlier_rank": order.index(info["earlier"]) + 1,
-            "n_positions": len(order), "earlier_share": float(tokens[info["earlier"]] / tokens.sum().clamp_min(1e-30)),
-            "token_influence": tokens.tolist()}
-
-
 # -- compute ---------------------------------------------------------------------------------------------
 def compute(model: HookedModel, cfg: CircuitTracingConfig) -> CircuitTracingResult:
     """Transcoders (given, shipped or trained), their quality against an SAE, and one pruned, scored and
     intervened-on attribution graph per prompt, with feature dashboards for the viewer."""
     check_supported(model)  # before any training: a model whose attention cannot be frozen is refused now
     tc, source = get_transcoders(model, cfg)
-    name = model_name_of(model) or type(model).__name__
+    name = model_label(model)
     rows, _ = held_out_text(model, cfg.eval_rows, min(int(model.cfg.n_ctx), 128))
     rows = rows.to(next(model.parameters()).device)
     quality = evaluate_transcoders(model, tc, rows)
     try:
-        sae = compare_with_sae(model, tc, quality, rows, cfg) if cfg.compare_sae else {}
+        sae = compare_with_sae(model, tc, quality, rows, cfg.sae_tokens, cfg.seed) if cfg.compare_sae else {}
     except TrainingInterrupted as stop:  # Ctrl-C: exit as everywhere else; nothing of this SAE is kept
         print("\nThe SAE comparison was interrupted (it is trained anew each run; the transcoders stay cached).",
               file=sys.stderr)
@@ -456,8 +351,8 @@ def compute(model: HookedModel, cfg: CircuitTracingConfig) -> CircuitTracingResu
         scores = {**graph_scores(g), **{f"pruned_{k}": v for k, v in graph_scores(g, pr).items()}}
         top = [int(i) for i in pr.node_influence[:g.n_features].argsort(descending=True)[:cfg.ablate]]
         inter = [{"node": n, "label": g.node(n)["label"], **intervene(model, tc, g, [n], 0.0)} for n in top]
-        finding = (_fact_finding(model, g, info) if kind == "fact" else
-                   _induction_finding(g, info) if kind == "induction" else {})
+        finding = (fact_finding(model, g, info["fact"], info["encoded"]) if kind == "fact" else
+                   induction_finding(g, info["answer"], info["earlier"]) if kind == "induction" else {})
         text = "".join(g.token_strs)
         traced.append(TracedPrompt(kind, text, g, int(pr.node_mask.sum()), int(pr.edge_mask.sum()), scores, inter,
                                    viewer_data(g, cfg.viewer_nodes, examples=examples, hrefs=hrefs), finding))
@@ -485,28 +380,31 @@ def _dashboards(model: HookedModel, tc: Transcoders, graphs: list[AttributionGra
             pages[f"layer_{l}/{name}"] = text
         for j, f in enumerate(ids):
             hrefs[(l, f)] = f"{SECTION_FILES}/dashboards/layer_{l}/feature_{f:05d}.html"
-            examples[(l, f)] = _examples(data, j)
+            examples[(l, f)] = viewer_examples(data, j)
     return pages, examples, hrefs
-
-
-def _examples(data: Any, j: int, n: int = 5) -> list[tuple[str, float]]:
-    """A feature's top activating contexts as plain text (the token itself in [brackets])."""
-    S = data.token_rows.shape[1]
-    out = []
-    for v, where in zip(data.top_values[j][:n], data.top_where[j][:n]):
-        if where < 0:
-            break
-        row, pos = divmod(int(where), S)
-        toks = data.token_strings[row]
-        out.append(("".join(toks[max(1, pos - 12):pos]) + "[" + toks[pos] + "]" + "".join(toks[pos + 1:pos + 3]),
-                    float(v)))
-    return out
 
 
 # -- figures ---------------------------------------------------------------------------------------------
 def figures(r: CircuitTracingResult) -> dict[str, Union[go.Figure, Widget]]:
     """Transcoder quality (and the SAE beside it), then per prompt: the graph viewer, its scores, the
     interventions against the graph's predictions, and its finding."""
+    figs: dict[str, Union[go.Figure, Widget]] = {"transcoders": _quality_table(r)}
+    if r.sae:
+        figs["transcoder vs SAE"] = _sae_bars(r.sae)
+    for i, p in enumerate(r.prompts):
+        tag = f"graph {i + 1}"
+        figs[tag] = _viewer(r, p)
+        if p.interventions:
+            figs[f"{tag}: interventions"] = _interventions(p)
+        if p.kind == "fact" and p.finding:
+            figs[f"{tag}: graph vs causal tracing"] = _graph_vs_tracing(p)
+        if p.kind == "induction" and p.finding:
+            figs[f"{tag}: token influence"] = _token_influence(p)
+    return figs
+
+
+def _quality_table(r: CircuitTracingResult) -> go.Figure:
+    """How well the transcoders imitate each MLP, and the loss with every MLP replaced."""
     q = r.quality
     rows = [(f"layer {x['layer']}", f"FVU {x['fvu']:.3f}, L0 {x['l0']:.1f}, silent {x['dead_fraction']:.1%}, CE loss "
                                      f"recovered replacing this MLP alone {_pct(x['ce_loss_recovered_alone'])}")
@@ -515,78 +413,91 @@ def figures(r: CircuitTracingResult) -> dict[str, Union[go.Figure, Widget]]:
                                        f"{_pct(q['ce_loss_recovered_zero'])} vs zero-ablation, "
                                        f"{_pct(q['ce_loss_recovered_mean'])} vs mean-ablation"))
     rows.append(("with error terms", f"CE changes by {q['with_errors_max_loss_change']:.1e} (exact by construction)"))
-    figs: dict[str, Union[go.Figure, Widget]] = {"transcoders": captioned(table(
+    return captioned(table(
         rows, f"{r.model_name}: {r.kind} transcoders, {r.width} features per layer ({r.source})"),
         "How well the transcoders imitate each MLP on held-out text: the share of the MLP output's variance they "
         "miss (FVU), features active per token (L0), features that never fired on these held-out tokens (silent; "
         "a short sample, so more than the trainer's dead count), and the next-token loss with MLPs replaced "
         "(without error terms, position 0 left as it is) relative to ablating them. With the error terms added "
-        "back the model is exact.")}
-    if r.sae:
-        s = r.sae
-        figs["transcoder vs SAE"] = captioned(bars(
-            {"transcoder": {"FVU": s["transcoder"]["fvu"],
-                            "CE loss recovered": s["transcoder"]["ce_loss_recovered"] or 0,
-                            "dead": s["transcoder"]["dead_fraction"]},
-             "SAE": {"FVU": s["sae"]["fvu"], "CE loss recovered": s["sae"]["ce_loss_recovered"] or 0,
-                     "dead": s["sae"]["dead_fraction"]}},
-            f"Layer {s['layer']}: transcoder vs SAE, {s['width']} features, k = {s['k']}", "share"),
-            "The price of imitating the MLP rather than reconstructing its output: both dictionaries have the same "
-            "width and sparsity and are scored on the same MLP output. An SAE sees the output it reconstructs; a "
-            "transcoder must predict it from the MLP's input, so its FVU is usually higher. Its features, in "
-            "return, connect input to output, which is what makes attribution graphs possible.")
-    for i, p in enumerate(r.prompts):
-        tag = f"graph {i + 1}"
-        figs[tag] = graph_viewer(p.viewer, f"{p.prompt!r} ({p.kind})", (
-            f"The attribution graph of this prompt: {p.graph.n_features} active features, {p.graph.n_errors} error "
-            f"nodes, {p.graph.n_pos} tokens and {p.graph.n_logits} logits; drawn: the {r.config.viewer_nodes} most "
-            "influential features and errors. Rows are layers (tokens at the bottom, logits on top), columns are "
-            "positions; edge width is the direct effect, blue positive, red negative. Click a node for its top "
-            "activating examples, dashboard and strongest edges; the sliders re-prune (node threshold: share of "
-            "the influence on the logits kept; edge threshold ranks edges by influence in the whole graph). "
-            f"Pruned at {r.config.node_threshold}/{r.config.edge_threshold}: {p.kept_nodes} nodes, {p.kept_edges} "
-            f"edges. Replacement score {p.scores['replacement_score']:.2f} "
-            f"(pruned {p.scores['pruned_replacement_score']:.2f}), "
-            f"completeness {p.scores['completeness_score']:.2f} (pruned {p.scores['pruned_completeness_score']:.2f})."))
-        if p.interventions:
-            strs = p.graph.meta.get("logit_strs", [])
-            top = 0
-            figs[f"{tag}: interventions"] = captioned(bars(
-                {"real model": {x["label"]: x["actual"][top] for x in p.interventions},
-                 "graph, direct edges": {x["label"]: x["predicted_direct"][top] for x in p.interventions},
-                 "graph, through features": {x["label"]: x["predicted_graph"][top] for x in p.interventions}},
-                f"Ablating single features: change of the top logit {strs[top] if strs else ''!r}",
-                "change of the logit"), (
-                "Each of the graph's most influential features is ablated in the real model (its decoder write "
-                "removed from the MLP outputs), and the change of the top logit is compared with the graph's "
-                "prediction from its direct edge and from all paths through later features (linearised). The "
-                "real model also moves its attention patterns and normalisation scales, which the graph holds "
-                "fixed; where the bars disagree, that is why."))
-        f = p.finding
-        if p.kind == "fact" and f:
-            groups = f["groups"]
-            z = np.concatenate([np.array(f["graph"]) / max(np.abs(f["graph"]).max(), 1e-12),
-                                np.array(f["trace"]) / max(np.abs(f["trace"]).max(), 1e-12)], 1)
-            figs[f"{tag}: graph vs causal tracing"] = captioned(heatmap(
-                z.T, [f"L{l}" for l in range(r.prompts[i].graph.n_layers)],
-                [f"graph: {g}" for g in groups] + [f"tracing: {g}" for g in groups],
-                f"Where the answer {f['target']!r} is computed: graph influence vs causal tracing",
-                "layer", "", colorbar="share of its maximum"), (
-                "Top rows: the graph's influence on the answer logit through features and error nodes, by layer and "
-                "position group (mean per position). Bottom rows: causal tracing (ROME) on the same prompt, the "
-                "probability restored by restoring each MLP output. At the last token: "
-                f"{f['graph_last_token_share']:.0%} of the graph's influence, peak layer {f['graph_peak_layer']}; "
-                f"{f['trace_last_token_share']:.0%} of the tracing effect, peak layer {f['trace_peak_layer']}. "
-                f"Before it, the graph points to the {f['graph_peak_group']!r}, tracing to the "
-                f"{f['trace_peak_group']!r}; correlation over the grid {f['correlation']:.2f}."))
-        if p.kind == "induction" and f:
-            figs[f"{tag}: token influence"] = captioned(bars(
-                {"influence": {f"{j}:{p.graph.token_strs[j]}": v for j, v in enumerate(f["token_influence"])}},
-                "Influence of each token on the answer logit", "influence"), (
-                f"Each input token's influence on the answer, through every path of the graph. The token after the "
-                f"earlier occurrence (position {f['earlier_position']}) ranks #{f['earlier_rank']}: an induction "
-                "head copies it to the last position through attention, the only way it can get there."))
-    return figs
+        "back the model is exact.")
+
+
+def _sae_bars(s: dict[str, Any]) -> go.Figure:
+    """The middle layer's transcoder beside an SAE of the same width and k (`compare_with_sae`)."""
+    return captioned(bars(
+        {"transcoder": {"FVU": s["transcoder"]["fvu"],
+                        "CE loss recovered": s["transcoder"]["ce_loss_recovered"] or 0,
+                        "dead": s["transcoder"]["dead_fraction"]},
+         "SAE": {"FVU": s["sae"]["fvu"], "CE loss recovered": s["sae"]["ce_loss_recovered"] or 0,
+                 "dead": s["sae"]["dead_fraction"]}},
+        f"Layer {s['layer']}: transcoder vs SAE, {s['width']} features, k = {s['k']}", "share"),
+        "The price of imitating the MLP rather than reconstructing its output: both dictionaries have the same "
+        "width and sparsity and are scored on the same MLP output. An SAE sees the output it reconstructs; a "
+        "transcoder must predict it from the MLP's input, so its FVU is usually higher. Its features, in "
+        "return, connect input to output, which is what makes attribution graphs possible.")
+
+
+def _viewer(r: CircuitTracingResult, p: TracedPrompt) -> Widget:
+    """The prompt's graph in the interactive viewer, with its pruning and scores in the caption."""
+    return graph_viewer(p.viewer, f"{p.prompt!r} ({p.kind})", (
+        f"The attribution graph of this prompt: {p.graph.n_features} active features, {p.graph.n_errors} error "
+        f"nodes, {p.graph.n_pos} tokens and {p.graph.n_logits} logits; drawn: the {r.config.viewer_nodes} most "
+        "influential features and errors. Rows are layers (tokens at the bottom, logits on top), columns are "
+        "positions; edge width is the direct effect, blue positive, red negative. Click a node for its top "
+        "activating examples, dashboard and strongest edges; the sliders re-prune (node threshold: share of "
+        "the influence on the logits kept; edge threshold ranks edges by influence in the whole graph). "
+        f"Pruned at {r.config.node_threshold}/{r.config.edge_threshold}: {p.kept_nodes} nodes, {p.kept_edges} "
+        f"edges. Replacement score {p.scores['replacement_score']:.2f} "
+        f"(pruned {p.scores['pruned_replacement_score']:.2f}), "
+        f"completeness {p.scores['completeness_score']:.2f} (pruned {p.scores['pruned_completeness_score']:.2f})."))
+
+
+def _interventions(p: TracedPrompt) -> go.Figure:
+    """Single-feature ablations: the real model's change of the top logit against the graph's predictions."""
+    strs = p.graph.meta.get("logit_strs", [])
+    top = 0
+    return captioned(bars(
+        {"real model": {x["label"]: x["actual"][top] for x in p.interventions},
+         "graph, direct edges": {x["label"]: x["predicted_direct"][top] for x in p.interventions},
+         "graph, through features": {x["label"]: x["predicted_graph"][top] for x in p.interventions}},
+        f"Ablating single features: change of the top logit {strs[top] if strs else ''!r}",
+        "change of the logit"), (
+        "Each of the graph's most influential features is ablated in the real model (its decoder write "
+        "removed from the MLP outputs), and the change of the top logit is compared with the graph's "
+        "prediction from its direct edge and from all paths through later features (linearised). The "
+        "real model also moves its attention patterns and normalisation scales, which the graph holds "
+        "fixed; where the bars disagree, that is why."))
+
+
+def _graph_vs_tracing(p: TracedPrompt) -> go.Figure:
+    """A fact's graph influence by layer and position group, above causal tracing's on the same prompt."""
+    f = p.finding
+    groups = f["groups"]
+    z = np.concatenate([np.array(f["graph"]) / max(np.abs(f["graph"]).max(), 1e-12),
+                        np.array(f["trace"]) / max(np.abs(f["trace"]).max(), 1e-12)], 1)
+    return captioned(heatmap(
+        z.T, [f"L{l}" for l in range(p.graph.n_layers)],
+        [f"graph: {g}" for g in groups] + [f"tracing: {g}" for g in groups],
+        f"Where the answer {f['target']!r} is computed: graph influence vs causal tracing",
+        "layer", "", colorbar="share of its maximum"), (
+        "Top rows: the graph's influence on the answer logit through features and error nodes, by layer and "
+        "position group (mean per position). Bottom rows: causal tracing (ROME) on the same prompt, the "
+        "probability restored by restoring each MLP output. At the last token: "
+        f"{f['graph_last_token_share']:.0%} of the graph's influence, peak layer {f['graph_peak_layer']}; "
+        f"{f['trace_last_token_share']:.0%} of the tracing effect, peak layer {f['trace_peak_layer']}. "
+        f"Before it, the graph points to the {f['graph_peak_group']!r}, tracing to the "
+        f"{f['trace_peak_group']!r}; correlation over the grid {f['correlation']:.2f}."))
+
+
+def _token_influence(p: TracedPrompt) -> go.Figure:
+    """An induction prompt's token influence on the answer: the token after the earlier occurrence should lead."""
+    f = p.finding
+    return captioned(bars(
+        {"influence": {f"{j}:{p.graph.token_strs[j]}": v for j, v in enumerate(f["token_influence"])}},
+        "Influence of each token on the answer logit", "influence"), (
+        f"Each input token's influence on the answer, through every path of the graph. The token after the "
+        f"earlier occurrence (position {f['earlier_position']}) ranks #{f['earlier_rank']}: an induction "
+        "head copies it to the last position through attention, the only way it can get there."))
 
 
 ANALYSIS = Analysis(

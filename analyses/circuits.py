@@ -21,17 +21,17 @@ import torch
 from tqdm.auto import tqdm
 
 from workbench.adapter import describe
+from workbench.adapter.provenance import model_label
 from workbench.cache.collect import (
     half_losses,
     head_names,
     layer_hooks,
     parse_head,
     per_token_loss,
-    probe_tokens,
     require_attention,
     run_collect,
-    text_batch,
 )
+from workbench.cache.rows import probe_tokens, text_batch
 from workbench.compute.attention_scores import induction_score, previous_token_score
 from workbench.compute.logit_attribution import direct_logit_attribution
 from workbench.compute.path_patching import path_patch_many
@@ -346,9 +346,8 @@ def compute(model: HookedModel, cfg: CircuitsConfig) -> CircuitsResult:
                             for l in range(L)]) / w.W_Q.shape[-1] ** 0.5
         mask = torch.ones(P, P, dtype=torch.bool, device=scores.device).triu(1)
         pos_pattern = scores.masked_fill(mask, float("-inf")).softmax(-1).cpu().numpy()
-    folder = getattr(model, "folder", None)
     return CircuitsResult(
-        name=folder.name if folder is not None else type(model).__name__, config=cfg, d_model=d, stats=stats,
+        name=model_label(model), config=cfg, d_model=d, stats=stats,
         direct_path_stats=direct, composition=composition, baselines=baselines,
         induction_head=names[induction[0] * H + induction[1]], induction_score=ind_score,
         prev_token_head=names[prev[0] * H + prev[1]] if prev is not None else None,

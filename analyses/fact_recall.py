@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from workbench.adapter import random_control
+from workbench.adapter.provenance import model_label
 from workbench.cache.collect import run_collect
 from workbench.compute.causal_tracing import (
     GROUPS,
@@ -293,8 +294,7 @@ def compute(model: HookedModel, cfg: FactRecallConfig) -> FactRecallResult:
     subjects = [f.subject for f in facts]
     probes = {"model": _fit_probes(model, encs, labels, subjects, cfg),
               "control": _fit_probes(random_control(model, cfg.seed), encs, labels, subjects, cfg)}
-    folder = getattr(model, "folder", None)
-    return FactRecallResult(folder.name if folder is not None else type(model).__name__, cfg, L, recall, traces,
+    return FactRecallResult(model_label(model), cfg, L, recall, traces,
                             p_clean / n, p_corrupt / n, probes, {k: v / n for k, v in ko_sum.items()},
                             {k: v / n for k, v in dla_sum.items()}, n, n_known)
 

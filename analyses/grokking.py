@@ -1,3 +1,4 @@
+# Over 500 lines for its Result and nine captioned figures; its computation is in workbench.compute.fourier.
 """Grokking (Nanda et al. 2023, "Progress measures for grokking via mechanistic interpretability"): a
 one-layer transformer trained on (a + b) mod p memorises, then generalises through a Fourier "clock"
 circuit; this study reads that circuit out of the weights and follows it over the checkpoints.
@@ -9,7 +10,8 @@ Shape letters: P = p (inputs, answers and Fourier basis), A and Bb the two input
 M MLP neurons, H heads, D d_model, K the checkpoints.
 
 The Fourier basis over Z_p is the constant, then cos(w x) and sin(w x) for w = 2πk/p, k = 1 ... (p-1)/2,
-each normalised. Everything below is a projection onto it:
+each normalised. Everything below is a projection onto it (computed in workbench.compute.fourier; the
+phases in workbench.compute.training_curves):
 
 - the embedding's energy per frequency k, and the key frequencies: the few with the most energy,
   cut at the largest gap in the sorted energies (or given with --key-frequencies);
@@ -33,29 +35,32 @@ from typing import Any, Optional
 
 import numpy as np
 import plotly.graph_objects as go
-import torch
 import torch.nn.functional as F
 from plotly.subplots import make_subplots
 from tqdm.auto import tqdm
 
-from workbench.artifacts import LOG_FILE, list_checkpoints, load_folder, read_log
+from workbench.adapter.provenance import checkpoints, run_folder, training_log
+from workbench.compute.fourier import (
+    TERMS,
+    dominant_frequency,
+    find_key_frequencies,
+    fourier_basis,
+    frequency_energy,
+    logit_decomposition,
+    modular_activations,
+    progress_measures,
+    strongest_per_frequency,
+    term_shares,
+)
+from workbench.compute.training_curves import first_step, grokking_phases, half_fall_step
 from workbench.config import check_types
+from workbench.data.modular import ModularData, is_prime, modular_data, warn_if_not_prime
 from workbench.errors import InputError, check_field
 from workbench.model.hooked import HookedModel
 from workbench.report.pipeline import Analysis
 from workbench.report.plotting import LAYOUT, captioned, heatmap
 from workbench.strict_json import finite, json_array
-from workbench.train.modular import (
-    ModularData,
-    answer_logits,
-    is_prime,
-    modular_data,
-    require_modular,
-    warn_if_not_prime,
-)
-
-TERMS = ("a alone", "b alone", "a + b", "a − b", "other frequencies")
-"""How the variance of an activation over the p² inputs splits up (constant removed)."""
+from workbench.train.modular import require_modular
 
 
 @dataclass(frozen=True)
@@ -79,141 +84,6 @@ class GrokkingConfig:
         check_field(self.max_key_frequencies >= 1, own, "max_key_frequencies", self.max_key_frequencies,
                     "a positive integer")
         check_field(self.neurons_shown >= 1, own, "neurons_shown", self.neurons_shown, "a positive integer")
-
-
-# -- the Fourier basis over Z_p ------------------------------------------------------------------------
-def fourier_basis(p: int) -> tuple[torch.Tensor, list[str], np.ndarray]:
-    """(basis [P, P] with orthonormal rows over x = 0 ... p-1, row names, frequency k of each row; 0 = constant)."""
-    x = torch.arange(p, dtype=torch.float64)
-    rows, names, freq = [torch.ones(p, dtype=torch.float64)], ["const"], [0]
-    for k in range(1, p // 2 + 1):
-        w = 2 * math.pi * k / p
-        rows.append(torch.cos(w * x)), names.append(f"cos {k}"), freq.append(k)
-        if 2 * k != p:  # for an even p, sin(πx) is zero everywhere
-            rows.append(torch.sin(w * x)), names.append(f"sin {k}"), freq.append(k)
-    basis = torch.stack(rows)
-    return basis / basis.norm(dim=1, keepdim=True), names, np.asarray(freq)
-
-
-def frequency_energy(values_PX: torch.Tensor, p: int) -> np.ndarray:
-    """Energy (squared norm) of each frequency 0 ... p//2 of values over Z_p (first axis) [P, ...] -> [p//2 + 1]."""
-    basis, _, freq = fourier_basis(p)
-    coef = basis @ values_PX.double().reshape(p, -1)
-    per_row = (coef ** 2).sum(-1).numpy()
-    return np.bincount(freq, weights=per_row, minlength=p // 2 + 1)
-
-
-def gini(x: np.ndarray) -> float:
-    """Gini coefficient of non-negative values: 0 when all are equal, near 1 when one holds everything."""
-    x = np.sort(np.asarray(x, dtype=float))
-    n = len(x)
-    return float(((2 * np.arange(1, n + 1) - n - 1) * x).sum() / (n * x.sum())) if x.sum() > 0 else 0.0
-
-
-def find_key_frequencies(share_K: np.ndarray, max_n: int) -> list[int]:
-    """Frequencies k ≥ 1 with the most energy, cut at the largest gap (ratio) between consecutive sorted shares."""
-    order = np.argsort(-share_K[1:]) + 1
-    sorted_share = np.maximum(share_K[order], 1e-30)
-    n_max = min(max_n, len(order) - 1)
-    gaps = np.log(sorted_share[:n_max]) - np.log(sorted_share[1:n_max + 1])
-    n = int(np.argmax(gaps)) + 1
-    return sorted(int(k) for k in order[:n])
-
-
-def _term_masks(p: int, keys: list[int]) -> dict[str, np.ndarray]:
-    """For a 2-D Fourier transform over (a, b) [P, P]: which coefficients belong to each entry of TERMS.
-    The four product terms cos/sin(w a)·cos/sin(w b) of one frequency are rotated into a + b and a − b
-    by `_plus_minus`, so the masks for those are on the product block."""
-    _, _, freq = fourier_basis(p)
-    fa, fb = freq[:, None], freq[None, :]
-    is_key = np.isin(freq, keys)
-    return {"a alone": (fb == 0) & is_key[:, None], "b alone": (fa == 0) & is_key[None, :],
-            "product": (fa == fb) & is_key[:, None] & (fa > 0)}
-
-
-def _plus_minus(coef_PPX: torch.Tensor, p: int, keys: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Energy [X] in cos/sin(w(a + b)) and in cos/sin(w(a − b)) over key w, from 2-D Fourier coefficients.
-
-    cos(w(a±b)) = cos wa cos wb ∓ sin wa sin wb and sin(w(a±b)) = sin wa cos wb ± cos wa sin wb, so with
-    unit-norm basis rows the a + b pair is ((cc − ss)/√2, (sc + cs)/√2) and the a − b pair ((cc + ss)/√2,
-    (sc − cs)/√2)."""
-    _, names, _ = fourier_basis(p)
-    idx = {n: i for i, n in enumerate(names)}
-    plus = torch.zeros(coef_PPX.shape[-1], dtype=torch.float64)
-    minus = torch.zeros_like(plus)
-    for k in keys:
-        c, s = idx[f"cos {k}"], idx.get(f"sin {k}")
-        if s is None:  # k = p/2 for an even p: only cos·cos, which is both at once
-            plus += coef_PPX[c, c] ** 2
-            continue
-        cc, ss, sc, cs = coef_PPX[c, c], coef_PPX[s, s], coef_PPX[s, c], coef_PPX[c, s]
-        plus += ((cc - ss) ** 2 + (sc + cs) ** 2) / 2
-        minus += ((cc + ss) ** 2 + (sc - cs) ** 2) / 2
-    return plus, minus
-
-
-def term_shares(values_ABX: torch.Tensor, p: int, keys: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """How the variance over (a, b) of each of X activations [P, P, X] splits into TERMS.
-
-    Returns (shares [X, len(TERMS)], variance [X]); the shares of a row sum to 1."""
-    basis, _, _ = fourier_basis(p)
-    coef = torch.einsum("ia,jb,abx->ijx", basis, basis, values_ABX.double())
-    energy = coef ** 2
-    energy[0, 0] = 0  # the mean is not variance
-    total = energy.sum((0, 1))
-    masks = {k: torch.from_numpy(v) for k, v in _term_masks(p, keys).items()}
-    plus, minus = _plus_minus(coef, p, keys)
-    parts = torch.stack([energy[masks["a alone"]].sum(0), energy[masks["b alone"]].sum(0), plus, minus])
-    other = (total - parts.sum(0)).clamp(min=0)
-    shares = torch.cat([parts, other[None]]) / total.clamp(min=1e-30)
-    return shares.T.numpy(), total.numpy()
-
-
-def dominant_frequency(values_ABX: torch.Tensor, p: int) -> tuple[np.ndarray, np.ndarray]:
-    """For each activation [P, P, X]: the frequency whose 1, a, b and a·b terms hold most of its variance, and
-    that share. A neuron of the clock circuit is (nearly) a function of one frequency."""
-    basis, _, freq = fourier_basis(p)
-    coef = torch.einsum("ia,jb,abx->ijx", basis, basis, values_ABX.double())
-    energy = (coef ** 2).numpy()
-    energy[0, 0] = 0
-    total = energy.sum((0, 1))
-    K = p // 2 + 1
-    per_k = np.zeros((K, energy.shape[-1]))
-    for k in range(1, K):
-        rows = freq == k
-        block = (rows[:, None] | (freq == 0)[:, None]) & (rows[None, :] | (freq == 0)[None, :])
-        block[0, 0] = False
-        per_k[k] = energy[block].sum(0)
-    best = per_k.argmax(0)
-    return best, per_k.max(0) / np.maximum(total, 1e-30)
-
-
-def logit_decomposition(logits_ABC: torch.Tensor, p: int) -> np.ndarray:
-    """Share of the variance of the logits (centred over the answer c) held by cos(w_k(a + b − c)), k = 0 ... p//2."""
-    L = logits_ABC.double()
-    L = L - L.mean(-1, keepdim=True)
-    total = float((L ** 2).sum())
-    a = torch.arange(p, dtype=torch.float64)
-    s = a[:, None, None] + a[None, :, None] - a[None, None, :]
-    out = np.zeros(p // 2 + 1)
-    for k in range(1, p // 2 + 1):
-        v = torch.cos(2 * math.pi * k / p * s)
-        out[k] = float((L * v).sum()) ** 2 / float((v ** 2).sum()) / max(total, 1e-30)
-    return out
-
-
-def key_projection(logits_NC: torch.Tensor, p: int, keys: list[int]) -> torch.Tensor:
-    """The logits [p², C] projected onto cos(w(a + b)) and sin(w(a + b)) over (a, b) for key w (per answer c)."""
-    a = torch.arange(p, dtype=torch.float64)
-    s = (a[:, None] + a[None, :]).reshape(-1)
-    out = torch.zeros_like(logits_NC, dtype=torch.float64)
-    for k in keys:
-        for u in (torch.cos(2 * math.pi * k / p * s), torch.sin(2 * math.pi * k / p * s)):
-            if u.norm() < 1e-9:
-                continue
-            u = u / u.norm()
-            out += u[:, None] * (u @ logits_NC.double())[None, :]
-    return out
 
 
 # -- the result ------------------------------------------------------------------------------------------
@@ -301,8 +171,8 @@ class GrokkingResult:
         c = self.curves
         if c is None:
             return {"test_acc_above_half_step": None, "test_acc_one_step": None}
-        return {"test_acc_above_half_step": _first(c.steps, c.test_acc > 0.5),
-                "test_acc_one_step": _first(c.steps, c.test_acc >= 1.0)}
+        return {"test_acc_above_half_step": first_step(c.steps, c.test_acc > 0.5),
+                "test_acc_one_step": first_step(c.steps, c.test_acc >= 1.0)}
 
     def progress_checks(self) -> dict[str, Any]:
         """The paper's qualitative claims, measured: when restricted and test loss fall, and whether
@@ -314,8 +184,8 @@ class GrokkingResult:
         if g is None or ph.get("memorisation_end") is None:
             return out
         t1 = ph["memorisation_end"]
-        out["restricted_loss_half_fall_step"] = _half_fall(g.steps, g.restricted_loss, t1)
-        out["test_loss_half_fall_step"] = _half_fall(g.steps, g.test_loss, t1)
+        out["restricted_loss_half_fall_step"] = half_fall_step(g.steps, g.restricted_loss, t1)
+        out["test_loss_half_fall_step"] = half_fall_step(g.steps, g.test_loss, t1)
         if out["restricted_loss_half_fall_step"] is not None and out["test_loss_half_fall_step"] is not None:
             r_step, t_step = out["restricted_loss_half_fall_step"], out["test_loss_half_fall_step"]
             out["restricted_falls_before_test"] = r_step < t_step
@@ -383,71 +253,10 @@ class GrokkingResult:
         return out + self.notes
 
 
-def _first(steps: np.ndarray, mask: np.ndarray) -> Optional[int]:
-    hit = np.flatnonzero(mask)
-    return int(steps[hit[0]]) if len(hit) else None
-
-
-def _half_fall(steps: np.ndarray, loss: np.ndarray, after: int) -> Optional[int]:
-    """The first step ≥ `after` at which log(loss) has made half its fall from its peak after `after` to its end."""
-    keep = steps >= after
-    if keep.sum() < 2:
-        return None
-    s, l = steps[keep], np.log(np.maximum(loss[keep], 1e-30))
-    peak = int(np.argmax(l))
-    target = (l[peak] + l[-1]) / 2
-    hit = np.flatnonzero((np.arange(len(l)) >= peak) & (l <= target))
-    return int(s[hit[0]]) if len(hit) else None
-
-
-def find_phases(c: Curves) -> dict[str, Optional[int]]:
-    """Phase boundaries from the training log (see the module docstring)."""
-    t1 = _first(c.steps, c.train_acc >= 1.0)
-    t2 = _first(c.steps, (c.test_acc > 0.5) & (c.steps >= (t1 or 0)))
-    t3 = None
-    if t2 is not None:
-        after = c.steps >= t2
-        l = np.log(np.maximum(c.test_loss[after], 1e-30))
-        target = l[0] - 0.9 * (l[0] - l[-1])
-        t3 = _first(c.steps[after], l <= target) if l[0] > l[-1] else None
-    return {"memorisation_end": t1, "circuit_formation_end": t2, "cleanup_end": t3}
-
-
 # -- compute -----------------------------------------------------------------------------------------------
-@torch.no_grad()
-def _activations(model: HookedModel, data: ModularData) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Answer logits [p², p], MLP neurons at `=` [p², M] and each head's attention from `=` to `a` [p², H]."""
-    tokens = data.tokens_N3.to(model.W_E.device)
-    names = ["blocks.0.mlp.hook_post", "blocks.0.attn.hook_pattern"]
-    logits, cache = model.run_with_cache(tokens, names_filter=names)
-    p = data.p
-    return (logits[:, -1, :p].double().cpu(), cache["blocks.0.mlp.hook_post"][:, -1].double().cpu(),
-            cache["blocks.0.attn.hook_pattern"][:, :, -1, 0].double().cpu())
-
-
-@torch.no_grad()
-def progress_at(model: HookedModel, data: ModularData, keys: list[int]) -> dict[str, float]:
-    """The progress measures of one model (a checkpoint)."""
-    p = data.p
-    logits = answer_logits(model, data.tokens_N3.to(model.W_E.device)).double().cpu()
-    labels = data.labels_N
-    proj = key_projection(logits, p, keys)
-    tr, te = data.train_idx, data.test_idx
-    W_E = model.W_E[:p].detach().double().cpu()
-    W_L = (model.blocks[0].mlp.W_out @ model.W_U[:, :p]).detach().double().cpu()  # [M, C]
-    return {"train_loss": float(F.cross_entropy(logits[tr], labels[tr])),
-            "test_loss": float(F.cross_entropy(logits[te], labels[te])),
-            "restricted_loss": float(F.cross_entropy(proj, labels)),
-            "excluded_loss": float(F.cross_entropy((logits - proj)[tr], labels[tr])),
-            "gini_embed": gini(np.sqrt(frequency_energy(W_E, p)[1:])),
-            "gini_neuron_logit": gini(np.sqrt(frequency_energy(W_L.T, p)[1:])),
-            "weights_sq": float(sum((q.detach().double() ** 2).sum() for q in model.parameters()))}
-
-
 def _curves(model: HookedModel) -> Optional[Curves]:
-    if model.folder is None or not (model.folder / LOG_FILE).exists():
-        return None
-    rows = [r for r in read_log(model.folder / LOG_FILE) if "test_acc" in r]
+    log, _ = training_log(model)
+    rows = [r for r in log if "test_acc" in r]
     if not rows:
         return None
 
@@ -456,6 +265,19 @@ def _curves(model: HookedModel) -> Optional[Curves]:
 
     return Curves(col("step").astype(int), col("train_loss"), col("test_loss"), col("train_acc"), col("test_acc"),
                   col("weight_norm") ** 2)
+
+
+def _progress(model: HookedModel, data: ModularData, keys: list[int]) -> Optional[Progress]:
+    """The progress measures at every checkpoint of the model's folder (None: it has none)."""
+    found, _ = checkpoints(model)
+    if not found:
+        return None
+    rows = [progress_measures(ckpt.load(model.W_E.device), data, keys)
+            for ckpt in tqdm(found, desc=f"grokking: progress measures over {len(found)} checkpoints",
+                             unit="checkpoint", dynamic_ncols=True)]
+    keys_in_order = ("train_loss", "test_loss", "restricted_loss", "excluded_loss", "gini_embed", "gini_neuron_logit",
+                     "weights_sq")
+    return Progress(np.asarray([c.step for c in found]), *(np.asarray([r[k] for r in rows]) for k in keys_in_order))
 
 
 def compute(model: HookedModel, cfg: GrokkingConfig) -> GrokkingResult:
@@ -467,9 +289,10 @@ def compute(model: HookedModel, cfg: GrokkingConfig) -> GrokkingResult:
         warn_if_not_prime(p, "grokking")
         notes.append(f"p={p} is not prime: the Fourier analysis assumes a prime, so read these numbers with care")
     data = modular_data(p, train_cfg.train_fraction, train_cfg.data_seed)
+    folder, _ = run_folder(model)
     saved_split = model.meta.get("split_sha256")
     if saved_split is not None and saved_split != data.split_sha256:
-        raise InputError(f"The train/test split rebuilt from {model.folder}'s config differs from the one it was "
+        raise InputError(f"The train/test split rebuilt from {folder}'s config differs from the one it was "
                          "trained on (another torch version can permute differently). Re-train the model with this "
                          "workbench, or analyse it where it was trained.")
     K = p // 2
@@ -479,20 +302,12 @@ def compute(model: HookedModel, cfg: GrokkingConfig) -> GrokkingResult:
     energy = frequency_energy(model.W_E[:p].detach().cpu(), p)
     embed_share = energy / energy.sum()
     keys = sorted(set(cfg.key_frequencies)) or find_key_frequencies(embed_share, cfg.max_key_frequencies)
-    logits, neurons, heads = _activations(model, data)
+    logits, neurons, heads = modular_activations(model, data)
     grid = lambda t: t.reshape(p, p, -1)  # noqa: E731  [p², X] -> [A, B, X]
     neuron_terms, neuron_var = term_shares(grid(neurons), p, keys)
     neuron_freq, neuron_freq_share = dominant_frequency(grid(neurons), p)
     head_terms, _ = term_shares(grid(heads), p, keys)
-    shown = []  # the neuron with the most variance in each key frequency, then the next, ...
-    for rank in range(len(neuron_var)):
-        for k in keys:
-            mine = np.flatnonzero(neuron_freq == k)
-            mine = mine[np.argsort(-neuron_var[mine])]
-            if rank < len(mine) and len(shown) < cfg.neurons_shown:
-                shown.append(int(mine[rank]))
-        if len(shown) >= cfg.neurons_shown or rank > cfg.neurons_shown:
-            break
+    shown = strongest_per_frequency(neuron_freq, neuron_var, keys, cfg.neurons_shown)
     logit_share = logit_decomposition(logits.reshape(p, p, p), p)
     loss_all = F.cross_entropy(logits, data.labels_N, reduction="none")
     correct = (logits.argmax(-1) == data.labels_N).double()
@@ -500,27 +315,19 @@ def compute(model: HookedModel, cfg: GrokkingConfig) -> GrokkingResult:
              "train_acc": float(correct[data.train_idx].mean()), "test_acc": float(correct[data.test_idx].mean())}
     curves = _curves(model)
     progress = None
-    if cfg.progress_measures and model.folder is not None:
-        found = list_checkpoints(model.folder)
-        if found:
-            rows = []
-            for _, folder in tqdm(found, desc=f"grokking: progress measures over {len(found)} checkpoints",
-                                  unit="checkpoint", dynamic_ncols=True):
-                rows.append(progress_at(load_folder(folder, model.W_E.device), data, keys))
-            progress = Progress(np.asarray([s for s, _ in found]),
-                                *(np.asarray([r[k] for r in rows]) for k in ("train_loss", "test_loss",
-                                                                               "restricted_loss", "excluded_loss",
-                                                                               "gini_embed", "gini_neuron_logit",
-                                                                               "weights_sq")))
-        else:
+    if cfg.progress_measures and folder is not None:
+        progress = _progress(model, data, keys)
+        if progress is None:
             notes.append("the model's folder has no checkpoints, so there are no progress measures over training")
     if curves is None:
         notes.append("no training log (log.jsonl) beside the model: no curves over training and no phases")
+    phases = {} if curves is None else grokking_phases(curves.steps, curves.train_acc, curves.test_acc,
+                                                       curves.test_loss)
     basis, names, _ = fourier_basis(p)
     return GrokkingResult(cfg, p, train_cfg.train_fraction, is_prime(p), basis.numpy(), names, embed_share, keys,
                           not cfg.key_frequencies, neuron_terms, neuron_var, neuron_freq, neuron_freq_share,
                           grid(neurons)[:, :, shown].permute(2, 0, 1).numpy(), shown, head_terms, logit_share, final,
-                          curves, progress, find_phases(curves) if curves is not None else {}, notes)
+                          curves, progress, phases, notes)
 
 
 # -- figures: pure functions of the result ---------------------------------------------------------------

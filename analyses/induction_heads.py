@@ -1,3 +1,4 @@
+# Over 500 lines for its Result (labels, evidence, metrics) and 11 figures; probing is in workbench.compute.induction.
 """Induction heads: every head's attention scores, prefix matching, copying, ablation effect, a
 verdict backed by behaviour, and the in-context-learning phase change over training checkpoints.
 
@@ -33,30 +34,27 @@ import torch
 from tqdm.auto import tqdm
 
 from workbench.adapter import describe
-from workbench.artifacts import list_checkpoints, load_folder
-from workbench.cache.collect import (
-    TEXT_PROBES,
-    half_losses,
-    head_names,
-    held_out_text,
-    layer_hooks,
-    per_token_loss,
-    probe_tokens,
-    require_attention,
-    run_collect,
-    text_probe_tokens,
+from workbench.adapter.provenance import (
+    checkpoints,
+    model_label,
+    run_folder,
+    tokens_seen,
+    training_data,
+    validation_rows,
 )
-from workbench.compute.attention_scores import (
-    duplicate_token_score,
-    first_token_score,
-    induction_score,
-    prefix_matching_score,
-    previous_token_score,
+from workbench.adapter.tokens import token_strings
+from workbench.cache.collect import half_losses, head_names, require_attention
+from workbench.cache.rows import TEXT_PROBES, held_out_text, probe_tokens, text_probe_tokens
+from workbench.compute.induction import (
+    ATTENTION_SCORES,
+    RepeatedProbe,
+    icl_score,
+    induction_scores_LH,
+    loss_and_activations,
 )
 from workbench.compute.qk_ov import copying_score, folded_weights, ov_circuit
+from workbench.compute.training_curves import steepest_change
 from workbench.config import check_types
-from workbench.data.text import Batches, DataConfig, build_text_data
-from workbench.data.tokenizer import readable_tokens
 from workbench.errors import InputError, check_field
 from workbench.model.hooked import HookedModel
 from workbench.report.pipeline import Analysis
@@ -64,8 +62,6 @@ from workbench.report.plotting import captioned, heatmap, heatmap_picker, lines,
 from workbench.report.widgets import Widget, attention_viewer
 from workbench.strict_json import finite, json_array
 
-ATTENTION_SCORES = ("induction", "prefix matching", "previous token", "duplicate token", "first token")
-"""The scores read from attention patterns, measured on every kind of sequence."""
 SCORES = (*ATTENTION_SCORES, "copying")
 LABELS = ("induction", "previous-token", "duplicate-token", "copying")
 KIND_LABELS = LABELS[:3]
@@ -138,30 +134,6 @@ class InductionConfig:
         check_field(self.ablation_threshold >= 0, own, "ablation_threshold", self.ablation_threshold, "≥ 0 nats")
         check_field(0 < self.icl_early < self.icl_late, own, "icl_early/icl_late", (self.icl_early, self.icl_late),
                     "0 < icl_early < icl_late")
-
-
-def _forward(model: HookedModel, tokens: torch.Tensor, keep: tuple[str, ...] = (), hooks: list = ()
-             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-token loss [B, S-1] and the activations blocks.<l>.<suffix> for each suffix in `keep`."""
-    logits, store = run_collect(model, tokens, layer_hooks(model, *keep), hooks)
-    return per_token_loss(logits, tokens), store
-
-
-def _ablate(layer: int, heads: list[int], mean_z: Optional[torch.Tensor]):
-    """A hook_z hook replacing heads' outputs with zero (mean_z None) or their batch mean."""
-    def hook(z, hook):
-        z = z.clone()
-        z[:, :, heads] = 0 if mean_z is None else mean_z[:, :, heads].to(z.dtype)
-        return z
-
-    return (f"blocks.{layer}.attn.hook_z", hook)
-
-
-def _ablation_hooks(heads: list[tuple[int, int]], mode: str, z_mean: dict[int, torch.Tensor]) -> list:
-    by_layer: dict[int, list[int]] = {}
-    for l, h in heads:
-        by_layer.setdefault(l, []).append(h)
-    return [_ablate(l, hs, None if mode == "zero" else z_mean[l]) for l, hs in by_layer.items()]
 
 
 @dataclass(frozen=True)
@@ -432,87 +404,58 @@ class InductionResult:
         return out
 
 
-def steepest_change(steps: list[int], values: list[float], min_change: float, rising: bool = True,
-                    min_fraction: float = 0.1) -> Optional[tuple[int, int]]:
-    """The (start, end) step interval where `values` rise (or fall) fastest per step.
-
-    None unless the values rise (fall) from their first value by at least `min_change` overall.
-    Only intervals that carry at least `min_fraction` of that whole change compete, so the short
-    gaps between the first, closely spaced checkpoints cannot win on noise.
-    """
-    v = np.asarray(values, dtype=float) * (1 if rising else -1)
-    total = v.max() - v[0] if len(v) >= 2 else 0.0
-    if not total >= min_change or total <= 0:  # also catches NaN
-        return None
-    deltas, widths = np.diff(v), np.diff(np.asarray(steps, dtype=float))
-    rate = np.where(deltas >= min_fraction * total, deltas / widths, -np.inf)
-    i = int(np.argmax(rate))
-    return int(steps[i]), int(steps[i + 1])
-
-
 def _icl_rows(model: HookedModel, cfg: InductionConfig) -> tuple[Optional[torch.Tensor], str]:
     """The model's own validation rows (text, else synthetic) for the in-context-learning score."""
-    train = getattr(model, "meta", {}).get("train")
-    if not train or "data" not in train:
-        return None, "no training data recorded in the model folder"
-    data_cfg = DataConfig(**train["data"])
+    data_cfg, why = training_data(model)
+    if data_cfg is None:
+        return None, why
     n_ctx = model.cfg.n_ctx
     if cfg.icl_late >= n_ctx:
         raise InputError(f"icl_late={cfg.icl_late} must be below the model's n_ctx={n_ctx}; pass --icl-late "
                          f"{n_ctx - 1} or less (and --icl-early below it).")
-    text = build_text_data(data_cfg, n_ctx, model.tokenizer.tok) if data_cfg.uses_text else None
-    val = Batches(data_cfg, n_ctx, 1, text, min(model.cfg.d_vocab, 256)).validation(cfg.icl_rows)
-    kind = "text" if "text" in val else "synthetic"
-    return val[kind], f"{kind} validation rows"
-
-
-def _induction_LH(store: dict[str, torch.Tensor], n_layers: int, seq_len: int, prefix: int) -> torch.Tensor:
-    """[L, H] induction scores from the patterns in `store`."""
-    return torch.stack([induction_score(store[f"blocks.{l}.attn.hook_pattern"].float(), seq_len, prefix)
-                        for l in range(n_layers)])
+    return validation_rows(model, cfg.icl_rows)
 
 
 @torch.no_grad()
 def _probe_checkpoint(model: HookedModel, rep: torch.Tensor, prefix: int, cfg: InductionConfig,
-                      icl: Optional[torch.Tensor], text_probes: dict[str, torch.Tensor]
+                      icl_rows: Optional[torch.Tensor], text_probes: dict[str, torch.Tensor]
                       ) -> tuple[np.ndarray, float, float, float, dict[str, float]]:
-    loss, store = _forward(model, rep, keep=("attn.hook_pattern",))
+    """(induction scores [L, H], first- and second-copy loss, ICL score, best induction score per kind) of
+    one checkpoint."""
+    loss, store = loss_and_activations(model, rep, keep=("attn.hook_pattern",))
     L = model.cfg.n_layers
-    ind = _induction_LH(store, L, cfg.seq_len, prefix)
+    ind = induction_scores_LH(store, L, cfg.seq_len, prefix)
     by_kind = {"random tokens": float(ind.max())}
     for kind, tokens in text_probes.items():
-        by_kind[kind] = float(_induction_LH(_forward(model, tokens, keep=("attn.hook_pattern",))[1], L,
-                                            cfg.seq_len, prefix).max())
+        by_kind[kind] = float(induction_scores_LH(loss_and_activations(model, tokens, keep=("attn.hook_pattern",))[1],
+                                                  L, cfg.seq_len, prefix).max())
     first, second = half_losses(loss, prefix, cfg.seq_len)
-    icl_score = float("nan")
-    if icl is not None:
-        icl = icl.to(rep.device)
-        icl_loss = per_token_loss(model(icl), icl)
-        icl_score = float(icl_loss[:, cfg.icl_late - 1].mean() - icl_loss[:, cfg.icl_early - 1].mean())
-    return ind.cpu().numpy(), first, second, icl_score, by_kind
+    icl = float("nan") if icl_rows is None else icl_score(model, icl_rows.to(rep.device), cfg.icl_early, cfg.icl_late)
+    return ind.cpu().numpy(), first, second, icl, by_kind
 
 
 def checkpoint_curves(model: HookedModel, cfg: InductionConfig, rep: torch.Tensor, prefix: int,
                       text_probes: dict[str, torch.Tensor]) -> tuple[Optional[CheckpointCurves], str]:
     """Run the probe at every checkpoint of the model's folder, or say why there is nothing to run."""
-    folder = getattr(model, "folder", None)
     if not cfg.phase_change:
         return None, "phase change not computed (phase_change=False)"
+    folder, _ = run_folder(model)
     if folder is None:
         return None, ("no phase-change section: this model was not loaded from a workbench model folder, "
                       "so there are no training checkpoints to compare")
-    ckpts = list_checkpoints(folder)
+    ckpts, _ = checkpoints(model)
     if len(ckpts) < 2:
         return None, (f"no phase-change section: {folder} has {len(ckpts)} training checkpoint(s) under "
                       "checkpoints/; train with `workbench train` (which writes them) to see the curves")
     icl, icl_data = _icl_rows(model, cfg)
     device = rep.device
     results, tokens = [], []
-    for step, path in tqdm(ckpts, desc="checkpoints", unit="ckpt", disable=None, leave=False):
-        ckpt = load_folder(path, device)
-        results.append(_probe_checkpoint(ckpt, rep, prefix, cfg, icl, text_probes))
-        tokens.append(int(ckpt.meta.get("tokens_seen", step)))
-    steps = [s for s, _ in ckpts]
+    for ckpt in tqdm(ckpts, desc="checkpoints", unit="ckpt", disable=None, leave=False):
+        at = ckpt.load(device)
+        results.append(_probe_checkpoint(at, rep, prefix, cfg, icl, text_probes))
+        seen = tokens_seen(at)
+        tokens.append(ckpt.step if seen is None else seen)
+    steps = [c.step for c in ckpts]
     induction = np.stack([r[0] for r in results])
     rep_loss = [r[2] for r in results]
     curves = CheckpointCurves(
@@ -564,35 +507,13 @@ def kind_labels(scores: dict[str, np.ndarray], ablation_LH: dict[str, np.ndarray
     return labels
 
 
-class _KindProbe:
-    """One kind of sequence run clean: its scores, copy losses and mean hook_z, and head ablation on it."""
+class _KindProbe(RepeatedProbe):
+    """One kind of sequence run clean (`RepeatedProbe`), with its name and where its tokens came from."""
 
     def __init__(self, model: HookedModel, kind: str, source: str, tokens: torch.Tensor, pm_tokens: torch.Tensor,
                  prefix: int, pm_prefix: int, cfg: InductionConfig) -> None:
-        self.model, self.kind, self.source, self.cfg = model, kind, source, cfg
-        self.tokens, self.prefix = tokens, prefix
-        L = model.cfg.n_layers
-        self.loss, store = _forward(model, tokens, keep=("attn.hook_pattern", "attn.hook_z"))  # loss [B, S-1]
-        pats = [store[f"blocks.{l}.attn.hook_pattern"].float() for l in range(L)]  # each [B, H, S, S]
-        _, pm_store = _forward(model, pm_tokens, keep=("attn.hook_pattern",))
-        per_layer = {
-            "induction": [induction_score(p, cfg.seq_len, prefix) for p in pats],
-            "prefix matching": [prefix_matching_score(pm_store[f"blocks.{l}.attn.hook_pattern"].float(), pm_tokens,
-                                                      pm_prefix + cfg.prefix_seq_len) for l in range(L)],
-            "previous token": [previous_token_score(p) for p in pats],
-            "duplicate token": [duplicate_token_score(p, cfg.seq_len, prefix) for p in pats],
-            "first token": [first_token_score(p, start=1) for p in pats],
-        }
-        self.scores = {k: torch.stack(v).cpu().numpy() for k, v in per_layer.items()}
-        self.first_row_patterns_LHSS = torch.stack([p[0] for p in pats]).cpu().numpy()  # for the viewers only
-        self.z_mean = {l: store[f"blocks.{l}.attn.hook_z"].float().mean(0, keepdim=True) for l in range(L)}
-        self.first, self.second = half_losses(self.loss, prefix, cfg.seq_len)
-
-    def ablate(self, heads: list[tuple[int, int]], mode: str) -> tuple[float, float, torch.Tensor]:
-        """(first-copy, second-copy loss increase, per-token loss [B, S-1]) with `heads` zero- or mean-ablated."""
-        ablated, _ = _forward(self.model, self.tokens, hooks=_ablation_hooks(heads, mode, self.z_mean))
-        first, second = half_losses(ablated, self.prefix, self.cfg.seq_len)
-        return first - self.first, second - self.second, ablated
+        super().__init__(model, tokens, pm_tokens, prefix, pm_prefix, cfg.seq_len, cfg.prefix_seq_len)
+        self.kind, self.source = kind, source
 
 
 def _kind_probes(model: HookedModel, cfg: InductionConfig) -> tuple[dict[str, _KindProbe], str]:
@@ -678,18 +599,16 @@ def compute(model: HookedModel, cfg: InductionConfig) -> InductionResult:
     passage_patterns, passage_tokens = None, ()
     passage = next((p for kind, p in probes.items() if KINDS[kind] == "passage"), None)
     if passage is not None:
-        passage_tokens = tuple(readable_tokens(model.tokenizer, passage.tokens[0].tolist()))
+        passage_tokens = tuple(token_strings(model, passage.tokens[0]))
         passage_patterns = np.stack([passage.first_row_patterns_LHSS[i // H, i % H] for i in order])
     curves, note = checkpoint_curves(model, cfg, rand.tokens, rand.prefix,
                                      {kind: p.tokens for kind, p in probes.items() if kind != "random tokens"})
-    folder = getattr(model, "folder", None)
     return InductionResult(
-        name=folder.name if folder is not None else type(model).__name__, config=cfg, scores=scores,
+        name=model_label(model), config=cfg, scores=scores,
         ablation=ablation, clean_first_loss=rand.first, clean_repeated_loss=rand.second,
         joint_heads=tuple(names[l * H + h] for l, h in joint), joint_ablation=joint_ablation,
         loss_by_position={"clean": rand.loss.mean(0).cpu().numpy(), "ablated": ablated_loss.mean(0).cpu().numpy()},
-        tokens=tuple(readable_tokens(model.tokenizer, rand.tokens[0].tolist()) if model.tokenizer is not None
-                     else map(str, rand.tokens[0].tolist())),
+        tokens=tuple(token_strings(model, rand.tokens[0])),
         patterns_NSS=np.stack([rand.first_row_patterns_LHSS[i // H, i % H] for i in order]),
         pattern_heads=tuple(names[i] for i in order), prefix=rand.prefix, curves=curves, phase_note=note,
         kinds=kinds, kinds_note=kinds_note, passage_tokens=passage_tokens, passage_patterns_NSS=passage_patterns)
@@ -703,24 +622,27 @@ def _viewer(patterns_NSS: np.ndarray, heads: tuple[str, ...], tokens: tuple[str,
         head_names=heads)
 
 
-def figures(r: InductionResult) -> dict[str, Union[go.Figure, Widget]]:
-    """Verdict table, score and ablation heatmaps, attention viewers, loss by position, phase change; each
-    with its caption."""
-    heads, H = r.heads, r.shape[1]
-    n = r.config.seq_len
+def _verdict_figure(r: InductionResult) -> go.Figure:
+    """The table of every head's labels, where they hold, and the numbers behind them."""
     evidence = r.evidence
 
     def described(h: str) -> str:
         return ", ".join(f"{label} ({r.label_kinds_text(h, label)})" if label in KIND_LABELS else label
                          for label in r.labels[h])
 
-    figs: dict[str, Union[go.Figure, Widget]] = {"verdict": captioned(table(
-        [(h, f"{described(h) or '—'}  ·  {evidence[h]}") for h in heads],
+    return captioned(table(
+        [(h, f"{described(h) or '—'}  ·  {evidence[h]}") for h in r.heads],
         f"{r.name}: head labels, the kinds of sequence they hold on, and the numbers behind them"),
         "Each head's labels, on which kinds of sequence they hold, and the scores behind them on every kind. A head "
         "is an induction head on a kind only when its attention (induction and prefix-matching scores) and its "
         "behaviour (ablating it hurts the second copy more than the first) agree there; the thresholds are the same "
-        "on every kind.")}
+        "on every kind.")
+
+
+def _score_figures(r: InductionResult) -> dict[str, go.Figure]:
+    """Heatmaps of every head's scores (random tokens, then each kind) and of its ablation effects."""
+    heads, n = r.heads, r.config.seq_len
+    figs = {}
     figs["head scores"] = captioned(heatmap(
         np.stack([r.scores[s].ravel() for s in SCORES], axis=1), list(SCORES), heads,
         f"Head scores (random length-{n} sequence repeated once; copying from the OV circuit)", "score", "head",
@@ -743,8 +665,13 @@ def figures(r: InductionResult) -> dict[str, Union[go.Figure, Widget]]:
         colorscale="RdBu", zmid=0),
         "How much the loss rises when one head's output is zeroed or replaced by its mean, on the first half (which "
         "induction cannot help) and the repeated half. Induction heads hurt the repeated half only.")
-    figs["attention of the top heads"] = _viewer(r.patterns_NSS, r.pattern_heads, r.tokens,
-                                                 f"{r.name}: a random sequence of {n} tokens, repeated")
+    return figs
+
+
+def _kind_figures(r: InductionResult) -> dict[str, go.Figure]:
+    """Whether induction works on each kind of sequence (a table), and each head's induction score there."""
+    heads, n = r.heads, r.config.seq_len
+    figs = {}
     figs["induction by kind of sequence"] = captioned(table(
         [(kind, f"{'works: ' if k.works else ''}{k.induction_heads_text}  ·  best induction score "
                 f"{k.induction_LH.max():.2f} "
@@ -763,49 +690,71 @@ def figures(r: InductionResult) -> dict[str, Union[go.Figure, Widget]]:
         colorbar="induction score (attention probability)"),
         "Each head's induction score on each kind of sequence. A head that only scores on random tokens has learnt "
         "to copy where text never goes; one that scores on every kind works on text too.")
-    if r.passage_patterns_NSS is not None:
-        title = f"{r.name}: a passage of held-out text, repeated"
-        figs["attention on a repeated text passage"] = _viewer(r.passage_patterns_NSS, r.pattern_heads,
-                                                               r.passage_tokens, title)
+    return figs
+
+
+def _loss_by_position_figure(r: InductionResult) -> go.Figure:
+    """Per-token loss on the repeated random sequences, clean and with the joint heads mean-ablated."""
     positions = list(range(1, len(r.loss_by_position["clean"]) + 1))  # loss at index i predicts token i + 1
     ablated = f"{', '.join(r.joint_heads)} mean-ablated"
-    figs["loss by position"] = captioned(lines(
+    return captioned(lines(
         {"clean": positions, ablated: positions},
         {"clean": r.loss_by_position["clean"], ablated: r.loss_by_position["ablated"]},
         "Per-token loss on the repeated sequences", "position of the predicted token", "loss (nats)",
-        vlines=[(r.prefix + n, "second copy starts")]),
+        vlines=[(r.prefix + r.config.seq_len, "second copy starts")]),
         "The loss at each position, averaged over the sequences. Random tokens cost about ln(vocabulary) nats until "
         "the second copy starts; there an induction model's loss collapses, and with its induction heads ablated "
         "it does not.")
-    c = r.curves
-    if c is not None:
-        marks = ([(c.tokens[c.steps.index(c.phase_change[0])], "fastest rise"),
-                  (c.tokens[c.steps.index(c.phase_change[1])], "")] if c.phase_change else [])
-        xs = {h: c.tokens for h in heads}
-        figs["phase change: induction score"] = captioned(lines(
-            xs, {h: c.induction_NLH[:, i // H, i % H] for i, h in enumerate(heads)},
-            "Induction score per head over training", "training tokens", "induction score (attention probability)",
-            vlines=marks),
-            "Each head's induction score at every checkpoint. Induction heads appear abruptly, in a phase change "
-            "(dashed lines: the interval of the fastest rise), not gradually.")
-        figs["phase change: induction by kind of sequence"] = captioned(lines(
-            {k: c.tokens for k in c.induction_by_kind}, c.induction_by_kind,
-            "Highest induction score on each kind of sequence over training", "training tokens",
-            "induction score (attention probability)", vlines=marks),
-            "The best head's induction score on each kind of sequence over training: whether induction on text "
-            "arrives together with induction on random tokens.")
-        figs["phase change: in-context learning"] = captioned(lines(
-            {"ICL score": c.tokens}, {"ICL score": c.icl_score},
-            f"In-context-learning score (loss at token {r.config.icl_late} − token {r.config.icl_early}, {c.icl_data})",
-            "training tokens", "Δ loss (nats)", vlines=marks),
-            "Olsson et al.'s in-context-learning score: how much lower the loss is late in a context than early. It "
-            "falls when induction heads form.")
-        figs["phase change: loss on repeated sequences"] = captioned(lines(
-            {"first half": c.tokens, "repeated half": c.tokens},
-            {"first half": c.first_half_loss, "repeated half": c.repeated_half_loss},
-            "Loss on repeated random sequences over training", "training tokens", "loss (nats/token)", vlines=marks),
-            "The loss on the first and the repeated half over training. The repeated half's loss drops at the same "
-            "steps as the induction score rises: the heads are what makes the model use the repeat.")
+
+
+def _phase_change_figures(r: InductionResult, c: CheckpointCurves) -> dict[str, go.Figure]:
+    """Over the checkpoints: each head's induction score, the best on each kind, the ICL score, the copy losses."""
+    heads, H = r.heads, r.shape[1]
+    marks = ([(c.tokens[c.steps.index(c.phase_change[0])], "fastest rise"),
+              (c.tokens[c.steps.index(c.phase_change[1])], "")] if c.phase_change else [])
+    figs = {}
+    xs = {h: c.tokens for h in heads}
+    figs["phase change: induction score"] = captioned(lines(
+        xs, {h: c.induction_NLH[:, i // H, i % H] for i, h in enumerate(heads)},
+        "Induction score per head over training", "training tokens", "induction score (attention probability)",
+        vlines=marks),
+        "Each head's induction score at every checkpoint. Induction heads appear abruptly, in a phase change "
+        "(dashed lines: the interval of the fastest rise), not gradually.")
+    figs["phase change: induction by kind of sequence"] = captioned(lines(
+        {k: c.tokens for k in c.induction_by_kind}, c.induction_by_kind,
+        "Highest induction score on each kind of sequence over training", "training tokens",
+        "induction score (attention probability)", vlines=marks),
+        "The best head's induction score on each kind of sequence over training: whether induction on text "
+        "arrives together with induction on random tokens.")
+    figs["phase change: in-context learning"] = captioned(lines(
+        {"ICL score": c.tokens}, {"ICL score": c.icl_score},
+        f"In-context-learning score (loss at token {r.config.icl_late} − token {r.config.icl_early}, {c.icl_data})",
+        "training tokens", "Δ loss (nats)", vlines=marks),
+        "Olsson et al.'s in-context-learning score: how much lower the loss is late in a context than early. It "
+        "falls when induction heads form.")
+    figs["phase change: loss on repeated sequences"] = captioned(lines(
+        {"first half": c.tokens, "repeated half": c.tokens},
+        {"first half": c.first_half_loss, "repeated half": c.repeated_half_loss},
+        "Loss on repeated random sequences over training", "training tokens", "loss (nats/token)", vlines=marks),
+        "The loss on the first and the repeated half over training. The repeated half's loss drops at the same "
+        "steps as the induction score rises: the heads are what makes the model use the repeat.")
+    return figs
+
+
+def figures(r: InductionResult) -> dict[str, Union[go.Figure, Widget]]:
+    """Verdict table, score and ablation heatmaps, attention viewers, loss by position, phase change; each
+    with its caption."""
+    figs: dict[str, Union[go.Figure, Widget]] = {"verdict": _verdict_figure(r), **_score_figures(r)}
+    figs["attention of the top heads"] = _viewer(r.patterns_NSS, r.pattern_heads, r.tokens,
+                                                 f"{r.name}: a random sequence of {r.config.seq_len} tokens, repeated")
+    figs.update(_kind_figures(r))
+    if r.passage_patterns_NSS is not None:
+        figs["attention on a repeated text passage"] = _viewer(r.passage_patterns_NSS, r.pattern_heads,
+                                                               r.passage_tokens,
+                                                               f"{r.name}: a passage of held-out text, repeated")
+    figs["loss by position"] = _loss_by_position_figure(r)
+    if r.curves is not None:
+        figs.update(_phase_change_figures(r, r.curves))
     return figs
 
 

@@ -7,7 +7,6 @@ the logit lens on the same prompts. Runs on workbench models and on TransformerB
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -15,12 +14,12 @@ import numpy as np
 import plotly.graph_objects as go
 import torch
 
-from workbench.artifacts import LOG_FILE
+from workbench.adapter.provenance import model_label, training_log
+from workbench.adapter.tokens import token_strings
 from workbench.compute.attention_scores import induction_score, previous_token_score
 from workbench.compute.lens import LensMismatchError, LogitLens, logit_lens
 from workbench.config import check_types
 from workbench.data.text import repeated_sequence
-from workbench.data.tokenizer import readable_tokens
 from workbench.errors import check_field
 from workbench.model.hooked import HookedModel
 from workbench.report.pipeline import Analysis
@@ -130,17 +129,8 @@ def _config_dict(model: HookedModel) -> dict[str, Any]:
     return {k: raw.get(k) for k in keep}
 
 
-def _train_log(model: HookedModel) -> tuple[dict[str, Any], ...]:
-    folder = getattr(model, "folder", None)  # TransformerBridge models have no training log
-    if folder is None or not (folder / LOG_FILE).exists():
-        return ()
-    return tuple(json.loads(line) for line in (folder / LOG_FILE).read_text().splitlines() if line.strip())
-
-
 def _tokens(model: HookedModel, ids: torch.Tensor) -> tuple[str, ...]:
-    if model.tokenizer is None:
-        return tuple(str(t) for t in ids.tolist())
-    return tuple(readable_tokens(model.tokenizer, ids.tolist()))
+    return tuple(token_strings(model, ids))
 
 
 def _view(model: HookedModel, label: str, tokens_1S: torch.Tensor, cfg: ModelCardConfig, with_lens: bool
@@ -152,8 +142,7 @@ def _view(model: HookedModel, label: str, tokens_1S: torch.Tensor, cfg: ModelCar
     if with_lens:
         try:
             lens = logit_lens(model, tokens_1S[:, : cfg.lens_positions])
-            lens_tokens = tuple(tuple(readable_tokens(model.tokenizer, row.tolist())) if model.tokenizer is not None
-                                else tuple(str(t) for t in row.tolist()) for row in lens.top_ids_RSK[..., 0])
+            lens_tokens = tuple(tuple(token_strings(model, row)) for row in lens.top_ids_RSK[..., 0])
         except LensMismatchError as err:
             note = f"no logit lens: {err}"
     return PromptView(label, _tokens(model, tokens_1S[0].cpu()), patterns, lens, lens_tokens), note
@@ -183,11 +172,10 @@ def compute(model: HookedModel, cfg: ModelCardConfig) -> ModelCardResult:
     view, _ = _view(model, f"a random sequence of {cfg.repeat_len} tokens, repeated", rep[:1], cfg, with_lens=False)
     views.append(view)
 
-    folder = getattr(model, "folder", None)
     return ModelCardResult(
-        name=folder.name if folder is not None else type(model).__name__,
+        name=model_label(model),
         config=_config_dict(model), n_params=sum(p.numel() for p in model.parameters()),
-        train_log=_train_log(model), induction_LH=induction, prev_token_LH=prev, repeat_len=cfg.repeat_len,
+        train_log=tuple(training_log(model)[0]), induction_LH=induction, prev_token_LH=prev, repeat_len=cfg.repeat_len,
         views=tuple(views), lens_note=next((n for n in notes if n), ""))
 
 

@@ -19,8 +19,9 @@ import numpy as np
 import plotly.graph_objects as go
 import torch
 
+from workbench.adapter.provenance import model_label
 from workbench.cache.activations import TensorSource, check_hooks, model_activations, stream_activations
-from workbench.cache.collect import text_batch
+from workbench.cache.rows import text_batch
 from workbench.config import check_types
 from workbench.errors import InputError, check_field
 from workbench.model.hooked import HookedModel
@@ -207,7 +208,7 @@ def compute(model: HookedModel, cfg: SAEAnalysisConfig) -> SAEResult:
         arch, value = parse_spec(spec)
         extra = {"k": int(value)} if arch in ("topk", "batchtopk") else {"l1_coefficient": value}
         sae_cfg = SAEConfig(d_in=d_in, d_sae=cfg.expansion * d_in, architecture=arch, hook_name=cfg.hook,
-                            model_name=getattr(getattr(model, "folder", None), "name", type(model).__name__),
+                            model_name=model_label(model),
                             **extra)
         saes[spec] = make_sae(sae_cfg, seed=cfg.seed).to(device)
     n_tokens, budget_note = token_budget(cfg, d_in, device)
@@ -224,7 +225,7 @@ def compute(model: HookedModel, cfg: SAEAnalysisConfig) -> SAEResult:
     data = collect_feature_data(model, dash, eval_rows, cfg.hook, features=features)
     pages = render_dashboards(data, f"{cfg.dashboard} SAE on {cfg.hook}",
                               selection=f"{len(features)} evenly spaced latent ids from 0 to {dash.d_sae - 1}")
-    name = getattr(getattr(model, "folder", None), "name", type(model).__name__)
+    name = model_label(model)
     truth = score_on_known_features(cfg) if cfg.ground_truth else {}
     return SAEResult(name, cfg, d_in, dash.d_sae, metrics, logs, density, pages, truth, n_tokens, budget_note)
 

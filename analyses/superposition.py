@@ -428,7 +428,7 @@ ANALYSIS = Analysis(
     name="superposition",
     description="Toy models of superposition: sparsity sweeps (batched), WᵀW, geometry, dimensionality, the "
                 "phase diagram and computation in superposition.",
-    config_cls=SuperpositionConfig, compute=compute, figures=figures, uses_model=False,
+    config_cls=SuperpositionConfig, compute=None, compute_toys=compute, figures=figures,
     title="Superposition", order=40,
     intro="Models can represent more features than they have dimensions, by giving sparse features directions "
           "that overlap: superposition (Elhage et al., <i>Toy Models of Superposition</i>, 2022). These toy models "

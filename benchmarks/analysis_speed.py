@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from workbench.artifacts import list_checkpoints  # noqa: E402
-from workbench.model.loading import resolve_model_path  # noqa: E402
+from workbench.model.loading import load, resolve_model_path  # noqa: E402
 from workbench.report.pipeline import run_analysis, write_report  # noqa: E402
 
 BUDGETS = {"induction-heads": (("attn-only-2l",), 60.0),
@@ -46,7 +46,8 @@ BUDGETS = {"induction-heads": (("attn-only-2l",), 60.0),
 
 def timed_run(analysis: str, models: tuple[str, ...], device: str, out: Path) -> float:
     start = time.perf_counter()
-    sections = [run_analysis(analysis, m, device=device) for m in models]
+    sections = [run_analysis(analysis, load(m, device=device) if m else None, device=device, model_label=m)
+                for m in models]
     write_report(out, sections)
     return time.perf_counter() - start
 

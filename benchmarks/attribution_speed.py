@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from workbench.cache.collect import held_out_text  # noqa: E402
+from workbench.cache.rows import held_out_text  # noqa: E402
 from workbench.compute.attribution_graph import GraphConfig, build_graph  # noqa: E402
 from workbench.model.loading import load, resolve_device  # noqa: E402
 from workbench.sae.transcoders import as_transcoders, make_transcoders  # noqa: E402

@@ -57,7 +57,7 @@ PROMPTS = {16: "QEjaXVzC QEjaXVz", 48: "def add(a, b):\n    return a + b\n\nprin
 
 def prompt_ids(model: Any, text: str, n_tokens: int) -> list[int]:
     """BOS then the text's tokens, exactly n_tokens long."""
-    from workbench.cache.collect import special_ids
+    from workbench.cache.rows import special_ids
 
     bos, _ = special_ids(model)
     ids = [bos] + model.tokenizer.encode(text)

@@ -35,9 +35,11 @@ import transformer_lens.model_bridge.sources  # noqa: E402,F401  (attaches boot_
 from transformer_lens import TransformerBridge, TransformerBridgeConfig  # noqa: E402
 
 from benchmarks.train_speed import matmul_peak, sync  # noqa: E402  (the same peak and sync as the LM benchmark)
+from workbench.data.modular import modular_data  # noqa: E402
 from workbench.model.loading import resolve_device  # noqa: E402
+from workbench.model.modular import answer_logits, answer_logits_fast  # noqa: E402
 from workbench.model.transformer import Transformer  # noqa: E402
-from workbench.train.modular import ModularConfig, answer_logits, answer_logits_fast, modular_data  # noqa: E402
+from workbench.train.modular import ModularConfig  # noqa: E402
 
 
 def make_bridge(cfg: ModularConfig, device: torch.device):

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.train_speed import matmul_peak, sync  # noqa: E402  (the same peak and sync as the LM benchmark)
 from workbench.model.loading import resolve_device  # noqa: E402
 from workbench.sae.modules import SAEConfig, make_sae  # noqa: E402
-from workbench.sae.training import SAETrainConfig, _Trainer  # noqa: E402
+from workbench.sae.trainer import SAETrainConfig, _Trainer  # noqa: E402
 
 BATCH, K, DEAD_FRACTION = 4096, 32, 0.25
 D_IN, D_SAE = 256, 4096  # the size of the ReLU run and the first TopK run (benchmarks/peers.py checks it)

@@ -41,7 +41,7 @@ from transformer_lens import TransformerBridge, TransformerBridgeConfig  # noqa:
 
 from workbench.model.loading import resolve_device  # noqa: E402
 from workbench.model.transformer import ModelConfig, Transformer  # noqa: E402
-from workbench.train.lm import fused_adam  # noqa: E402
+from workbench.train.optim import fused_adam  # noqa: E402
 
 B, S, D, H, L, V = 16, 256, 256, 8, 2, 1024
 
@@ -68,7 +68,7 @@ class Trainer:
 
     def __init__(self, model, device, precision, optimizer="default"):
         self.model, self.device, self.precision = model, device, precision
-        if optimizer == "fused":  # what workbench.train.lm uses
+        if optimizer == "fused":  # what workbench.train.optim.make_optimizer uses
             self.opt = fused_adam(torch.optim.AdamW, model.parameters(), lr=1e-4)
         else:
             self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True if optimizer == "foreach" else None)

@@ -15,6 +15,7 @@ from workbench.data.text import DataConfig
 from workbench.data.tokenizer import TextCodec, byte_tokenizer
 from workbench.model.transformer import ModelConfig, Transformer
 from workbench.train.lm import TrainConfig
+from workbench.train.modular import ModularConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test that reaches for the hub must fail fast
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -50,6 +51,13 @@ def tiny_train_config(**overrides) -> TrainConfig:
     base = dict(model=tiny_config(n_ctx=32), data=DataConfig(synthetic_fraction=1.0), batch_size=8,
                 n_steps=20, warmup_steps=2, eval_every=5, log_every=2, n_checkpoints=5)
     return TrainConfig(**{**base, **overrides})
+
+
+def tiny_modular_config(**overrides) -> ModularConfig:
+    """A modular-addition run of about a second."""
+    base = dict(p=11, d_model=32, n_heads=4, d_mlp=64, n_steps=30, warmup_steps=2, eval_every=5, n_checkpoints=5,
+                first_checkpoint=2)
+    return ModularConfig(**{**base, **overrides})
 
 
 @pytest.fixture(scope="session")

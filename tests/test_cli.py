@@ -151,7 +151,7 @@ def test_list_settings_parse_as_their_element_type(monkeypatch, capsys):
 
     seen = []
 
-    def fake_run_analysis(name, model, cfg, device="auto"):
+    def fake_run_analysis(name, model, cfg, device="auto", model_label=None):
         seen.append(cfg)
         raise ConfigError("stop here: the config is all this test needs")
 
@@ -166,7 +166,7 @@ def test_list_settings_take_the_element_type_from_the_annotation():
     import dataclasses
     from typing import Literal, Optional
 
-    from workbench.cli import _add_config_args, _overrides
+    from workbench.config import add_config_args, config_overrides
 
     settings = dataclasses.make_dataclass("Settings", [
         ("ints", tuple[int, ...], dataclasses.field(default=())),
@@ -175,9 +175,10 @@ def test_list_settings_take_the_element_type_from_the_annotation():
         ("words", list[str], dataclasses.field(default_factory=list)),
     ], frozen=True)
     parser = argparse.ArgumentParser()
-    _add_config_args(parser, settings)
+    add_config_args(parser, settings)
     args = parser.parse_args(["--ints", "5", "6", "--floats", "1", "0.5", "--names", "b", "--words", "x", "y"])
-    assert _overrides(args, settings) == {"ints": (5, 6), "floats": (1.0, 0.5), "names": ("b",), "words": ("x", "y")}
+    assert config_overrides(args, settings) == {"ints": (5, 6), "floats": (1.0, 0.5), "names": ("b",),
+                                                "words": ("x", "y")}
     with pytest.raises(SystemExit):
         parser.parse_args(["--ints", "five"])
 

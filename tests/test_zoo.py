@@ -16,7 +16,8 @@ import torch
 import workbench
 from analyses.induction_heads import KINDS
 from workbench.artifacts import list_checkpoints
-from workbench.cache.collect import half_losses, held_out_text, per_token_loss, probe_tokens, text_probe_tokens
+from workbench.cache.collect import half_losses, per_token_loss
+from workbench.cache.rows import held_out_text, probe_tokens, text_probe_tokens
 from workbench.compute.attention_scores import induction_score, previous_token_score
 from workbench.model.loading import models_dir, shipped_models
 

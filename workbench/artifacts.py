@@ -9,7 +9,8 @@ A model folder:            A training run folder (also a model folder, for its f
 
 `config.json` records the SHA-256 of the weights, so a truncated or corrupt file is caught on
 load instead of producing a silently wrong model. Writes are atomic: files go through a
-temporary name and `os.replace`; checkpoint folders are built under a temporary name and renamed.
+temporary name and `os.replace`; checkpoint folders are built under a temporary name and renamed
+(the write primitives, and full-disk errors, are in `workbench.disk`).
 
 Nothing here unpickles: training state is safetensors plus JSON, so a crafted file can at worst
 fail to load. Output folders (reports, dashboards) carry a marker listing the files the workbench
@@ -18,7 +19,6 @@ wrote, and only such a folder is ever replaced; a folder holding anything else i
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import math
@@ -35,6 +35,19 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from workbench.disk import (  # the write primitives every artifact is built on; re-exported for other writers
+    atomic_write_bytes,
+    atomic_write_json,
+    folder_bytes,
+    is_out_of_space,
+    json_bytes,
+    missing_folders,
+    open_modes,
+    raise_if_out_of_space,
+    remove_if_empty,
+    staged_files,
+    write_file,
+)
 from workbench.errors import CheckpointError, InputError, OutOfSpaceError, RunLockedError
 
 CONFIG_FILE = "config.json"
@@ -78,167 +91,8 @@ def register_kind(kind: str) -> Callable[[Loader], Loader]:
     return deco
 
 
-# -- atomic writes --------------------------------------------------------------------------------
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the new one, never a part. A full
-    disk removes the partial file and raises OutOfSpaceError."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        tmp.unlink(missing_ok=True)
-        raise_if_out_of_space(err, path, len(data), partial_removed=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    """Atomic JSON write, indented for people to read."""
-    atomic_write_bytes(path, _json_bytes(obj))
-
-
-def _json_bytes(obj: Any) -> bytes:
-    return (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()
-
-
-_FULL = (errno.ENOSPC, errno.EDQUOT)
-
-
-def is_out_of_space(err: BaseException) -> bool:
-    """Whether `err` says the disk (or the user's quota) is full: an OSError with ENOSPC or EDQUOT, an
-    OutOfSpaceError, or safetensors' SafetensorError, which is no OSError and carries the OS error only
-    in its text ("Error while serializing: I/O error: No space left on device (os error 28)")."""
-    if isinstance(err, OutOfSpaceError):
-        return True
-    if isinstance(err, OSError):
-        return err.errno in _FULL
-    if isinstance(err, SafetensorError):
-        text = str(err)
-        return any(f"(os error {code})" in text or os.strerror(code) in text for code in _FULL)
-    return False
-
-
-def raise_if_out_of_space(err: BaseException, what: Path, needed_bytes: int = 0, cleaned: Optional[Path] = None,
-                          partial_removed: bool = False) -> None:
-    """Inside an `except` that has removed this write's partial files: raise OutOfSpaceError (naming
-    `what`, the space it needs and `cleaned`, the partial copy removed) if `err` is a full disk, else
-    return so that the caller re-raises `err`. `partial_removed`: the failed file is already gone (the
-    workbench's helpers and safetensors remove their own), so the write needed more than is free now."""
-    if not is_out_of_space(err):
-        return
-    gone = partial_removed or not isinstance(err, OSError)  # a SafetensorError or an inner OutOfSpaceError
-    at_least = _free_bytes(what) + 1 if gone else 0
-    raise _space_error(what, max(needed_bytes, at_least), cleaned) from err
-
-
-def _free_bytes(what: Path) -> int:
-    here = next(p for p in (Path(what).absolute(), *Path(what).absolute().parents) if p.exists())
-    return shutil.disk_usage(here).free
-
-
-def _folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
-
-
-def _missing_folders(folder: Path) -> list[Path]:
-    """`folder` and those of its parents that do not exist yet, deepest first: what `mkdir(parents=True)`
-    will create, and `_remove_if_empty` takes back after a failed write."""
-    folder = Path(folder).absolute()
-    return [p for p in (folder, *folder.parents) if not p.exists()]
-
-
-def _remove_if_empty(folders: list[Path]) -> None:
-    """Remove these folders, deepest first, stopping at the first that holds anything."""
-    for folder in folders:
-        try:
-            folder.rmdir()
-        except FileNotFoundError:
-            continue
-        except OSError:  # not empty: it holds something this write did not make
-            return
-
-
-@contextmanager
-def staged_files(folder: Path, needed_bytes: int = 0) -> Iterator[Callable[[str], Path]]:
-    """Write several files of `folder` all or none: inside the block, `stage(name)` gives the temporary
-    path to write `folder/name` to; when the block ends they are renamed into place in that order. The
-    last one is the file that says the folder is complete (config.json): an old copy of it is removed
-    before the renames, so a crash between them leaves a folder that reads as incomplete, never one that
-    mixes old and new files. If the block fails, every temporary file (and a folder this made) is
-    removed and a full disk becomes an OutOfSpaceError (`needed_bytes`: the files' estimated size)."""
-    folder = Path(folder)
-    created = _missing_folders(folder)
-    staged: dict[str, Path] = {}
-
-    def stage(name: str) -> Path:
-        staged[name] = folder / f".{name}.tmp{os.getpid()}"
-        return staged[name]
-
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        yield stage
-    except BaseException as err:
-        for tmp in staged.values():
-            tmp.unlink(missing_ok=True)
-        _remove_if_empty(created)
-        raise_if_out_of_space(err, folder, needed_bytes, partial_removed=True)
-        raise
-    if len(staged) > 1:
-        (folder / list(staged)[-1]).unlink(missing_ok=True)
-    for name, tmp in staged.items():
-        if tmp.exists():
-            open_modes(tmp)
-        os.replace(tmp, folder / name)
-
-
-def _umask() -> int:
-    """The process's umask, read without changing it where Linux shows it (os.umask can only set it, and
-    setting it for a moment would race with any thread that creates a file meanwhile)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def open_modes(path: Path) -> None:
-    """Give `path` (a file, or a folder and everything in it) the mode a plain open() or mkdir() would:
-    0666 / 0777 less the umask. safetensors writes its files 0600 and tempfile makes 0700 folders, which
-    would leave weights unreadable to whoever can read the JSON beside them."""
-    mask = _umask()
-    path = Path(path)
-    if path.is_dir():
-        for p in (path, *path.rglob("*")):
-            if not p.is_symlink():
-                os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
-    else:
-        os.chmod(path, 0o666 & ~mask)
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
-def _space_error(what: Path, needed: int, cleaned: Optional[Path]) -> OutOfSpaceError:
-    free = _free_bytes(what)
-    left = f" The partial copy {cleaned} was removed." if cleaned is not None else ""
-    return OutOfSpaceError(f"The disk filled while writing {what}: it needs about {needed / 1e6:,.1f} MB and "
-                           f"{free / 1e6:,.1f} MB are free.{left} Free some space (or choose a folder on another "
-                           "disk) and run the command again.")
 
 
 def sha256_file(path: Path) -> str:
@@ -260,8 +114,8 @@ def write_model_folder(folder: Path, kind: str, tensors: dict[str, torch.Tensor]
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(weights))
         digest = sha256_file(weights)
         if tokenizer_json is not None:
-            _write_file(stage(TOKENIZER_FILE), tokenizer_json.encode())
-        _write_file(stage(CONFIG_FILE), _json_bytes({"kind": kind, "format_version": FORMAT_VERSION,
+            write_file(stage(TOKENIZER_FILE), tokenizer_json.encode())
+        write_file(stage(CONFIG_FILE), json_bytes({"kind": kind, "format_version": FORMAT_VERSION,
                                                      **meta, "weights_sha256": digest}))
 
 
@@ -345,7 +199,7 @@ def write_checkpoint(run_dir: Path, step: int, write: Callable[[Path], None], ne
     try:
         write(tmp)
     except BaseException as err:
-        written = _folder_bytes(tmp)
+        written = folder_bytes(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
         raise_if_out_of_space(err, final, max(needed_bytes, written), tmp)
         raise
@@ -406,7 +260,7 @@ def write_state(folder: Path, state: dict[str, Any]) -> None:
         tmp = stage(STATE_FILE)
         save_file(tensors, str(tmp))
         digest = sha256_file(tmp)
-        _write_file(stage(STATE_META_FILE), _json_bytes({"format_version": FORMAT_VERSION, "tensors_sha256": digest,
+        write_file(stage(STATE_META_FILE), json_bytes({"format_version": FORMAT_VERSION, "tensors_sha256": digest,
                                                          "state": tree}))
 
 
@@ -528,12 +382,12 @@ def run_lock(folder: Path, what: str = "run") -> Iterator[None]:
         yield
         return
     folder = Path(folder)
-    created = _missing_folders(folder)
+    created = missing_folders(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as err:
-        _remove_if_empty(created)
+        remove_if_empty(created)
         raise_if_out_of_space(err, folder / LOCK_FILE)
         raise
     try:
@@ -622,21 +476,21 @@ def write_output_folder(out: Path, kind: str, build: Callable[[Path], None], nee
     see `check_output_folder`. A full disk removes the partial folder and says how much space it needs
     (`needed_bytes`, where the caller can estimate it; else at least what was written or is free)."""
     target = check_output_folder(out, kind)
-    created = _missing_folders(target.parent)
+    created = missing_folders(target.parent)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp", dir=target.parent))
     except OSError as err:
-        _remove_if_empty(created)
+        remove_if_empty(created)
         raise_if_out_of_space(err, target, needed_bytes)
         raise
     try:
         build(tmp)
         atomic_write_json(tmp / OUTPUT_MARKER, {"kind": f"workbench {kind}", "files": sorted(_listing(tmp))})
     except BaseException as err:
-        written = _folder_bytes(tmp)
+        written = folder_bytes(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
-        _remove_if_empty(created)
+        remove_if_empty(created)
         raise_if_out_of_space(err, target, max(needed_bytes, written), tmp)
         raise
     open_modes(tmp)

@@ -14,90 +14,18 @@
 from __future__ import annotations
 
 import argparse
-import ast
-import collections.abc
 import dataclasses
-import inspect
 import shlex
 import sys
-import textwrap
 import time
-import types
-import typing
 from pathlib import Path
 from typing import Any, Optional
 
+from workbench.config import add_config_args, config_overrides
 from workbench.errors import ConfigError, WorkbenchError
-from workbench.train.runs import TrainingInterrupted
+from workbench.train.lifecycle import TrainingInterrupted
 
 DEVICE_HELP = "auto (cuda if available, else cpu), cpu or cuda"
-
-
-def _parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def field_docs(config_cls: type) -> dict[str, str]:
-    """The docstring under each field of a dataclass (the convention every config here follows)."""
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(config_cls)))
-    except (OSError, TypeError, SyntaxError):  # no source available: help without descriptions
-        return {}
-    body, docs = tree.body[0].body, {}
-    for node, after in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
-                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
-            docs[node.target.id] = " ".join(after.value.value.split())
-    return docs
-
-
-def _add_config_args(parser: argparse.ArgumentParser, config_cls: type) -> None:
-    """One --option per field of a frozen config dataclass, typed from its default, helped by its docstring."""
-    hints = typing.get_type_hints(config_cls)
-    docs = field_docs(config_cls)
-    for f in dataclasses.fields(config_cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        flag = "--" + f.name.replace("_", "-")
-        help_ = f"{docs.get(f.name, '')} (default: {default!r})".strip().replace("%", "%%")
-        if isinstance(default, bool):
-            parser.add_argument(flag, type=_parse_bool, dest=f.name, default=None, help=help_)
-        elif isinstance(default, (tuple, list)):
-            parser.add_argument(flag, type=_value_type(hints[f.name])[0], nargs="+", dest=f.name, default=None,
-                                help=help_)
-        elif isinstance(default, (int, float, str)):
-            parser.add_argument(flag, type=type(default), dest=f.name, default=None, help=help_)
-        elif default is None:
-            value_type, many = _value_type(hints[f.name])
-            parser.add_argument(flag, type=value_type, nargs="+" if many else None, dest=f.name, default=None,
-                                help=help_)
-
-
-def _value_type(hint: Any) -> tuple[Any, bool]:
-    """(argparse `type` for one command-line value of a field annotated `hint`, whether the field is a
-    list): `tuple[int, ...]` gives (int, True), `Optional[float]` (float, False), a Literal its values' type."""
-    origin, args = typing.get_origin(hint), [a for a in typing.get_args(hint) if a is not type(None)]
-    if origin is typing.Union or origin is types.UnionType:
-        return _value_type(args[0]) if len(args) == 1 else (str, False)
-    if origin in (tuple, list, collections.abc.Sequence):
-        return (_value_type(args[0])[0] if args else str), True
-    if origin is typing.Literal:
-        return type(args[0]), False
-    if hint is bool:
-        return _parse_bool, False
-    return (hint if hint in (int, float, str) else str), False
-
-
-def _overrides(args: argparse.Namespace, config_cls: type) -> dict[str, Any]:
-    out = {}
-    for f in dataclasses.fields(config_cls):
-        value = getattr(args, f.name, None)
-        if value is not None:
-            out[f.name] = tuple(value) if isinstance(value, list) else value
-    return out
 
 
 def _resume_command(prog: str, argv: list[str], out: Path) -> str:
@@ -112,6 +40,7 @@ def _resume_command(prog: str, argv: list[str], out: Path) -> str:
 
 def cmd_run(argv: list[str]) -> int:
     from workbench.artifacts import check_output_folder
+    from workbench.model.loading import load
     from workbench.report.pipeline import (
         default_report_dir,
         get_analysis,
@@ -133,12 +62,15 @@ def cmd_run(argv: list[str]) -> int:
                             help=f"preset name, model folder, or hf:<name or path> (default: {default_model})")
     parser.add_argument("--out", type=Path, default=None, help="report folder (default ./reports/<analysis>-<time>)")
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
-    _add_config_args(parser, analysis.config_cls)
+    add_config_args(parser, analysis.config_cls)
     args = parser.parse_args(argv[1:])
-    cfg = make_config(analysis, _overrides(args, analysis.config_cls))
+    cfg = make_config(analysis, config_overrides(args, analysis.config_cls))
     out = args.out or default_report_dir().with_name(f"{analysis.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     check_output_folder(out, "report")  # refuse a bad --out before the work, not after
-    section = run_analysis(analysis.name, getattr(args, "model", None), cfg, device=args.device)
+    model_ref = getattr(args, "model", None)
+    model = load(model_ref, device=args.device) if analysis.uses_model and model_ref is not None else None
+    section = run_analysis(analysis.name, model, cfg, device=args.device,
+                           model_label=str(model_ref) if model is not None else None)
     path = write_report(out, [section], title=f"{analysis.name} · {section.model}")
     print(f"Wrote {path}/index.html, metrics.json and {len(section.figures)} figures in {path}/figures")
     for line in section.headlines:
@@ -258,35 +190,15 @@ def cmd_list(argv: list[str]) -> int:
 
 def _text_source(args: argparse.Namespace, model: Any) -> tuple[Any, dict[str, Any]]:
     """(BOS-first rows of --text, whose position 0 training leaves out; the stream's options)."""
-    from workbench.cache.collect import text_rows
+    from workbench.cache.rows import text_rows
 
     rows = text_rows(model, args.text, args.rows, min(int(model.cfg.n_ctx), args.seq_len))
     return rows, {"buffer_batches": args.buffer_batches, "exclude_special": not args.keep_special,
                   "skip_first": 0 if args.keep_first else 1}
 
 
-def cmd_sae(argv: list[str]) -> int:
-
-    import torch
-
-    from workbench.cache.activations import ActivationStore, check_hooks, model_activations
-    from workbench.errors import InputError
-    from workbench.model.loading import load, resolve_device
-    from workbench.sae.modules import make_sae
-    from workbench.sae.training import (
-        RankShare,
-        SAETrainConfig,
-        rank_share,
-        store_batches,
-        text_batches,
-        train_saes,
-    )
-
-    usage = "usage: workbench sae {train,cache} --model M --hook H [options]  (--help on each)"
-    if not argv or argv[0] not in ("train", "cache"):
-        print(usage)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    sub, argv = argv[0], argv[1:]
+def _sae_parser(sub: str, argv: list[str]) -> argparse.ArgumentParser:
+    """The options of `workbench sae train` (or `cache`, which has the data options only)."""
     parser = argparse.ArgumentParser(prog=f"workbench sae {sub}")
     parser.add_argument("--model", required=sub == "cache" or "--store" not in argv,
                         help="preset name, model folder, or hf:<name or path>")
@@ -322,10 +234,25 @@ def cmd_sae(argv: list[str]) -> int:
                             help="also log to Weights & Biases under this project (needs pip install wandb)")
         parser.add_argument("--spread-hooks", action="store_true",
                             help="under torchrun: deal the hooks' SAEs over the processes instead of splitting batches")
-    args = parser.parse_args(argv)
-    from workbench.cache.collect import check_rows
+    return parser
+
+
+def cmd_sae(argv: list[str]) -> int:
+    import torch
+
+    from workbench.cache.activations import ActivationStore, check_hooks
+    from workbench.cache.rows import check_rows
+    from workbench.model.loading import load, resolve_device
+    from workbench.sae.sharding import RankShare, text_batches
+    from workbench.train.distributed import init_from_env
+
+    usage = "usage: workbench sae {train,cache} --model M --hook H [options]  (--help on each)"
+    if not argv or argv[0] not in ("train", "cache"):
+        print(usage)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    sub, argv = argv[0], argv[1:]
+    args = _sae_parser(sub, argv).parse_args(argv)
     check_rows(args.rows, args.seq_len)  # before the model loads: a bad --rows or --seq-len is an error at once
-    from workbench.train.distributed import init_from_env, restart_count, shutdown
     dist = init_from_env(resolve_device(args.device)) if sub == "train" else None
     device = str(resolve_device(args.device))
     if dist is not None and dist.active and device.startswith("cuda"):
@@ -333,36 +260,33 @@ def cmd_sae(argv: list[str]) -> int:
     model = load(args.model, device=device) if args.model else None
     if model is not None:
         check_hooks(model, args.hook)
-    if sub == "cache":
-        n = args.n_tokens or 1_000_000
-        rows, stream = _text_source(args, model)
-        store = ActivationStore.write(args.out, text_batches(model, rows, RankShare(args.hook, 4096), 0, **stream), n)
-        print(f"Wrote {store.n_tokens:,} activations of {', '.join(args.hook)} to {args.out} "
-              f"({len(store.manifest['shards'])} shards, manifest.json)")
-        return 0
+    if sub == "train":
+        return _sae_train(args, argv, model, dist, device)
+    n = args.n_tokens or 1_000_000
+    rows, stream = _text_source(args, model)
+    store = ActivationStore.write(args.out, text_batches(model, rows, RankShare(args.hook, 4096), 0, **stream), n)
+    print(f"Wrote {store.n_tokens:,} activations of {', '.join(args.hook)} to {args.out} "
+          f"({len(store.manifest['shards'])} shards, manifest.json)")
+    return 0
+
+
+def _sae_train(args: argparse.Namespace, argv: list[str], model: Any, dist: Any, device: str) -> int:
+    """`workbench sae train`: one SAE per --hook, data parallel under torchrun (`workbench.sae.sharding`)."""
+    from workbench.cache.activations import ActivationStore
+    from workbench.sae.modules import make_sae
+    from workbench.sae.sharding import rank_share, store_batches, text_batches
+    from workbench.sae.training import hook_widths, train_configs, train_saes, wandb_logger
+    from workbench.train.distributed import restart_count, shutdown
+
     base = _read_json_object(args.config) if args.config else {}
     hooks = list(dict.fromkeys(args.hook))
     store = ActivationStore(args.store) if args.store else None
-    missing = [h for h in hooks if store is not None and h not in store.d]
-    if missing:
-        raise InputError(f"The store {args.store} holds {store.hooks}, not {missing[0]!r}.")
-    probe = torch.zeros(1, 2, dtype=torch.long, device=next(model.parameters()).device) if model is not None else None
-    widths = (store.d if store is not None
-              else {h: a.shape[-1] for h, a in model_activations(model, probe, hooks, 0).items()})
-    section = base.get("sae", {})
-    if not isinstance(section, dict):
-        raise ConfigError(f"The 'sae' section of {args.config} must be a JSON object, got {section!r:.60}.")
-    flags = {"architecture": args.arch, "k": args.k, "l1_coefficient": args.l1}
-    section = {**section, **{k: v for k, v in flags.items() if v is not None}}
-    configs = {}
-    for hook in hooks:
-        d_in = int(widths[hook])
-        train = {**base, "sae": {**section, "d_in": d_in, "hook_name": hook,
-                                 "d_sae": args.d_sae or section.get("d_sae") or args.expansion * d_in,
-                                 "model_name": str(args.model or section.get("model_name", ""))}}
-        train.update({k: v for k, v in {"n_tokens": args.n_tokens, "lr": args.lr, "batch_size": args.batch_size,
-                                        "precision": args.precision}.items() if v is not None})
-        configs[hook] = SAETrainConfig.from_dict(train, str(args.config) if args.config else "the command line")
+    configs = train_configs(hook_widths(hooks, model, store), base,
+                            sae={"architecture": args.arch, "k": args.k, "l1_coefficient": args.l1},
+                            train={"n_tokens": args.n_tokens, "lr": args.lr, "batch_size": args.batch_size,
+                                   "precision": args.precision},
+                            d_sae=args.d_sae, expansion=args.expansion, model_name=args.model,
+                            where=str(args.config) if args.config else "the command line")
     cfg = configs[hooks[0]]
     name = hooks[0].replace(".", "_") if len(hooks) == 1 else f"{len(hooks)}-hooks"
     out = args.out or Path("runs") / f"sae-{name}-{cfg.sae.arch}"
@@ -375,7 +299,6 @@ def cmd_sae(argv: list[str]) -> int:
         batches = text_batches(model, rows, share, cfg.seed, **stream)
     resume = args.resume or restart_count() > 0  # torchrun --max-restarts
     saes = {h: make_sae(c.sae, seed=c.seed).to(device) for h, c in configs.items()}  # train_saes keeps a rank's own
-    from workbench.sae.training import wandb_logger
     on_log = wandb_logger(args.wandb, {"hooks": hooks, **cfg.to_dict()}) if args.wandb and dist.is_main else None
     data = ({"store": str(args.store)} if store is not None else  # saved with the run: --resume must not change it
             {"text": args.text, "rows": args.rows, "seq_len": args.seq_len, "keep_special": args.keep_special,

@@ -4,12 +4,21 @@ belongs) an error that names the field, before any arithmetic can turn it into a
 
     check_types(cfg)                  # first line of every config's __post_init__
     from_dict(TrainConfig, raw, "x.json")  # JSON -> config: unknown keys, nesting, tuples, types
+
+and the command line's flags for a config: `add_config_args` gives every field an --option (typed from
+its default and annotation, helped by the docstring under it); `config_overrides` reads back those given.
 """
 
 from __future__ import annotations
 
+import argparse
+import ast
+import collections.abc
 import dataclasses
+import inspect
 import math
+import textwrap
+import types
 import typing
 from functools import lru_cache
 from typing import Any, Literal, TypeVar, Union
@@ -118,3 +127,72 @@ def from_dict(cls: type[C], data: Any, where: str = "") -> C:
         raise ConfigError(f"{err}{' (' + where + ')' if where else ''}") from None
     except TypeError as err:  # a __post_init__ comparing a value of the wrong type
         raise ConfigError(f"{name}{at}: {err}") from err
+
+
+# -- configs as command-line flags ------------------------------------------------------------------
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def field_docs(config_cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass (the convention every config here follows)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(config_cls)))
+    except (OSError, TypeError, SyntaxError):  # no source available: help without descriptions
+        return {}
+    body, docs = tree.body[0].body, {}
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def add_config_args(parser: argparse.ArgumentParser, config_cls: type) -> None:
+    """One --option per field of a frozen config dataclass, typed from its default, helped by its docstring."""
+    hints = typing.get_type_hints(config_cls)
+    docs = field_docs(config_cls)
+    for f in dataclasses.fields(config_cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        flag = "--" + f.name.replace("_", "-")
+        help_ = f"{docs.get(f.name, '')} (default: {default!r})".strip().replace("%", "%%")
+        if isinstance(default, bool):
+            parser.add_argument(flag, type=_parse_bool, dest=f.name, default=None, help=help_)
+        elif isinstance(default, (tuple, list)):
+            parser.add_argument(flag, type=_value_type(hints[f.name])[0], nargs="+", dest=f.name, default=None,
+                                help=help_)
+        elif isinstance(default, (int, float, str)):
+            parser.add_argument(flag, type=type(default), dest=f.name, default=None, help=help_)
+        elif default is None:
+            value_type, many = _value_type(hints[f.name])
+            parser.add_argument(flag, type=value_type, nargs="+" if many else None, dest=f.name, default=None,
+                                help=help_)
+
+
+def _value_type(hint: Any) -> tuple[Any, bool]:
+    """(argparse `type` for one command-line value of a field annotated `hint`, whether the field is a
+    list): `tuple[int, ...]` gives (int, True), `Optional[float]` (float, False), a Literal its values' type."""
+    origin, args = typing.get_origin(hint), [a for a in typing.get_args(hint) if a is not type(None)]
+    if origin is typing.Union or origin is types.UnionType:
+        return _value_type(args[0]) if len(args) == 1 else (str, False)
+    if origin in (tuple, list, collections.abc.Sequence):
+        return (_value_type(args[0])[0] if args else str), True
+    if origin is typing.Literal:
+        return type(args[0]), False
+    if hint is bool:
+        return _parse_bool, False
+    return (hint if hint in (int, float, str) else str), False
+
+
+def config_overrides(args: argparse.Namespace, config_cls: type) -> dict[str, Any]:
+    """The fields given on the command line (those `add_config_args` parsed to something other than None)."""
+    out = {}
+    for f in dataclasses.fields(config_cls):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            out[f.name] = tuple(value) if isinstance(value, list) else value
+    return out

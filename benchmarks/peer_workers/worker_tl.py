@@ -60,7 +60,7 @@ def main() -> None:
     if args.task == "train":
         tokens = torch.randint(0, V, (B, S), generator=torch.Generator().manual_seed(0))
         if args.side == "workbench":  # its trainer's optimizer (fused AdamW), as train_speed.py times it
-            from workbench.train.lm import fused_adam
+            from workbench.train.optim import fused_adam
 
             opt = fused_adam(torch.optim.AdamW, model.parameters(), lr=1e-4)
         else:

@@ -31,7 +31,7 @@ def model_dir(tmp_path_factory):
 
 
 def test_the_study_trains_caches_traces_and_writes_reloadable_graphs(model_dir, tmp_path):
-    section = run_analysis("circuit-tracing", model_dir, QUICK, device="cpu")
+    section = run_analysis("circuit-tracing", workbench.load(model_dir, device="cpu"), QUICK)
     m = section.metrics
     assert m["transcoders"]["source"].startswith("trained now") and m["transcoders"]["width"] == 64
     assert len(m["transcoders"]["layers"]) == 2 and m["transcoders"]["with_errors_max_loss_change"] < 1e-5
@@ -52,12 +52,12 @@ def test_the_study_trains_caches_traces_and_writes_reloadable_graphs(model_dir, 
     graph = load_graph(graph_dir, workbench.load(model_dir, device="cpu"))
     assert graph.n_features == g["features"]
     # the second run finds the transcoders in the cache instead of training again
-    again = run_analysis("circuit-tracing", model_dir, QUICK, device="cpu")
+    again = run_analysis("circuit-tracing", workbench.load(model_dir, device="cpu"), QUICK)
     assert again.metrics["transcoders"]["source"].startswith("trained earlier")
     assert again.metrics["graphs"][0]["kept_edges"] == g["kept_edges"]  # deterministic
     # circuit-tracer's node definitions: the same features, the logits demeaned, sources counted
-    ct = run_analysis("circuit-tracing", model_dir, replace(QUICK, node_definitions="circuit-tracer",
-                                                            compare_sae=False), device="cpu").metrics
+    ct = run_analysis("circuit-tracing", workbench.load(model_dir, device="cpu"),
+                      replace(QUICK, node_definitions="circuit-tracer", compare_sae=False)).metrics
     assert ct["node_definitions"] == "circuit-tracer" and ct["graphs"][0]["features"] == g["features"]
     assert ct["graphs"][0]["completeness_score"] != g["completeness_score"]
     with pytest.raises(ConfigError, match="node_definitions"):
@@ -72,7 +72,7 @@ def test_bad_settings_and_models_are_refused(tmp_path):
     attn = tmp_path / "attn"
     workbench.save_model(workbench.Transformer(tiny_config(), tokenizer=TextCodec(byte_tokenizer())), attn)
     with pytest.raises(InputError, match="attention-only.*SAE|sae"):
-        run_analysis("circuit-tracing", attn, QUICK, device="cpu")
+        run_analysis("circuit-tracing", workbench.load(attn, device="cpu"), QUICK)
 
 
 def test_transcoder_train_and_export_commands(model_dir, tmp_path, capsys):
@@ -99,12 +99,13 @@ def test_transcoder_train_and_export_commands(model_dir, tmp_path, capsys):
 @pytest.mark.slow
 def test_the_shipped_models_graphs_show_induction_and_agree_with_causal_tracing():
     """The findings the report states, on the shipped models and transcoders (about 1 minute)."""
-    gelu = run_analysis("circuit-tracing", "gelu-2l", CircuitTracingConfig(), device="cpu").metrics
+    gelu = run_analysis("circuit-tracing", workbench.load("gelu-2l", device="cpu"), CircuitTracingConfig()).metrics
     assert gelu["transcoders"]["source"].startswith("shipped")
     for g in gelu["graphs"]:
         assert g["finding"]["earlier_rank"] <= 2, g["finding"]  # the earlier occurrence's next token leads
         assert g["replacement_score"] > 0.5
-    facts = run_analysis("circuit-tracing", "facts", CircuitTracingConfig(compare_sae=False), device="cpu").metrics
+    facts = run_analysis("circuit-tracing", workbench.load("facts", device="cpu"),
+                         CircuitTracingConfig(compare_sae=False)).metrics
     for g in facts["graphs"]:
         assert g["finding"]["agree"], g["finding"]  # both put the answer at the last token, in the same early layers
         assert g["finding"]["correlation"] > 0.5, g["finding"]
@@ -115,10 +116,10 @@ def test_auxk_keeps_dead_transcoder_features_under_five_percent_on_gelu_2l():
     """With AuxK (the default), fewer than 5% of a TopK transcoder's features are dead after training on
     gelu-2l; without it (aux_coefficient 0), more die."""
     from workbench.sae.training import SAETrainConfig, train_saes
-    from workbench.sae.transcoders import _stream, make_transcoders
+    from workbench.sae.transcoders.training import _stream, make_transcoders
 
     model = workbench.load("gelu-2l", device="cpu")
-    from workbench.cache.collect import training_text
+    from workbench.cache.rows import training_text
     rows, _ = training_text(model, 600, 128)
     dead = {}
     for aux in (1 / 32, 0.0):

@@ -15,9 +15,10 @@ import workbench
 from analyses.circuit_tracing import CircuitTracingConfig, default_prompts
 from tests.conftest import signal_on_call, tiny_config
 from workbench.artifacts import TRANSCODERS_MANIFEST
-from workbench.cache.collect import special_ids
-from workbench.cli import field_docs, main
+from workbench.cache.rows import special_ids
+from workbench.cli import main
 from workbench.compute.attribution_graph import build_graph
+from workbench.config import field_docs
 from workbench.data.tokenizer import TextCodec, byte_tokenizer
 from workbench.sae.transcoders import as_transcoders, make_transcoders
 

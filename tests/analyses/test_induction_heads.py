@@ -26,10 +26,9 @@ from analyses.induction_heads import (
     compute,
     figures,
     kind_labels,
-    steepest_change,
 )
 from tests.conftest import NoAttention, tiny_config
-from workbench.cache.collect import held_out_text, text_probe_tokens
+from workbench.cache.rows import held_out_text, text_probe_tokens
 from workbench.compute.attention_scores import (
     duplicate_token_score,
     induction_score,
@@ -106,15 +105,6 @@ def test_copying_score_is_plus_one_for_a_copying_head_and_minus_one_for_a_suppre
         attn.W_V.copy_(torch.stack([basis, basis]))
         attn.W_O.copy_(torch.stack([basis.T, -basis.T]))
     assert torch.allclose(copying_score(ov_circuit(folded_weights(model), 0)), torch.tensor([1.0, -1.0]), atol=1e-5)
-
-
-def test_steepest_change_finds_the_jump_and_ignores_noise():
-    steps = [0, 1, 3, 10, 100, 200, 300, 400, 500]
-    rising = [0.02, 0.03, 0.01, 0.02, 0.02, 0.05, 0.5, 0.7, 0.72]
-    assert steepest_change(steps, rising, min_change=0.3) == (200, 300)
-    assert steepest_change(steps, [0.02, 0.021, 0.019] + [0.02] * 6, min_change=0.3) is None
-    falling = [5.0, 5.0, 4.9, 4.8, 4.8, 4.7, 2.0, 1.7, 1.6]
-    assert steepest_change(steps, falling, min_change=0.1, rising=False) == (200, 300)
 
 
 # -- the kinds of sequence ----------------------------------------------------------------------------
@@ -361,7 +351,7 @@ def test_runs_on_a_transformer_bridge_without_a_phase_change_section(tiny_gpt2):
 
 def test_folder_without_checkpoints_gets_everything_else_and_a_note(attn_model, tmp_path):
     workbench.save_model(attn_model, tmp_path / "m")
-    section = run_analysis("induction-heads", tmp_path / "m", SMALL, device="cpu")
+    section = run_analysis("induction-heads", workbench.load(tmp_path / "m", device="cpu"), SMALL)
     assert "has 0 training checkpoint(s)" in section.metrics["phase_change_note"]
     assert "head scores" in section.figures and "loss by position" in section.figures
     assert not any(name.startswith("phase change") for name in section.figures)

@@ -29,7 +29,7 @@ def model_dir(tmp_path_factory):
 
 
 def test_report_section_has_metrics_frontier_and_linked_dashboards(model_dir, tmp_path):
-    section = run_analysis("sae", model_dir, QUICK, device="cpu")
+    section = run_analysis("sae", workbench.load(model_dir, device="cpu"), QUICK)
     assert set(section.metrics["saes"]) == {"topk:4", "relu:1", "jumprelu:1"}
     for m in section.metrics["saes"].values():
         assert 0 <= m["dead_fraction"] <= 1 and m["l0"] > 0 and "ce_loss_recovered_zero" in m and "kl_div" in m

@@ -81,7 +81,7 @@ def test_a_resumed_run_sees_exactly_the_activations_an_uninterrupted_run_sees(tm
     from workbench.data.tokenizer import TextCodec, byte_tokenizer
     from workbench.sae import SAEConfig, SAETrainConfig, stream_activations, train_sae
     from workbench.sae import training as training_module
-    from workbench.train.runs import TrainingInterrupted
+    from workbench.train.lifecycle import TrainingInterrupted
 
     model = workbench.Transformer(tiny_config(d_mlp=64), tokenizer=TextCodec(byte_tokenizer())).eval()
     rows = torch.randint(0, 257, (40, 24), generator=torch.Generator().manual_seed(0))
@@ -160,7 +160,7 @@ def test_each_rank_reads_its_own_share_of_rows_and_batches():
     import pytest
 
     from workbench.errors import InputError
-    from workbench.sae.training import RankShare, rank_share, store_batches
+    from workbench.sae.sharding import RankShare, rank_share, store_batches
     from workbench.train.distributed import Dist
 
     hooks = ["a", "b", "c"]

@@ -7,7 +7,10 @@ import pytest
 import torch
 
 from workbench import adapter
-from workbench.cache.collect import half_losses, per_token_loss, probe_tokens
+from workbench.adapter.edits import _copy
+from workbench.adapter.folding import _norm_affine
+from workbench.cache.collect import half_losses, per_token_loss
+from workbench.cache.rows import probe_tokens
 from workbench.compute.logit_attribution import direct_logit_attribution
 from workbench.compute.path_patching import path_patch
 
@@ -89,7 +92,7 @@ def test_gemma_folds_one_plus_w_and_w_alone_misses_hook_q(family):
     _, cache = model.run_with_cache(tokens)
     xn = _normalize(cache["blocks.0.hook_resid_pre"], "RMS", float(model.cfg.eps))
     W_Q = adapter.head_weights(model).W_Q[0]
-    w = adapter._norm_affine(model.blocks[0].ln1)[0].detach()
+    w = _norm_affine(model.blocks[0].ln1)[0].detach()
     q = cache["blocks.0.attn.hook_q"]
     assert torch.allclose(torch.einsum("bsd,hdk->bshk", xn * (1 + w), W_Q), q, atol=1e-5)
     assert (torch.einsum("bsd,hdk->bshk", xn * w, W_Q) - q).abs().max() > 0.1
@@ -158,7 +161,7 @@ def test_head_ablation_at_hook_z_equals_zeroing_the_heads_slice_of_the_output_pr
         return z
 
     ours = model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{layer}.attn.hook_z", ablate)])
-    edited = adapter._copy(model)
+    edited = _copy(model)
     proj = edited.blocks[layer].attn.o.original_component
     with torch.no_grad():
         if isinstance(proj, torch.nn.Linear):  # weight [out, in]

@@ -5,22 +5,23 @@ did not take effect."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
 from workbench import adapter
+from workbench.adapter import probe as probing
 from workbench.cli import main
 
 
 def _without(piece: str, why: str):
     """A describe() that reports one failed check, for a model whose checks all pass."""
-    real = adapter._probe
+    real = probing._probe
 
     def probe(model):
         arch = real(model)
         problems = (*arch.problems, (piece, why))
-        return adapter.Architecture(**{**arch.__dict__, "problems": problems,
-                                       "knockout": None if piece == "knockout" else arch.knockout})
+        return replace(arch, problems=problems, knockout=None if piece == "knockout" else arch.knockout)
     return probe
 
 
@@ -31,7 +32,7 @@ def _without(piece: str, why: str):
 ])
 def test_the_cli_prints_one_line_naming_the_architecture_and_the_missing_piece(
         analysis, piece, extra, family_folders, monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(adapter, "_probe", _without(piece, "the check failed in this test"))
+    monkeypatch.setattr(probing, "_probe", _without(piece, "the check failed in this test"))
     facts = tmp_path / "facts.json"
     facts.write_text(json.dumps([{"prompt": "return the value of", "subject": "value", "target": " x"}]))
     args = ["run", analysis, "--model", f"hf:{family_folders['opt']}", "--out", str(tmp_path / "out"), *extra]

@@ -25,7 +25,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from workbench.artifacts import STORE_MANIFEST, atomic_write_json, write_output_folder
-from workbench.cache.collect import run_collect, special_ids
+from workbench.cache.collect import run_collect
+from workbench.cache.rows import special_ids
 from workbench.errors import CheckpointError, HookNameError, InputError, unknown_name_message
 from workbench.model.hooked import HookedModel
 

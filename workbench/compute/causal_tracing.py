@@ -18,7 +18,8 @@ from typing import Any, Sequence
 import torch
 
 from workbench import adapter
-from workbench.cache.collect import run_collect, special_ids
+from workbench.cache.collect import run_collect
+from workbench.cache.rows import special_ids
 from workbench.errors import InputError
 from workbench.model.hooked import HookedModel
 

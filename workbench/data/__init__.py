@@ -1,7 +1,8 @@
-"""The data layer: text sources and the token pipeline, tokenizers, and the facts knowledge base.
-Nothing here knows of models, activations or reports."""
+"""The data layer: text sources and the token pipeline, tokenizers, the facts knowledge base, and the
+modular-arithmetic task. Nothing here knows of models, activations or reports."""
 
 from workbench.data.facts import Fact, KnowledgeBase
+from workbench.data.modular import ModularData, is_prime, modular_data, modular_tokenizer
 from workbench.data.text import (
            Batches,
            DataConfig,
@@ -13,5 +14,6 @@ from workbench.data.text import (
 )
 from workbench.data.tokenizer import TextCodec, load_tokenizer, readable_tokens, save_tokenizer
 
-__all__ = ["Batches", "DataConfig", "Fact", "KnowledgeBase", "TextCodec", "TextData", "build_text_data",
-           "build_tokenizer", "load_text", "load_tokenizer", "readable_tokens", "repeated_sequence", "save_tokenizer"]
+__all__ = ["Batches", "DataConfig", "Fact", "KnowledgeBase", "ModularData", "TextCodec", "TextData", "build_text_data",
+           "build_tokenizer", "is_prime", "load_text", "load_tokenizer", "modular_data", "modular_tokenizer",
+           "readable_tokens", "repeated_sequence", "save_tokenizer"]

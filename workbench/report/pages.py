@@ -27,7 +27,7 @@ from workbench.report.plotting import caption_of
 from workbench.report.widgets import SECTION_FILES, WIDGETS_JS, Widget
 
 CSS = read_asset("report.css")
-"""The report's style sheet (workbench/assets/report.css)."""
+"""The report's style sheet (workbench/report/assets/report.css)."""
 
 
 @dataclass(frozen=True)

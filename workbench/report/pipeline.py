@@ -23,10 +23,12 @@ from pathlib import Path
 from typing import Any, Optional, Protocol, Union
 
 import plotly.graph_objects as go
+import torch
 from tqdm.auto import tqdm
 
 from workbench.artifacts import check_output_folder, strict_json, write_output_folder
 from workbench.errors import InputError, unknown_name_message
+from workbench.model.hooked import HookedModel
 from workbench.report.pages import PageSpec, metrics_json, render_pages
 from workbench.report.widgets import Widget
 
@@ -51,15 +53,16 @@ class Analysis:
     """One line for `workbench run --help`."""
     config_cls: type
     """Frozen dataclass of its settings; every field has a default."""
-    compute: Callable[[Any, Any], Result]
-    """(model, config) -> Result; (device, config) -> Result when `uses_model` is False."""
+    compute: Optional[Callable[[HookedModel, Any], Result]]
+    """(model, config) -> Result: a study of a model. None for a study that trains its own toy models,
+    which sets `compute_toys` instead."""
     figures: Callable[[Any], dict[str, Union[go.Figure, Widget]]]
     """Result -> named figures (pure), each with a caption (`workbench.report.plotting.captioned`), or widgets."""
     default_models: tuple[str, ...] = ()
     """Shipped models `workbench report` runs it on."""
-    uses_model: bool = True
-    """False for studies that train their own toy models (they get a torch.device, not a model,
-    and `workbench report` runs them once)."""
+    compute_toys: Optional[Callable[[torch.device, Any], Result]] = None
+    """(device, config) -> Result, for a study that trains its own toy models instead of reading one
+    (`workbench report` runs it once)."""
     title: str = ""
     """The title of its report page, e.g. 'Induction heads' (default: the name)."""
     order: int = 100
@@ -68,6 +71,16 @@ class Analysis:
     """The idea, in a few sentences of HTML, with the papers it follows: the start of its page."""
     key_figure: str = ""
     """The figure the overview page shows at a glance, if this study is the first to name one."""
+
+    def __post_init__(self) -> None:
+        if (self.compute is None) == (self.compute_toys is None):
+            raise InputError(f"The analysis {self.name!r} must set exactly one of `compute` (a study of a model) "
+                             "and `compute_toys` (a study that trains its own toy models).")
+
+    @property
+    def uses_model(self) -> bool:
+        """Whether it studies a model it is given (else it trains its own toys)."""
+        return self.compute is not None
 
     @property
     def page(self) -> PageSpec:
@@ -140,20 +153,28 @@ class Section:
         return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{self.analysis}--{self.model}")
 
 
-def run_analysis(name: str, model: Union[str, Any], config: Any = None, device: str = "auto",
+def run_analysis(name: str, model: Optional[HookedModel] = None, config: Any = None, device: str = "auto",
                  model_label: Optional[str] = None) -> Section:
-    """Load `model` (a name/path, or a model object) and run analysis `name` on it."""
-    from workbench.model.loading import load, resolve_device
+    """Run analysis `name` on a loaded `model` (`workbench.load(...)`), or, for a study that trains its own
+    toy models, on `device` with no model."""
+    from workbench.adapter.provenance import model_label as label_of
+    from workbench.model.loading import resolve_device
 
     analysis = get_analysis(name)
+    if isinstance(model, (str, Path)):
+        raise InputError(f"run_analysis takes a loaded model, not {str(model)!r}: pass "
+                         f"workbench.load({str(model)!r}, device=...) (the command line, `workbench run`, loads it).")
     cfg = config if config is not None else analysis.config_cls()
     start = time.perf_counter()
-    if not analysis.uses_model:
-        label, loaded = model_label or "toy models", resolve_device(device)
+    if analysis.compute_toys is not None:
+        result = analysis.compute_toys(resolve_device(device), cfg)
+        label = model_label or "toy models"
+    elif model is None:
+        raise InputError(f"The {name} analysis studies a model: pass one, e.g. workbench.load"
+                         f"({(analysis.default_models or ('attn-only-2l',))[0]!r}).")
     else:
-        label = model_label or (str(model) if isinstance(model, (str, Path)) else type(model).__name__)
-        loaded = load(model, device=device) if isinstance(model, (str, Path)) else model
-    result = analysis.compute(loaded, cfg)
+        result = analysis.compute(model, cfg)
+        label = model_label or label_of(model)
     files = result.files() if hasattr(result, "files") else {}
     return Section(name, label, analysis.figures(result), result.metrics(), result.headlines(),
                    time.perf_counter() - start, files)

@@ -1,6 +1,6 @@
 """Report widgets: interactive HTML for what a plotly figure can't show well. Pure: each function takes
 arrays (or a graph as a dict) and returns a `Widget` (HTML plus a caption); the script they need is
-`WIDGETS_JS` (workbench/assets/widgets.js with widgets.css inside), which the report writes once as
+`WIDGETS_JS` (workbench/report/assets/widgets.js with widgets.css inside), which the report writes once as
 `assets/widgets.js`.
 
     attention_viewer(tokens, patterns_LHSS, ...)   the prompt as text; hover or click a token to see
@@ -162,5 +162,5 @@ def graph_viewer(data: dict, title: str, caption: str) -> Widget:
 
 
 WIDGETS_JS = f"var WB_WIDGETS_CSS = {json.dumps(read_asset('widgets.css'))};\n" + read_asset("widgets.js")
-"""The viewers' script (workbench/assets/widgets.js) with their styles (widgets.css) inside it, so that
+"""The viewers' script (workbench/report/assets/widgets.js) with their styles (widgets.css) inside it, so that
 one <script> makes any page, a report's or a notebook's, show them."""

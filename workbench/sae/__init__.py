@@ -2,8 +2,9 @@
 interventions. SAELens-compatible files (cfg.json + sae_weights.safetensors)."""
 
 from workbench.cache.activations import ActivationStore, TensorSource, model_activations, stream_activations
+from workbench.sae.files import load_sae, save_sae
 from workbench.sae.metrics import ReconstructionStats, mmcs
-from workbench.sae.modules import ARCHITECTURES, SAE, SAEConfig, load_sae, make_sae, save_sae
+from workbench.sae.modules import ARCHITECTURES, SAE, SAEConfig, make_sae
 from workbench.sae.synthetic import SyntheticFeatures, load_ground_truth
 from workbench.sae.training import SAETrainConfig, TrainingDiverged, train_sae, train_saes
 

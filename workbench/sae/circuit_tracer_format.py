@@ -36,7 +36,8 @@ from workbench.artifacts import CIRCUIT_TRACER_CONFIG_FILE, write_output_folder
 from workbench.errors import CheckpointError, InputError
 from workbench.model.hooked import HookedModel
 from workbench.sae.modules import SAEConfig, make_sae
-from workbench.sae.transcoders import Transcoders, input_hook, mlp_input_hooks, output_hook
+from workbench.sae.transcoders.hooks import input_hook, mlp_input_hooks, output_hook
+from workbench.sae.transcoders.replacement import Transcoders
 
 FORMAT_VERSION = 2
 """1: the first export (W_enc [d_model, d_tc], `{layer, path}` entries, W_skip as x @ W_skip), which

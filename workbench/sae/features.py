@@ -14,8 +14,8 @@ import torch
 from tqdm.auto import tqdm
 
 from workbench.adapter import describe, unembed
+from workbench.adapter.tokens import token_strings
 from workbench.cache.activations import check_hooks, model_activations
-from workbench.data.tokenizer import readable_tokens
 from workbench.model.hooked import HookedModel
 from workbench.sae.modules import SAE
 
@@ -88,8 +88,7 @@ def collect_feature_data(model: HookedModel, sae: SAE, token_rows: torch.Tensor,
         W_dec_FD = W_dec_FD - W_dec_FD.mean(-1, keepdim=True)
     effects = W_dec_FD @ W_U_DV.to(dev)  # [F, V]
     def names(ids: torch.Tensor) -> list[str]:  # one readable line per token: bytes and newlines escaped
-        return readable_tokens(model.tokenizer, ids.tolist()) if model.tokenizer is not None else [
-            str(t) for t in ids.tolist()]
+        return token_strings(model, ids)
 
     up_v, up_i = effects.topk(10, dim=1)
     dn_v, dn_i = (-effects).topk(10, dim=1)

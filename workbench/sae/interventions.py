@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from workbench.adapter.tokens import token_strings
 from workbench.errors import InputError
 from workbench.model.hooked import HookedModel
 from workbench.model.transformer import lm_loss
@@ -68,10 +69,9 @@ def logit_change(model: HookedModel, tokens: torch.Tensor, hook_name: str, hook:
     clean = model(tokens)[:, -1].float()
     patched = model.run_with_hooks(tokens, fwd_hooks=[(hook_name, hook)])[:, -1].float()
     delta = (patched - clean).mean(0)
-    names = (lambda ids: model.to_str_tokens(ids)) if model.tokenizer is not None else (lambda ids: ids.tolist())
     up, down = delta.topk(top), (-delta).topk(top)
-    return {"delta": delta, "up": list(zip(names(up.indices.cpu()), up.values.tolist())),
-            "down": list(zip(names(down.indices.cpu()), (-down.values).tolist()))}
+    return {"delta": delta, "up": list(zip(token_strings(model, up.indices.cpu()), up.values.tolist())),
+            "down": list(zip(token_strings(model, down.indices.cpu()), (-down.values).tolist()))}
 
 
 MIN_ABLATION_GAP = 0.01

@@ -8,7 +8,7 @@ import torch
 
 import workbench
 from workbench.cache.activations import model_activations, stream_activations
-from workbench.cache.collect import special_ids, text_rows
+from workbench.cache.rows import special_ids, text_rows
 from workbench.errors import InputError
 
 

@@ -26,7 +26,8 @@ from workbench.data.tokenizer import TextCodec, byte_tokenizer
 from workbench.errors import CheckpointError, ConfigError, InputError
 from workbench.model.transformer import Transformer
 from workbench.sae.circuit_tracer_format import export_circuit_tracer, load_circuit_tracer
-from workbench.sae.modules import SAEConfig, load_sae, make_sae, save_sae
+from workbench.sae.files import load_sae, save_sae
+from workbench.sae.modules import SAEConfig, make_sae
 from workbench.sae.training import SAETrainConfig, train_saes
 from workbench.sae.transcoders import (
     Transcoders,

@@ -12,7 +12,8 @@ from transformer_lens.patching import get_act_patch_direct_path
 
 import workbench
 from tests.conftest import tiny_config
-from workbench.cache.collect import half_losses, parse_head, per_token_loss, probe_tokens
+from workbench.cache.collect import half_losses, parse_head, per_token_loss
+from workbench.cache.rows import probe_tokens
 from workbench.compute.logit_attribution import direct_logit_attribution
 from workbench.compute.path_patching import path_patch
 from workbench.compute.qk_ov import (

@@ -92,3 +92,23 @@ def test_the_report_names_the_running_analysis_and_counts_the_headlines_it_leave
     captured = capsys.readouterr()
     assert "report: fake-study on tiny" in captured.err  # the progress bar says what is running
     assert "... and 4 more in the report" in captured.out and f"Open {tmp_path / 'r' / 'index.html'}" in captured.out
+
+
+def test_an_analysis_sets_exactly_one_kind_of_compute():
+    def figures(result):
+        return {}
+
+    with pytest.raises(InputError, match="exactly one of `compute`"):
+        Analysis("both", "", object, compute=lambda m, c: None, compute_toys=lambda d, c: None, figures=figures)
+    with pytest.raises(InputError, match="exactly one of `compute`"):
+        Analysis("neither", "", object, compute=None, figures=figures)
+    assert Analysis("toys", "", object, compute=None, compute_toys=lambda d, c: None, figures=figures).uses_model is False
+
+
+def test_run_analysis_takes_a_loaded_model_not_a_name(attn_model):
+    with pytest.raises(InputError, match=r"workbench.load\('attn-only-2l'"):
+        run_analysis("model-card", "attn-only-2l")
+    with pytest.raises(InputError, match="studies a model: pass one"):
+        run_analysis("model-card", None)
+    cfg = make_config(get_analysis("model-card"), {"repeat_len": 8, "prompt": "ab ab ab"})
+    assert run_analysis("model-card", attn_model, cfg).model == "Transformer"  # built in memory: no folder, no recorded name

@@ -22,7 +22,7 @@ from workbench.cli import main
 from workbench.errors import CheckpointError, TrainingDiverged
 from workbench.sae import ActivationStore, SAEConfig, SAETrainConfig, TensorSource, train_sae
 from workbench.sae import training as sae_training
-from workbench.train.runs import TrainingInterrupted
+from workbench.train.lifecycle import TrainingInterrupted
 
 HOOK = "blocks.0.hook_resid_post"
 

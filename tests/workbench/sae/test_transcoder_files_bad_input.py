@@ -15,7 +15,7 @@ import workbench
 from tests.conftest import tiny_config
 from workbench.adapter import describe
 from workbench.artifacts import TRANSCODERS_MANIFEST
-from workbench.cache.collect import special_ids
+from workbench.cache.rows import special_ids
 from workbench.cli import main
 from workbench.compute.attribution_graph import build_graph, load_graph, save_graph
 from workbench.data.tokenizer import TextCodec, byte_tokenizer
@@ -109,7 +109,7 @@ def test_the_command_says_error_for_a_damaged_manifest(tc_folder, tmp_path, caps
 
 # -- the model's name ------------------------------------------------------------------------------
 def test_transcoders_of_another_model_of_the_same_shape_are_refused(model, tc):
-    from workbench.sae.transcoders import model_name_of  # the one reader of a model's name
+    from workbench.adapter.provenance import model_name_of  # the one reader of a model's name
 
     other = as_transcoders({f"layer_{l}": m for l, m in enumerate(tc.modules())}, 2, "gpt2")
     named = _model()

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import workbench
+import workbench.train.lifecycle as lifecycle
 import workbench.train.lm as train_module
 from tests.conftest import signal_on_call, tiny_config, tiny_train_config
 from workbench.artifacts import (
@@ -29,7 +30,8 @@ from workbench.cli import main as cli_main
 from workbench.data.text import Batches, DataConfig
 from workbench.errors import ConfigError, InputError, OutOfSpaceError, RunLockedError, TrainingDiverged
 from workbench.model.transformer import Transformer
-from workbench.train.lm import TrainConfig, TrainingInterrupted, load_train_config, train
+from workbench.train.lifecycle import TrainingInterrupted
+from workbench.train.lm import TrainConfig, load_train_config, train
 
 
 def _log(run_dir):
@@ -82,7 +84,7 @@ PHASES = {
     "after optimizer.step": (torch.optim.AdamW, "step", 8, True),  # 8 is a checkpoint step: it must not be
     "after optimizer.step, off-schedule": (torch.optim.AdamW, "step", 13, True),  # replaced by later weights
     "evaluation": (train_module, "evaluate", 3, False),
-    "checkpoint write": (train_module, "save_model", 3, False),
+    "checkpoint write": (lifecycle, "save_model", 3, False),
 }
 
 
@@ -121,7 +123,7 @@ def test_a_second_ctrl_c_quits_without_saving_and_names_the_last_checkpoint(tmp_
     cfg = tiny_train_config(n_steps=24)
     with monkeypatch.context() as m:
         signal_on_call(m, Batches, "train", 14)
-        signal_on_call(m, train_module, "save_model", 5)  # the second lands while the interrupt checkpoint is written
+        signal_on_call(m, lifecycle, "save_model", 5)  # the second lands while the interrupt checkpoint is written
         with pytest.raises(TrainingInterrupted) as stop:
             train(cfg, tmp_path / "run", progress=False)
     assert not stop.value.saved and "quit without saving" in str(stop.value)
@@ -360,7 +362,7 @@ def test_a_full_disk_during_a_checkpoint_says_how_much_space_and_leaves_no_parti
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(train_module, "write_state", full_disk)
+    monkeypatch.setattr(lifecycle, "write_state", full_disk)
     with pytest.raises(OutOfSpaceError, match=r"needs about [\d.,]+ MB and [\d.,]+ MB are free"):
         train(tiny_train_config(n_steps=4, n_checkpoints=2), tmp_path / "run", progress=False)
     assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir()]  # no partial checkpoint, no temp folder
@@ -393,33 +395,6 @@ def test_a_config_file_that_is_not_an_object_is_an_error(tmp_path):
     (tmp_path / "list.json").write_text("[1, 2]")
     with pytest.raises(ConfigError, match="must be a JSON object"):
         load_train_config(tmp_path / "list.json")
-
-
-def test_the_fused_optimizer_resumes_exactly_and_is_kept_from_non_contiguous_parameters(tmp_path):
-    """fused_adam's updates equal foreach Adam's across a checkpoint round trip of its state; a
-    parameter laid out unlike its (contiguous) checkpointed state gets the foreach form."""
-    from workbench.artifacts import read_state, write_state
-    from workbench.train.lm import fused_adam
-
-    grads = [torch.randn(3, 5, generator=torch.Generator().manual_seed(i)) for i in range(3)]
-    results = []
-    for fused in (False, True):
-        w = torch.nn.Parameter(torch.zeros(3, 5))
-        opt = fused_adam(torch.optim.Adam, [w], lr=0.1) if fused else torch.optim.Adam([w], lr=0.1, foreach=False)
-        assert bool(opt.defaults["fused"]) is fused
-        for i, g in enumerate(grads):
-            if i == 2:  # resume: the state goes through a checkpoint into a new optimizer
-                (tmp_path / str(fused)).mkdir()
-                write_state(tmp_path / str(fused), {"optimizer": opt.state_dict()})
-                opt = fused_adam(torch.optim.Adam, [w], lr=0.1) if fused else torch.optim.Adam([w], lr=0.1)
-                opt.load_state_dict(read_state(tmp_path / str(fused))["optimizer"])
-            (w * g).sum().backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        results.append(w.detach().clone())
-    torch.testing.assert_close(results[1], results[0])
-    transposed = torch.nn.Parameter(torch.zeros(5, 3).T)
-    assert not fused_adam(torch.optim.Adam, [transposed], lr=0.1).defaults["fused"]
 
 
 @pytest.mark.slow

@@ -1,17 +1,21 @@
-"""SAELens files that use options the workbench's SAE modules have no switch for: each is honoured
-(folded into the weights, so encode and decode give what SAELens gives) or refused with an error
-that names it. The expected outputs come from a direct implementation of SAELens's forward pass."""
+"""SAE files in SAELens's layout (`workbench.sae.files`): a bit-exact round trip for every architecture,
+files as SAELens writes them, damaged files as clear errors; and the SAELens options the workbench's SAE
+modules have no switch for: each is honoured (folded into the weights, so encode and decode give what
+SAELens gives) or refused with an error that names it. The expected outputs come from a direct
+implementation of SAELens's forward pass."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from workbench.errors import CheckpointError
-from workbench.sae.modules import load_sae
+from workbench.errors import CheckpointError, ConfigError, InputError
+from workbench.sae.files import load_sae, save_sae
+from workbench.sae.modules import SAEConfig, make_sae
 
 D_IN, D_SAE, K = 16, 48, 5
 
@@ -117,3 +121,74 @@ def test_a_plain_file_still_loads_bit_exactly(tmp_path, x):
     sae = load_sae(tmp_path)
     assert torch.equal(sae.W_enc, w["W_enc"]) and torch.equal(sae.b_enc, w["b_enc"])
     assert torch.allclose(sae(x), saelens_forward("topk", w, x), atol=1e-5)
+
+
+# -- round trips, SAELens's own files, damaged files ---------------------------------------------------
+@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "jumprelu"])
+def test_save_load_round_trip_is_bit_exact(tmp_path, arch):
+    sae = make_sae(SAEConfig(d_in=16, d_sae=48, architecture=arch, k=4, hook_name="blocks.0.hook_resid_post"))
+    x = torch.randn(64, 16)
+    if arch == "batchtopk":
+        sae.train_forward(x)  # learns its inference threshold
+    sae.eval()
+    loaded = load_sae(save_sae(sae, tmp_path / arch))
+    assert torch.equal(loaded.encode(x), sae.encode(x)) and torch.equal(loaded(x), sae(x))
+    cfg = json.loads((tmp_path / arch / "cfg.json").read_text())
+    assert cfg["metadata"]["hook_name"] == "blocks.0.hook_resid_post"
+    assert cfg["architecture"] == {"relu": "standard", "batchtopk": "jumprelu"}.get(arch, arch)
+    weights = load_file(str(tmp_path / arch / "sae_weights.safetensors"))
+    assert weights["W_enc"].shape == (16, 48) and weights["W_dec"].shape == (48, 16)
+    if arch == "jumprelu":
+        assert torch.equal(weights["threshold"], sae.threshold.detach())  # stored directly, not as a log
+
+
+def _saelens_folder(folder: Path, architecture: str, extra: dict, weights: dict) -> Path:
+    """Files as SAELens 6 writes them: its field names, its tensor keys."""
+    folder.mkdir()
+    cfg = {"architecture": architecture, "d_in": 8, "d_sae": 12, "dtype": "float32", "device": "cpu",
+           "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
+           "metadata": {"model_name": "gpt2", "hook_name": "blocks.3.hook_resid_pre", "hook_head_index": None,
+                        "prepend_bos": True, "dataset_path": "x", "context_size": 128}, **extra}
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    save_file(weights, str(folder / "sae_weights.safetensors"))
+    return folder
+
+
+@pytest.mark.parametrize("architecture,extra", [("standard", {}), ("topk", {"k": 3}), ("jumprelu", {})])
+def test_loads_files_written_in_saelens_layout(tmp_path, architecture, extra):
+    gen = torch.Generator().manual_seed(0)
+    w = {"W_enc": torch.randn(8, 12, generator=gen), "b_enc": torch.randn(12, generator=gen),
+         "W_dec": torch.randn(12, 8, generator=gen), "b_dec": torch.randn(8, generator=gen)}
+    if architecture == "jumprelu":
+        w["threshold"] = torch.rand(12, generator=gen)
+    sae = load_sae(_saelens_folder(tmp_path / architecture, architecture, extra, w))
+    x = torch.randn(5, 8, generator=gen)
+    pre = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+    if architecture == "standard":
+        f = torch.relu(pre)
+    elif architecture == "topk":
+        top = pre.topk(3, dim=-1)
+        f = torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
+    else:
+        f = pre * (pre > w["threshold"])
+    assert torch.allclose(sae.encode(x), f, atol=1e-6)
+    assert torch.allclose(sae(x), f @ w["W_dec"] + w["b_dec"], atol=1e-5)
+    assert sae.cfg.hook_name == "blocks.3.hook_resid_pre" and sae.cfg.model_name == "gpt2"
+
+
+def test_bad_sae_files_are_clear_errors(tmp_path):
+    w = {k: torch.zeros(*s) for k, s in {"W_enc": (8, 12), "b_enc": (12,), "W_dec": (12, 8), "b_dec": (8,)}.items()}
+    with pytest.raises(CheckpointError, match="architecture"):
+        load_sae(_saelens_folder(tmp_path / "gated", "gatedd", {}, w))
+    with pytest.raises(CheckpointError, match="not an SAE folder"):
+        load_sae(tmp_path / "nothing")
+    bad = _saelens_folder(tmp_path / "short", "standard", {}, {**w, "W_dec": torch.zeros(12, 7)})
+    with pytest.raises(CheckpointError, match="W_dec"):
+        load_sae(bad)
+    with pytest.raises(ConfigError, match="architecture"):
+        SAEConfig(d_in=8, d_sae=12, architecture="gated")
+    with pytest.raises(ConfigError, match="at most d_sae"):
+        SAEConfig(d_in=8, d_sae=12, architecture="topk", k=32)
+    sae = make_sae(SAEConfig(d_in=8, d_sae=12, architecture="relu"))
+    with pytest.raises(InputError, match="d_in = 8"):
+        sae.encode(torch.zeros(3, 9))
