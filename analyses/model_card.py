@@ -23,7 +23,7 @@ from workbench.data.text import repeated_sequence
 from workbench.errors import check_field
 from workbench.model.hooked import HookedModel
 from workbench.report.pipeline import Analysis
-from workbench.report.plotting import captioned, heatmap, lines, table, token_heatmap
+from workbench.report.plotting import captioned, heatmap, lines, logit_lens_figure, table
 from workbench.report.widgets import Widget, attention_viewer
 
 DEFAULT_PROMPTS = (
@@ -180,22 +180,8 @@ def compute(model: HookedModel, cfg: ModelCardConfig) -> ModelCardResult:
 
 
 def _lens_figure(name: str, v: PromptView) -> go.Figure:
-    lens = v.lens
-    R, S = lens.next_prob_RS.shape
-    tokens = v.tokens[:S]
-    hover = [[f"predicts: {', '.join(repr(t) for t in [v.lens_tokens[r][s]])} (p {lens.top_probs_RSK[r, s, 0]:.2f})"
-              f"<br>p(next token {tokens[s + 1] if s + 1 < S else '—'!r}) = "
-              f"{'—' if np.isnan(lens.next_prob_RS[r, s]) else f'{lens.next_prob_RS[r, s]:.2f}'}"
-              for s in range(S)] for r in range(R)]
-    z = np.nan_to_num(lens.top_probs_RSK[..., 0])
-    fig = token_heatmap(z, tokens, lens.readouts, [list(row) for row in v.lens_tokens], hover,
-                        f"{name}: logit lens on {v.label} (cell: the top prediction for the next token)",
-                        colorbar="probability of the top prediction", y_title="residual stream read after")
-    return captioned(fig, "Each row reads the residual stream after one more layer through the final norm and "
-                     "unembedding, as if the model stopped there; each cell is the next token it would predict, "
-                     "shaded by its probability. The last row is the model's real prediction. Look for where a "
-                     "correct prediction first appears: on the repeated half of a prompt, an induction model gets "
-                     "it only after its second layer.")
+    return logit_lens_figure(v.lens, v.tokens, v.lens_tokens,
+                             f"{name}: logit lens on {v.label} (cell: the top prediction for the next token)")
 
 
 def figures(r: ModelCardResult) -> dict[str, Union[go.Figure, Widget]]:

@@ -31,7 +31,10 @@ reported as the median and the spread (min-max) over the rounds.
               tokens (loss via return_type="loss", AdamW lr 1e-4, clip_grad_norm 1.0), fp32 and bf16
               autocast. And `run_with_cache` with every hook against the same library's plain forward
               (no_grad, d_mlp 1024): each library's cached / plain time and workbench / TL3 speed of
-              the cached forward.
+              the cached forward. And `generate` with the KV cache (64 new tokens sampled after a
+              random 32-token prompt, stop_at_eos=False) on the shipped attn-only-2l and gelu-2l
+              weights at batch 1 and 16, and after a 512-token prompt on attn-only-2l with its W_pos
+              tiled to n_ctx 640 (benchmarks/peer_workers/worker_tl_generate.py).
     saelens   one training step of SAELens's own training SAEs (`TopKTrainingSAE` with its AuxK loss,
               `StandardTrainingSAE` with its L1 loss, via `training_forward_pass` as its trainer calls
               it, Adam lr 1e-3) against the workbench trainer (`_Trainer.train_step`, as in
@@ -49,7 +52,9 @@ both sides (more are dead than that, so its cost does not depend on the fraction
 Set-up took 3 min 52 s for the three venvs on the 2-core development machine (4.8 GB on disk, torch
 in each); it happens once. A run starts two processes per workload (about 15 s of imports and
 building each time) and ends with one JSON line holding every figure; with --rounds 1 --steps 1 the
-nine workloads took 3 min 13 s, and the default 5 rounds took 6 min 26 s on the 2-core machine.
+nine workloads took 3 min 13 s, and the default 5 rounds took 6 min 26 s on the 2-core machine. The
+five generate workloads added later take about 1 min at 5 rounds (benchmarks/generate_speed.py --peers
+runs only them).
 """
 
 from __future__ import annotations
@@ -101,6 +106,18 @@ def _tl(name: str, d_mlp: int, precision: str) -> Workload:
     return Workload(name, "worker_tl.py", ("--task", "train", "--d-mlp", str(d_mlp), "--precision", precision), 4)
 
 
+def _generate(model: str, batch: int, prompt: int = 32, n_ctx: Optional[int] = None) -> Workload:
+    """`generate` of 64 new tokens after a random prompt, on a shipped model's weights."""
+    name = f"generate_{model.replace('-', '_')}_b{batch}" + (f"_prompt{prompt}" if n_ctx else "")
+    args = ("--model", model, "--batch", str(batch), "--prompt", str(prompt), "--new", "64")
+    return Workload(name, "worker_tl_generate.py", args + (("--n-ctx", str(n_ctx)) if n_ctx else ()), 3)
+
+
+GENERATE_WORKLOADS = (_generate("attn-only-2l", 1), _generate("attn-only-2l", 16), _generate("gelu-2l", 1),
+                      _generate("gelu-2l", 16), _generate("attn-only-2l", 1, prompt=512, n_ctx=640))
+"""TL3's generate against the workbench's (also run by benchmarks/generate_speed.py --peers)."""
+
+
 PEERS: dict[str, Peer] = {
     "tl3": Peer("tl3", "transformer-lens==3.9.0", "transformer_lens", (
         _tl("train_attn_only_fp32", 0, "fp32"),
@@ -108,6 +125,7 @@ PEERS: dict[str, Peer] = {
         _tl("train_mlp_fp32", 1024, "fp32"),
         _tl("train_mlp_bf16", 1024, "bf16"),
         Workload("run_with_cache_all_hooks", "worker_tl.py", ("--task", "cache", "--d-mlp", "1024"), 10, "cache"),
+        *GENERATE_WORKLOADS,
     )),
     "saelens": Peer("saelens", "sae-lens==6.54.12", "sae_lens", (
         Workload("topk_256x4096", "worker_saelens.py", ("--arch", "topk"), 5),

@@ -1,5 +1,6 @@
 """The report in a real browser: headless Chromium (Debian's `chromium`, driven by Playwright), every
-network request blocked, on a report freshly written by `workbench report`.
+network request blocked, on a report freshly written by `workbench report`, and on a notebook that
+shows each viewer, executed and exported to HTML by nbconvert.
 
 Screenshots of every top-level page go to `screenshots/` beside the report, in the test's temp
 folder; a failure names that folder. Slow (it writes the whole report first): run with `-m slow`
@@ -7,6 +8,7 @@ folder; a failure names that folder. Slow (it writes the whole report first): ru
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 from pathlib import Path
@@ -239,4 +241,138 @@ def test_the_graph_viewer_filters_and_explains_nodes(browser, tmp_path):
     assert viewer.locator(".wb-g-count").inner_text().startswith("9 nodes, ")
     page.screenshot(path=str(tmp_path / "graph-viewer.png"))
     assert not errors
+    page.close()
+
+
+VIEWERS_NOTEBOOK = [
+    """import torch
+import workbench
+from workbench.cache.rows import special_ids, text_batch
+from workbench.compute.attribution_graph import build_graph
+from workbench.model.loading import models_dir
+from workbench.report import show_attention, show_feature, show_graph, show_logit_lens
+from workbench.sae import SAEConfig, make_sae
+from workbench.sae.transcoders import load_transcoders
+
+model = workbench.load("gelu-2l", device="cpu")
+prompt = "The cat sat on the mat. The cat sat on the"
+""",
+    "show_attention(model, prompt)",
+    "show_logit_lens(model, prompt)",
+    """sae = make_sae(SAEConfig(d_in=model.cfg.d_model, d_sae=64, architecture="relu",
+                         hook_name="blocks.0.hook_resid_post"), seed=0)
+rows = text_batch(model, 32, 32)  # text with no progress bar (an ipywidget) on the way
+show_feature(model, sae, 5, tokens=rows)""",
+    """tc = load_transcoders(models_dir() / "gelu-2l" / "transcoders")
+bos, _ = special_ids(model)
+graph = build_graph(model, tc, torch.tensor([[bos] + model.tokenizer.encode("QEjaXVzCQEjaXVz")]), progress=False)
+show_graph(graph, max_nodes=40)""",
+    "show_attention(model, 'def f(x): return f(x)', layer=0)",
+]
+
+
+VIEWER_ROOTS = ".wb-attn, .wb-graph, .wb-feature, .wb-plotly"
+
+
+@pytest.fixture(scope="module")
+def exported_notebook(tmp_path_factory) -> tuple[str, set[str]]:
+    """(the HTML nbconvert exports, the CDN addresses its own template asks for) of a notebook that shows each
+    viewer. The cell whose output carries the widgets' script is moved to the end, as if run out of order, so
+    that the script comes after the viewers it draws."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nbconvert = pytest.importorskip("nbconvert")
+    folder = tmp_path_factory.mktemp("notebook")
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(src) for src in VIEWERS_NOTEBOOK])
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(folder)}}).execute()
+    errors = [o for c in nb.cells for o in c.outputs if o.output_type == "error"]
+    assert not errors, errors[0]["evalue"]
+    assert "data-wb-script='widgets'" in nb.cells[1].outputs[0]["data"]["text/html"]
+    nb.cells.append(nb.cells.pop(1))
+    exporter = nbconvert.HTMLExporter()
+    body, _ = exporter.from_notebook_node(nb)  # nbconvert writes the outputs' attributes in double quotes
+    return body, {exporter.require_js_url, exporter.mathjax_url}
+
+
+def _viewers_ready(page) -> None:
+    page.wait_for_function(f"""() => {{
+        const roots = [...document.querySelectorAll('{VIEWER_ROOTS}')];
+        return roots.length === 5 && roots.every(r => r.dataset.ready === '1'); }}""", timeout=60_000)
+
+
+def _unexpected(errors: list[str]) -> list[str]:
+    """Console errors other than a blocked request's (which `_open` also records as blocked)."""
+    return [e for e in errors if "Failed to load resource" not in e]
+
+
+def test_a_notebooks_viewers_render_offline_once_exported_to_html(exported_notebook, browser, tmp_path):
+    """The exported notebook with the network blocked: one copy of each script (the first viewer carries it,
+    here from the end of the page), every viewer drawn, each answering a hover."""
+    body, cdn = exported_notebook
+    assert body.count('data-wb-script="widgets"') == 1 and body.count('data-wb-script="plotly"') == 1
+    assert body.index('data-wb-script="widgets"') > body.index('class="wb-graph"')
+    (tmp_path / "viewers.html").write_text(body)
+
+    page, errors, blocked = _open(browser, (tmp_path / "viewers.html").as_uri())
+    _viewers_ready(page)
+    shown = page.locator(".wb-wait").evaluate_all("ws => ws.filter(w => getComputedStyle(w).display !== 'none')")
+    assert not shown, "a viewer's 'script has not run' note is still showing"
+
+    attention = page.locator(".wb-attn").first
+    before = attention.locator(".wb-readout").inner_text()
+    attention.locator(".wb-tok[data-pos='3']").hover()
+    after = attention.locator(".wb-readout").inner_text()
+    assert after != before and "(3)" in after
+
+    page.locator(".wb-plotly .nsewdrag").first.hover()
+    page.wait_for_selector(".wb-plotly .hoverlayer .hovertext", timeout=10_000)
+    assert "predicts" in page.locator(".wb-plotly .hoverlayer .hovertext").first.text_content()
+
+    feature = page.locator(".wb-feature")
+    token = feature.locator(".ctx .tok[data-act]").nth(2)
+    token.hover()
+    assert feature.locator(".wb-f-readout").inner_text() == f"'{token.text_content()}': activation " + \
+        token.get_attribute("data-act")
+
+    node = page.locator(".wb-graph svg [data-kind='feature']").first
+    stroke = "g => getComputedStyle(g.firstElementChild).strokeWidth"
+    idle = node.evaluate(stroke)
+    node.hover()
+    assert node.evaluate(stroke) != idle  # the node under the pointer is outlined
+    node.click()
+    assert page.locator(".wb-graph .wb-g-label").inner_text()
+    page.screenshot(path=str(tmp_path / "notebook-viewers.png"), full_page=True)
+    page.close()
+    # nbconvert's page asks a CDN for require.js and MathJax; nothing the viewers put in it fetches anything
+    assert {url.split("?")[0] for url in blocked} <= {url.split("?")[0] for url in cdn}, blocked
+    assert not _unexpected(errors), errors
+
+
+def test_a_page_that_runs_each_script_twice_builds_each_viewer_once(exported_notebook, browser, tmp_path):
+    """A re-run cell or a duplicated output puts a script into the page again: harmless."""
+    body, _ = exported_notebook
+    scripts = re.findall(r'<script data-wb-script="\w+">.*?</script>', body, flags=re.S)
+    assert len(scripts) == 2
+    (tmp_path / "twice.html").write_text(body.replace("</main>", "".join(scripts) + "</main>"))
+    page, errors, _ = _open(browser, (tmp_path / "twice.html").as_uri())
+    _viewers_ready(page)
+    assert page.locator(".wb-attn .wb-controls").count() == 2 and page.locator(".wb-g-controls").count() == 1
+    assert page.locator(".wb-f-readout").count() == 1 and page.locator(".wb-plotly .main-svg").count() >= 1
+    assert page.locator("style#wb-widgets-css").count() == 1
+    assert not _unexpected(errors), errors
+    page.close()
+
+
+def test_a_viewer_whose_script_never_ran_says_so(exported_notebook, browser, tmp_path):
+    """As in a notebook Jupyter does not trust: no script runs, and each viewer shows its note instead."""
+    body, _ = exported_notebook
+    for script in re.findall(r'<script data-wb-script="\w+">.*?</script>', body, flags=re.S):
+        body = body.replace(script, "")
+    (tmp_path / "none.html").write_text(body)
+    page, _, _ = _open(browser, (tmp_path / "none.html").as_uri())
+    page.wait_for_load_state()
+    notes = page.locator(".wb-wait")
+    assert notes.count() == 5 and all(notes.nth(i).is_visible() for i in range(5))
+    assert page.locator(f"{VIEWER_ROOTS}").evaluate_all("rs => rs.filter(r => r.dataset.wbMounted)") == []
     page.close()

@@ -126,8 +126,9 @@ def test_train_command_trains_a_config_file(tmp_path):
     ("model_card", ["--repeat-len", "6"]),
     ("induction_heads", ["--seq-len", "8", "--prefix-seq-len", "5", "--n-sequences", "4"]),
     ("circuits", ["--seq-len", "8", "--n-sequences", "4", "--text-len", "16", "--induction-head", "L1H2"]),
-    ("superposition", ["--n-features", "6", "--n-hidden", "2", "--sparsities", "0", "0.9", "--n-steps", "50",
-                       "--phase-diagram", "false", "--computation", "false"]),
+    pytest.param("superposition", ["--n-features", "6", "--n-hidden", "2", "--sparsities", "0", "0.9", "--n-steps",
+                                   "50", "--phase-diagram", "false", "--computation", "false"],
+                 marks=pytest.mark.slow),  # trains toy models (about 8 s)
 ])
 def test_analysis_modules_run_as_scripts(model_dir, tmp_path, module, args):
     model = ["--model", str(model_dir)] if module != "superposition" else []  # it trains its own toy models

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import subprocess
@@ -139,3 +140,32 @@ def test_venvs_that_is_a_file_is_an_error_line_and_exit_code_2(tmp_path, below, 
     err = capsys.readouterr().err
     assert "error: --venvs" in err and f"{not_a_folder} is a file" in err and "Traceback" not in err
     assert not_a_folder.read_text() == "mine"
+
+
+def test_the_generate_workloads_hold_the_shipped_weights(monkeypatch):
+    """TL3's generate and the workbench's run on the same weights: the shipped folder, read by the worker
+    itself (the TL3 side cannot import the workbench), with W_pos tiled for the long-prompt workload."""
+    import torch
+
+    import workbench
+
+    assert set(peers.GENERATE_WORKLOADS) <= set(peers.PEERS["tl3"].workloads)
+    monkeypatch.syspath_prepend(str(peers.WORKERS))
+    worker = importlib.import_module("worker_tl_generate")
+    shipped = workbench.load("attn-only-2l", device="cpu").state_dict()
+    model = worker.build("workbench", "attn-only-2l", None)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in shipped.items())
+    cfg, weights = worker.load_weights("attn-only-2l", n_ctx=640)
+    W_pos = weights["pos_embed.W_pos"]
+    assert cfg["n_ctx"] == 640 and W_pos.shape[0] == 640
+    assert torch.equal(W_pos[:128], shipped["pos_embed.W_pos"]) and torch.equal(W_pos[512:], W_pos[:128])
+
+
+@pytest.mark.slow
+def test_the_generate_worker_prints_its_figures():
+    workload = next(w for w in peers.GENERATE_WORKLOADS if "--n-ctx" in w.args)
+    done = subprocess.run([sys.executable, str(peers.WORKERS / workload.worker), "--side", "workbench", *workload.args,
+                           "--steps", "1", "--warmup", "0"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads(done.stdout.strip().splitlines()[-1])
+    assert record["n_ctx"] == 640 and record["prompt"] == 512 and record["tok_s"] > 0

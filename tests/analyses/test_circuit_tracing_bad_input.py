@@ -70,6 +70,7 @@ def test_ctrl_c_in_the_cached_training_exits_130_and_the_next_run_continues_it(m
     assert [r["step"] for r in log] == sorted({r["step"] for r in log}) and log[-1]["step"] == 12  # resumed, not redone
 
 
+@pytest.mark.slow  # kills and resumes cached training (about 8 s)
 def test_a_killed_or_stale_run_in_the_cache_is_continued_or_restarted(model_dir, tmp_path, capsys):
     killed = _cache(model_dir, 12)  # a kill -9 before the first checkpoint: a log and nothing else
     (killed / "layer_0").mkdir(parents=True)

@@ -44,12 +44,14 @@ def shipped():
     return compute(workbench.load("facts", device="cpu"), FactRecallConfig(n_facts=30, noise_samples=2))
 
 
+@pytest.mark.slow  # runs the study on the shipped facts model (about 15 s, shared by the next two)
 def test_the_facts_model_knows_its_facts_and_their_paraphrases(shipped):
     assert shipped.recall["train"] >= 0.95
     assert shipped.recall["held-out phrasing"] >= 0.80
     assert workbench.load("facts", device="cpu").meta["train_seconds"] <= 600
 
 
+@pytest.mark.slow  # the shipped facts model's study
 def test_residual_trace_shows_an_early_site_at_the_subject_and_a_late_site_at_the_last_token(shipped):
     resid, L = shipped.traces["resid"], shipped.n_layers
     early = resid["last subject token"]
@@ -62,6 +64,7 @@ def test_residual_trace_shows_an_early_site_at_the_subject_and_a_late_site_at_th
     assert set(shipped.mlp_peak()) == {"position", "layer", "effect"}
 
 
+@pytest.mark.slow  # the shipped facts model's study
 def test_probes_are_scored_on_held_out_subjects_against_a_random_model(shipped):
     model, control = shipped.probes["model"], shipped.probes["control"]
     assert model["last token"].max() > control["last token"].max() + 0.3

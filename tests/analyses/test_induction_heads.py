@@ -124,6 +124,7 @@ def test_text_probes_repeat_text_and_never_cross_a_document_boundary(attn_model)
                           prepend_bos=False)
 
 
+@pytest.mark.slow  # trains a model on text (about 7 s)
 def test_held_out_text_is_the_models_own_validation_split(attn_model, tmp_path):
     rows, source = held_out_text(attn_model)  # no training record: the standard library's source
     assert rows.shape[1] == 24 and "standard library" in source
@@ -187,6 +188,7 @@ def test_attn_only_2l_induction_works_on_every_kind_of_sequence(result_2l):
     assert r.metrics()["induction_works_on"] == list(KINDS)
 
 
+@pytest.mark.slow  # runs the study over the shipped checkpoints (about 7 s)
 def test_attn_only_1l_has_no_induction_head_and_no_phase_change():
     r = compute(workbench.load("attn-only-1l", device="cpu"), InductionConfig())
     assert r.heads_labelled("induction") == []

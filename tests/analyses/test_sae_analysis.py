@@ -28,6 +28,7 @@ def model_dir(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow  # trains SAEs and dashboards (about 10 s)
 def test_report_section_has_metrics_frontier_and_linked_dashboards(model_dir, tmp_path):
     section = run_analysis("sae", workbench.load(model_dir, device="cpu"), QUICK)
     assert set(section.metrics["saes"]) == {"topk:4", "relu:1", "jumprelu:1"}

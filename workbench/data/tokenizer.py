@@ -10,7 +10,7 @@ import re
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -84,7 +84,17 @@ def load_tokenizer(path: Path) -> Tokenizer:
 
 
 class TextCodec:
-    """The small encode/decode surface models use: str -> list[int] and back."""
+    """The small encode/decode surface models use: str -> list[int] and back, with the special-token
+    attributes of a Hugging Face tokenizer that TransformerLens code reads (`bos_token_id`,
+    `pad_token_id`, `padding_side`, ...).
+
+    The workbench's byte and BPE tokenizers have one special token, <|endoftext|>, the separator
+    between the documents of a training row. As in GPT-2, it serves as BOS (when one is asked for),
+    EOS and padding. The modular-addition tokenizer has none: those attributes are None there.
+    `encode` adds no special token."""
+
+    padding_side: str = "right"
+    """Where `model.to_tokens` pads a batch of unequal lengths, unless told otherwise (TL's default)."""
 
     def __init__(self, tok: Tokenizer):
         self.tok = tok
@@ -95,9 +105,28 @@ class TextCodec:
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=False)
 
+    def batch_decode(self, rows: Sequence[Sequence[int]]) -> list[str]:
+        """Each row of ids decoded to text."""
+        return [self.decode(list(row)) for row in rows]
+
     @property
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size()
+
+    @property
+    def eos_token(self) -> Optional[str]:
+        """'<|endoftext|>', or None for a tokenizer without it."""
+        return EOS if self.tok.token_to_id(EOS) is not None else None
+
+    @property
+    def eos_token_id(self) -> Optional[int]:
+        """The id of <|endoftext|>, or None."""
+        return self.tok.token_to_id(EOS)
+
+    bos_token = eos_token
+    bos_token_id = eos_token_id
+    pad_token = eos_token
+    pad_token_id = eos_token_id
 
 
 # -- tokens for people to read ----------------------------------------------------------------------

@@ -32,8 +32,10 @@ from transformer_lens.hook_points import HookPoint
 
 from workbench.config import check_types, from_dict
 from workbench.errors import HookNameError, InputError, check_field, unknown_name_message
+from workbench.model.generation import KVCache, KVCacheEntry, generate
+from workbench.model.lens_surface import HeadCircuits, LensConfig, LensSurface
 
-ReturnType = Literal["logits", "loss", "both"]
+ReturnType = Optional[Literal["logits", "loss", "both"]]  # None: run for the hooks only (TransformerLens's)
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,12 @@ class ModelConfig:
         return from_dict(cls, data, where)
 
 
+class BoundConfig(LensConfig, ModelConfig):
+    """The config a `Transformer` holds as `model.cfg`: the ModelConfig's fields (so the same `to_dict`,
+    and equal to it), bound to the model so that it also answers what TransformerLens code reads
+    (`device`, `default_prepend_bos`, ...: `workbench.model.lens_surface.LensConfig`)."""
+
+
 def _hooked(hook: HookPoint) -> bool:
     """Whether any forward or backward hook is attached to `hook` (so its value must exist)."""
     return bool(hook.fwd_hooks or hook.bwd_hooks)
@@ -157,7 +165,7 @@ def _cached_causal_bias(S: int, dtype: torch.dtype, device: torch.device) -> tor
     return torch.full((S, S), float("-inf"), dtype=dtype, device=device).triu(1)
 
 
-class Attention(nn.Module):
+class Attention(HeadCircuits, nn.Module):
     """Causal multi-head attention with weights in TransformerLens's per-head layout."""
 
     def __init__(self, cfg: ModelConfig):
@@ -179,43 +187,58 @@ class Attention(nn.Module):
         self.hook_pattern = HookPoint()  # [B, H, S, T]
         self.hook_z = HookPoint()  # [B, S, H, K]
 
-    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, kv: Optional[KVCacheEntry] = None) -> torch.Tensor:
         B, S, _ = x_BSD.shape
         H, K = self.cfg.n_heads, self.cfg.d_head
-        # One [D, 3HK] matmul instead of three einsums; the weight re-layout is tiny next to
-        # the activations (3·D·H·K numbers against B·S·3·H·K).
-        W_D3HK = torch.stack((self.W_Q, self.W_K, self.W_V)).permute(2, 0, 1, 3).reshape(-1, 3 * H * K)
-        b_3HK = torch.stack((self.b_Q, self.b_K, self.b_V)).reshape(3 * H * K)
+        W_D3HK, b_3HK = self.qkv_weights() if kv is None else kv.qkv_weights(self)  # the cache keeps them
         qkv_BS3HK = torch.addmm(b_3HK, x_BSD.reshape(B * S, -1), W_D3HK).view(B, S, 3, H, K)
         q_BSHK, k_BTHK, v_BTHK = qkv_BS3HK.unbind(2)  # one stack in backward, not three zero-fills
         q_BSHK, k_BTHK, v_BTHK = self.hook_q(q_BSHK), self.hook_k(k_BTHK), self.hook_v(v_BTHK)
+        mask_B1ST = None  # None: causal, with S == T (or one query, which sees every key)
+        if kv is not None:  # generation: attend to the cached positions too (model/generation.py)
+            k_BTHK, v_BTHK = kv.append(k_BTHK, v_BTHK)
+            mask_B1ST = kv.mask_B1ST
         if _hooked(self.hook_attn_scores) or _hooked(self.hook_pattern) or _materialise_on(q_BSHK):
-            z_BSHK = self._attend_materialised(q_BSHK, k_BTHK, v_BTHK)
+            z_BSHK = self._attend_materialised(q_BSHK, k_BTHK, v_BTHK, mask_B1ST)
         else:
             z_BHSK = F.scaled_dot_product_attention(
-                q_BSHK.transpose(1, 2), k_BTHK.transpose(1, 2), v_BTHK.transpose(1, 2), is_causal=True
+                q_BSHK.transpose(1, 2), k_BTHK.transpose(1, 2), v_BTHK.transpose(1, 2), attn_mask=mask_B1ST,
+                is_causal=mask_B1ST is None and S > 1
             )
             z_BSHK = z_BHSK.transpose(1, 2)
         z_BSHK = self.hook_z(z_BSHK)
         out_BD = torch.addmm(self.b_O, z_BSHK.reshape(B * S, H * K), self.W_O.reshape(H * K, -1))
         return out_BD.view(B, S, -1)
 
-    def _attend_materialised(self, q_BSHK: torch.Tensor, k_BTHK: torch.Tensor, v_BTHK: torch.Tensor
-                             ) -> torch.Tensor:
+    def qkv_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_Q, W_K, W_V as one [D, 3HK] matrix and their biases [3HK], for one matmul instead of three
+        einsums; the re-layout is tiny next to the activations (3·D·H·K numbers against B·S·3·H·K)."""
+        H, K = self.cfg.n_heads, self.cfg.d_head
+        W_D3HK = torch.stack((self.W_Q, self.W_K, self.W_V)).permute(2, 0, 1, 3).reshape(-1, 3 * H * K)
+        return W_D3HK, torch.stack((self.b_Q, self.b_K, self.b_V)).reshape(3 * H * K)
+
+    def _attend_materialised(self, q_BSHK: torch.Tensor, k_BTHK: torch.Tensor, v_BTHK: torch.Tensor,
+                             mask_B1ST: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Attention through an explicit pattern, which is also what the output is computed from, so
         any edit of it through hook_pattern (or hook_attn_scores) takes effect. Scaling and the causal
         mask happen inside one baddbmm; the softmax is taken in fp32 when the scores are bf16/fp16.
         (Measured: once the pattern exists, pattern @ V is cheaper on CPU than a second, fused
         attention pass, so a read-only pattern hook gains nothing from keeping the fused kernel.)"""
         B, S, H, K = q_BSHK.shape
+        T = k_BTHK.shape[1]
         q_XSK = q_BSHK.transpose(1, 2).reshape(B * H, S, K)
-        k_XKT = k_BTHK.permute(0, 2, 3, 1).reshape(B * H, K, S)
-        scores_XST = torch.baddbmm(_causal_bias(S, q_XSK.dtype, q_XSK.device), q_XSK, k_XKT, alpha=1 / math.sqrt(K))
-        scores_BHST = self.hook_attn_scores(scores_XST.view(B, H, S, S))
+        k_XKT = k_BTHK.permute(0, 2, 3, 1).reshape(B * H, K, T)
+        if mask_B1ST is None:  # [S, S], or [1, 1] for one query
+            bias = _causal_bias(S, q_XSK.dtype, q_XSK.device)
+        else:
+            bias = torch.zeros((), dtype=q_XSK.dtype, device=q_XSK.device).masked_fill(~mask_B1ST, float("-inf"))
+            bias = bias.expand(B, H, S, T).reshape(B * H, S, T)
+        scores_XST = torch.baddbmm(bias, q_XSK, k_XKT, alpha=1 / math.sqrt(K))
+        scores_BHST = self.hook_attn_scores(scores_XST.view(B, H, S, T))
         low = scores_BHST.dtype in (torch.bfloat16, torch.float16)
         pattern_BHST = self.hook_pattern(scores_BHST.softmax(-1, dtype=torch.float32 if low else None))
-        v_XTK = v_BTHK.transpose(1, 2).reshape(B * H, S, K)
-        z_XSK = torch.bmm(pattern_BHST.to(v_BTHK.dtype).reshape(B * H, S, S), v_XTK)  # reshape: a view here
+        v_XTK = v_BTHK.transpose(1, 2).reshape(B * H, T, K)
+        z_XSK = torch.bmm(pattern_BHST.to(v_BTHK.dtype).reshape(B * H, S, T), v_XTK)  # reshape: a view here
         return z_XSK.view(B, H, S, K).transpose(1, 2)
 
 
@@ -250,6 +273,8 @@ class MLP(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-norm block. Attention-only blocks have no hook_resid_mid, as in TransformerLens."""
 
+    hook_out_is_single_residual_stream = True  # TransformerLens 4's logit lens asks: the output is the one stream
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.ln1 = LayerNorm(cfg.d_model) if cfg.normalization_type == "LN" else nn.Identity()
@@ -263,9 +288,9 @@ class TransformerBlock(nn.Module):
             self.hook_mlp_out = HookPoint()  # [B, S, D]
         self.hook_resid_post = HookPoint()  # [B, S, D]
 
-    def forward(self, resid_BSD: torch.Tensor) -> torch.Tensor:
+    def forward(self, resid_BSD: torch.Tensor, kv: Optional[KVCacheEntry] = None) -> torch.Tensor:
         resid_BSD = self.hook_resid_pre(resid_BSD)
-        resid_BSD = resid_BSD + self.hook_attn_out(self.attn(self.ln1(resid_BSD)))
+        resid_BSD = resid_BSD + self.hook_attn_out(self.attn(self.ln1(resid_BSD), kv))
         if hasattr(self, "mlp"):
             resid_BSD = self.hook_resid_mid(resid_BSD)
             resid_BSD = resid_BSD + self.hook_mlp_out(self.mlp(self.ln2(resid_BSD)))
@@ -284,15 +309,15 @@ class Embed(nn.Module):
 
 
 class PosEmbed(nn.Module):
-    """Learned positional embedding W_pos [n_ctx, D], broadcast over the batch."""
+    """Learned positional embedding W_pos [n_ctx, D], broadcast over the batch (or at positions [B, S])."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.W_pos = nn.Parameter(torch.empty(cfg.n_ctx, cfg.d_model))
 
-    def forward(self, tokens_BS: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens_BS: torch.Tensor, positions_BS: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, S = tokens_BS.shape
-        return self.W_pos[:S].expand(B, S, -1)
+        return self.W_pos[:S].expand(B, S, -1) if positions_BS is None else F.embedding(positions_BS, self.W_pos)
 
 
 class Unembed(nn.Module):
@@ -307,12 +332,13 @@ class Unembed(nn.Module):
         return x_BSD @ self.W_U + self.b_U
 
 
-class Transformer(HookedRootModule):
-    """A hookable decoder-only Transformer; see the module docstring for names and shapes."""
+class Transformer(LensSurface, HookedRootModule):
+    """A hookable decoder-only Transformer; see the module docstring for names and shapes, and
+    `workbench.model.lens_surface` for the TransformerLens surface (tokens, weights, the cache)."""
 
     def __init__(self, cfg: ModelConfig, tokenizer: Any = None):
         super().__init__()
-        self.cfg = cfg
+        self.cfg = BoundConfig.bind(cfg, self)
         self.tokenizer = tokenizer
         self.folder: Optional[Path] = None  # the model folder it was loaded from, if any
         self.meta: dict[str, Any] = {}  # that folder's config.json (training config, step, ...)
@@ -373,7 +399,10 @@ class Transformer(HookedRootModule):
 
     # -- forward ------------------------------------------------------------------------------
     def check_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Validate token ids [B, S] (or [S]) and return them as a [B, S] long tensor."""
+        """Validate token ids [B, S] (or [S], or text, which to_tokens reads) and return them as a [B, S] long
+        tensor."""
+        if isinstance(tokens, str) or (isinstance(tokens, list) and tokens and all(isinstance(t, str) for t in tokens)):
+            tokens = self.to_tokens(tokens)  # text, as TransformerLens's forward takes it
         if not isinstance(tokens, torch.Tensor):
             raise InputError(f"tokens must be a torch.Tensor of token ids, got {type(tokens).__name__}; "
                              "use model.to_tokens(text) for strings.")
@@ -392,85 +421,33 @@ class Transformer(HookedRootModule):
                              "Was the input made by another tokenizer?")
         return tokens.long()
 
-    def forward(self, tokens: torch.Tensor, return_type: ReturnType = "logits"):
-        """tokens [B, S] -> logits [B, S, V], mean next-token loss [], or (logits, loss)."""
-        if return_type not in ("logits", "loss", "both"):
-            raise InputError(f"return_type must be 'logits', 'loss' or 'both', got {return_type!r}.")
+    def forward(self, tokens: torch.Tensor, return_type: ReturnType = "logits", *,
+                attention_mask: Optional[torch.Tensor] = None, past_kv_cache: Optional[KVCache] = None):
+        """tokens [B, S] -> logits [B, S, V], mean next-token loss [], or (logits, loss). The tokens follow
+        those `past_kv_cache` holds, if given; `attention_mask` [B, S] is 0 on (left) padding."""
+        if return_type not in ("logits", "loss", "both", None) or (
+                attention_mask is not None and return_type in ("loss", "both")):
+            raise InputError(f"return_type must be 'logits', 'loss', 'both' or None (no loss with an "
+                             f"attention_mask), got {return_type!r}.")
         tokens_BS = self.check_tokens(tokens)
-        resid_BSD = self.hook_embed(self.embed(tokens_BS)) + self.hook_pos_embed(self.pos_embed(tokens_BS))
-        for block in self.blocks:
-            resid_BSD = block(resid_BSD)
+        kv = past_kv_cache
+        if kv is None and attention_mask is not None:  # padded rows: masks and positions as with a cache
+            kv = KVCache(self.cfg, *tokens_BS.shape)
+        pos_BS = None if kv is None else kv.begin(tokens_BS, attention_mask)  # [B, S] positions, per row if padded
+        resid_BSD = self.hook_embed(self.embed(tokens_BS)) + self.hook_pos_embed(self.pos_embed(tokens_BS, pos_BS))
+        for i, block in enumerate(self.blocks):
+            resid_BSD = block(resid_BSD, None if kv is None else kv.layers[i])
+        if kv is not None:
+            kv.commit()
         logits_BSV = self.unembed(self.ln_final(resid_BSD))
+        if return_type is None:
+            return None
         if return_type == "logits":
             return logits_BSV
         loss = lm_loss(logits_BSV, tokens_BS)
         return loss if return_type == "loss" else (logits_BSV, loss)
 
-    # -- TransformerLens-style stacked weights --------------------------------------------------
-    @property
-    def W_E(self) -> torch.Tensor:
-        """[V, D]"""
-        return self.embed.W_E
-
-    @property
-    def W_pos(self) -> torch.Tensor:
-        """[n_ctx, D]"""
-        return self.pos_embed.W_pos
-
-    @property
-    def W_U(self) -> torch.Tensor:
-        """[D, V]"""
-        return self.unembed.W_U
-
-    @property
-    def b_U(self) -> torch.Tensor:
-        """[V]"""
-        return self.unembed.b_U
-
-    W_Q = property(lambda self: torch.stack([b.attn.W_Q for b in self.blocks]), doc="[L, H, D, K]")
-    W_K = property(lambda self: torch.stack([b.attn.W_K for b in self.blocks]), doc="[L, H, D, K]")
-    W_V = property(lambda self: torch.stack([b.attn.W_V for b in self.blocks]), doc="[L, H, D, K]")
-    W_O = property(lambda self: torch.stack([b.attn.W_O for b in self.blocks]), doc="[L, H, K, D]")
-    b_Q = property(lambda self: torch.stack([b.attn.b_Q for b in self.blocks]), doc="[L, H, K]")
-    b_K = property(lambda self: torch.stack([b.attn.b_K for b in self.blocks]), doc="[L, H, K]")
-    b_V = property(lambda self: torch.stack([b.attn.b_V for b in self.blocks]), doc="[L, H, K]")
-    b_O = property(lambda self: torch.stack([b.attn.b_O for b in self.blocks]), doc="[L, D]")
-
-    def _mlp_stack(self, attr: str) -> torch.Tensor:
-        if self.cfg.attn_only:
-            # not AttributeError: nn.Module.__getattr__ would swallow it and blame a missing attribute
-            raise InputError(f"{attr}: this model is attention-only and has no MLP weights.")
-        return torch.stack([getattr(b.mlp, attr) for b in self.blocks])
-
-    W_in = property(lambda self: self._mlp_stack("W_in"), doc="[L, D, M]")
-    b_in = property(lambda self: self._mlp_stack("b_in"), doc="[L, M]")
-    W_out = property(lambda self: self._mlp_stack("W_out"), doc="[L, M, D]")
-    b_out = property(lambda self: self._mlp_stack("b_out"), doc="[L, D]")
-
-    # -- tokens and text ----------------------------------------------------------------------
-    def to_tokens(self, text: str | list[str]) -> torch.Tensor:
-        """Text -> token ids [B, S] with the model's tokenizer (no padding: equal lengths only)."""
-        if self.tokenizer is None:
-            raise InputError("This model has no tokenizer; pass token ids instead of text.")
-        texts = [text] if isinstance(text, str) else text
-        ids = [self.tokenizer.encode(t) for t in texts]
-        if len({len(i) for i in ids}) != 1:
-            raise InputError("Texts tokenize to different lengths; call to_tokens on each one.")
-        return torch.tensor(ids, dtype=torch.long, device=self.W_E.device)
-
-    def to_string(self, tokens: torch.Tensor) -> str | list[str]:
-        """Token ids [S] or [B, S] -> text."""
-        if self.tokenizer is None:
-            raise InputError("This model has no tokenizer to decode with.")
-        if tokens.ndim == 1:
-            return self.tokenizer.decode(tokens.tolist())
-        return [self.tokenizer.decode(t) for t in tokens.tolist()]
-
-    def to_str_tokens(self, tokens: torch.Tensor) -> list[str]:
-        """Token ids [S] -> one string per token (TransformerLens's name for this)."""
-        if self.tokenizer is None:
-            return [str(t) for t in tokens.tolist()]
-        return [self.tokenizer.decode([t]) for t in tokens.tolist()]
+    generate = generate  # TransformerLens's sampling loop, with a KV cache (model/generation.py)
 
     def hook_shapes(self, seq_len: int = 8) -> dict[str, tuple[int, ...]]:
         """Every hook name with the shape of its activation on a [1, seq_len] input."""

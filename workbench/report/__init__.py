@@ -1,8 +1,12 @@
 """The report layer: the study registry and pipeline (Result → figures → pages), plotting, the
-interactive viewers, and the front-end code in `assets/`."""
+interactive viewers, the front-end code in `assets/`, and the viewers in one line for notebooks
+(`show_attention`, `show_logit_lens`, `show_feature`, `show_graph`)."""
 
 from workbench.report.pipeline import Analysis, Result, get_analysis, registry, report_all, run_analysis, write_report
-from workbench.report.widgets import Widget, attention_viewer, graph_viewer
+from workbench.report.scripts import viewer_scripts
+from workbench.report.show import show_attention, show_feature, show_graph, show_logit_lens
+from workbench.report.widgets import Widget, attention_viewer, figure_widget, graph_viewer
 
-__all__ = ["Analysis", "Result", "Widget", "attention_viewer", "get_analysis", "graph_viewer", "registry",
-           "report_all", "run_analysis", "write_report"]
+__all__ = ["Analysis", "Result", "Widget", "attention_viewer", "figure_widget", "get_analysis", "graph_viewer",
+           "registry", "report_all", "run_analysis", "show_attention", "show_feature", "show_graph", "show_logit_lens",
+           "viewer_scripts", "write_report"]

@@ -1,6 +1,7 @@
 """Feature dashboards as a static site that works offline: an index sortable by density and max
 activation, and one page per feature (top contexts, quantile examples, a histogram, logit effects),
-rendered from the `FeatureData` that `workbench.sae.features.collect_feature_data` gathers.
+rendered from the `FeatureData` that `workbench.sae.features.collect_feature_data` gathers; and one
+feature's dashboard as a `Widget` for a notebook (`feature_card`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 
 from workbench.artifacts import write_output_folder
 from workbench.report.assets import read_asset
+from workbench.report.widgets import Widget
 from workbench.sae.features import FeatureData
 
 STYLE = read_asset("dashboard.css")
@@ -32,7 +34,7 @@ def _context(data: FeatureData, j: int, where: int, width: int = 10) -> str:
         a = float(acts[p])
         alpha = min(1.0, max(0.0, a / peak))
         style = f"background:rgba(255,80,0,{alpha:.2f})" + (";outline:1px solid #333" if p == pos else "")
-        spans.append(f"<span class='tok' style='{style}' title='{a:.3f}'>"
+        spans.append(f"<span class='tok' style='{style}' title='{a:.3f}' data-act='{a:.3f}'>"
                      f"{html.escape(data.token_strings[row][p]) or '&nbsp;'}</span>")
     return f"<div class='ctx'><b>{float(acts[pos]):.2f}</b> " + "".join(spans) + "</div>"
 
@@ -50,8 +52,8 @@ def _histogram_svg(values: np.ndarray, bins: int = 30) -> str:
             f"<text x='{w - 40}' y='{h + 14}' font-size='11'>{edges[-1]:.3g}</text></svg>")
 
 
-def feature_page(data: FeatureData, j: int, title: str) -> str:
-    fid = int(data.features[j])
+def _feature_parts(data: FeatureData, j: int) -> dict[str, str]:
+    """The HTML of the j-th feature's sections: its histogram, top contexts, quantile examples and logit effects."""
     top = [_context(data, j, w) for w in data.top_where[j] if w >= 0]
     sample = [(v, w) for v, w in zip(data.sample_values[j], data.sample_where[j]) if w >= 0]
     quantiles = ""
@@ -65,14 +67,35 @@ def feature_page(data: FeatureData, j: int, title: str) -> str:
     logits = ("<table><tr><th>raises</th><th>lowers</th></tr>" + "".join(
         f"<tr><td class='up'>{html.escape(a)} {va:+.3f}</td><td class='down'>{html.escape(b)} {vb:+.3f}</td></tr>"
         for (a, va), (b, vb) in zip(data.logit_up[j], data.logit_down[j])) + "</table>")
+    return {"histogram": _histogram_svg(data.sample_values[j]), "top": "".join(top) or "<p>(never fired)</p>",
+            "quantiles": quantiles or "<p>(never fired)</p>", "logits": logits,
+            "summary": f"density {data.density[j]:.4%} · max activation {data.top_values[j, 0]:.3f}",
+            "sample_note": f"(a random sample of up to {data.sample_values.shape[1]} non-zero activations)"}
+
+
+def feature_page(data: FeatureData, j: int, title: str) -> str:
+    fid = int(data.features[j])
+    part = _feature_parts(data, j)
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)} · feature {fid}</title>"
             f"<style>{STYLE}</style></head><body><p><a href='index.html'>← all features</a></p>"
-            f"<h1>Feature {fid}</h1><p>density {data.density[j]:.4%} · max activation {data.top_values[j, 0]:.3f}</p>"
-            f"<h2>Activation histogram</h2><p>(a random sample of up to {data.sample_values.shape[1]} non-zero "
-            f"activations)</p>{_histogram_svg(data.sample_values[j])}"
-            f"<h2>Top activations</h2>{''.join(top) or '<p>(never fired)</p>'}"
-            f"<h2>Examples across the activation range</h2>{quantiles or '<p>(never fired)</p>'}"
-            f"<h2>Logit effects (W_dec W_U)</h2>{logits}</body></html>")
+            f"<h1>Feature {fid}</h1><p>{part['summary']}</p>"
+            f"<h2>Activation histogram</h2><p>{part['sample_note']}</p>{part['histogram']}"
+            f"<h2>Top activations</h2>{part['top']}"
+            f"<h2>Examples across the activation range</h2>{part['quantiles']}"
+            f"<h2>Logit effects (W_dec W_U)</h2>{part['logits']}</body></html>")
+
+
+def feature_card(data: FeatureData, j: int, title: str, caption: str = "") -> Widget:
+    """The j-th feature of `data` as one dashboard for a notebook: what a feature page shows, in a box whose
+    styles stay inside it; hover a token of a context for its activation."""
+    part = _feature_parts(data, j)
+    body = (f"<div class='wb-feature'><div class='wb-f-title'>{html.escape(title)}</div>"
+            f"<div class='wb-f-meta'>{part['summary']}</div><div class='wb-f-body'>"
+            f"<div class='wb-f-sub'>Top activations</div>{part['top']}"
+            f"<details><summary class='wb-f-sub'>Examples across the activation range</summary>{part['quantiles']}"
+            f"</details><div class='wb-f-sub'>Activation histogram {part['sample_note']}</div>{part['histogram']}"
+            f"<div class='wb-f-sub'>Logit effects (W_dec W_U)</div>{part['logits']}</div></div>")
+    return Widget(body, caption)
 
 
 def index_page(data: FeatureData, title: str, selection: str) -> str:

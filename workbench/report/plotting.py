@@ -11,6 +11,8 @@ from typing import Optional
 import numpy as np
 import plotly.graph_objects as go
 
+from workbench.compute.lens import LogitLens
+
 LAYOUT = dict(template="plotly_white", margin=dict(l=60, r=20, t=60, b=50))
 
 
@@ -57,6 +59,27 @@ def token_heatmap(z_RS: np.ndarray, tokens: Sequence[str], rows: Sequence[str], 
                       height=max(260, 90 + 34 * len(rows)), **LAYOUT)
     fig.update_xaxes(tickangle=-60, tickfont=dict(size=9))
     return fig
+
+
+def logit_lens_figure(lens: LogitLens, tokens: Sequence[str], top_tokens: Sequence[Sequence[str]], title: str
+                      ) -> go.Figure:
+    """The logit lens of one prompt as a captioned token heatmap: a row per readout, a cell per position holding
+    the top prediction (`top_tokens` [R][S], readable strings) shaded by its probability; the hover adds the
+    probability of the token that really comes next. `tokens` are the prompt's (at least S of them)."""
+    R, S = lens.next_prob_RS.shape
+    tokens = list(tokens)[:S]
+    hover = [[f"predicts: {top_tokens[r][s]!r} (p {lens.top_probs_RSK[r, s, 0]:.2f})"
+              f"<br>p(next token {tokens[s + 1] if s + 1 < S else '—'!r}) = "
+              f"{'—' if np.isnan(lens.next_prob_RS[r, s]) else f'{lens.next_prob_RS[r, s]:.2f}'}"
+              for s in range(S)] for r in range(R)]
+    z = np.nan_to_num(lens.top_probs_RSK[..., 0])
+    fig = token_heatmap(z, tokens, lens.readouts, [list(row) for row in top_tokens], hover, title,
+                        colorbar="probability of the top prediction", y_title="residual stream read after")
+    return captioned(fig, "Each row reads the residual stream after one more layer through the final norm and "
+                     "unembedding, as if the model stopped there; each cell is the next token it would predict, "
+                     "shaded by its probability. The last row is the model's real prediction. Look for where a "
+                     "correct prediction first appears: on the repeated half of a prompt, an induction model gets "
+                     "it only after its second layer.")
 
 
 def lines(x_by_name: dict[str, Sequence[float]], y_by_name: dict[str, Sequence[float]], title: str,

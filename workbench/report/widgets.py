@@ -1,7 +1,8 @@
 """Report widgets: interactive HTML for what a plotly figure can't show well. Pure: each function takes
 arrays (or a graph as a dict) and returns a `Widget` (HTML plus a caption); the script they need is
 `WIDGETS_JS` (workbench/report/assets/widgets.js with widgets.css inside), which the report writes once as
-`assets/widgets.js`.
+`assets/widgets.js`. A `Widget` is also a notebook output: the cell's value shows it, with its scripts
+included once per notebook (see `workbench.report.scripts`).
 
     attention_viewer(tokens, patterns_LHSS, ...)   the prompt as text; hover or click a token to see
                                                    where the chosen head attends from it, with layer
@@ -11,6 +12,8 @@ arrays (or a graph as a dict) and returns a `Widget` (HTML plus a caption); the 
                                                    node and edge threshold sliders; click a node for
                                                    its activation, influence, dashboard link, top
                                                    examples and strongest inputs and outputs
+    figure_widget(fig)                             a plotly figure as a widget, so that a notebook
+                                                   shows it offline (plotly.js from the `plotly` package)
 
 Patterns travel as bytes (attention weight × 255, lower triangle only, base64), so a 256-token
 prompt on a 2-layer, 4-head model is about 350 kB. Graphs travel as checked JSON (see `graph_viewer`).
@@ -25,11 +28,15 @@ import math
 import operator
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
+import plotly.graph_objects as go
+import plotly.io as pio
 
-from workbench.report.assets import read_asset
+from workbench.report.plotting import caption_of
+from workbench.report.scripts import SCRIPTS, WIDGETS_JS, notebook_html
 
 SECTION_FILES = "@section-files@"
 """A link target in a widget's HTML that starts with this means the analysis's own files (its
@@ -38,10 +45,27 @@ SECTION_FILES = "@section-files@"
 
 @dataclass(frozen=True)
 class Widget:
-    """A self-contained piece of a report page and its caption."""
+    """A self-contained piece of a report page and its caption; shown as a notebook cell's value too."""
 
-    html: str
+    html: str = field(repr=False)
     caption: str
+    needs: tuple[str, ...] = ("widgets",)
+    """The scripts that draw it (names in `workbench.report.scripts.SCRIPTS`)."""
+
+    def __post_init__(self) -> None:
+        unknown = [n for n in self.needs if n not in SCRIPTS]
+        if unknown:
+            raise ValueError(f"Widget.needs names unknown scripts {unknown}; the scripts are {sorted(SCRIPTS)}")
+
+    def _repr_html_(self) -> str:
+        """The widget as a notebook output, offline, with the scripts this notebook's page lacks."""
+        return notebook_html(self.html.replace(SECTION_FILES, "."), self.caption, self.needs)
+
+
+def _script_payload(data) -> str:
+    """JSON that can sit inside <script type='application/json'>: nothing in it can end the script early."""
+    text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"), allow_nan=False)
+    return text.replace("</", "<\\/").replace("<!--", "\\u003c!--")
 
 
 def _lower_triangle_bytes(patterns_LHSS: np.ndarray) -> str:
@@ -63,7 +87,7 @@ def attention_viewer(tokens: Sequence[str], patterns_LHSS: np.ndarray, title: st
             "layers": list(layer_names) or [f"layer {l}" for l in range(L)],
             "heads": list(head_names) or [f"H{h}" for h in range(H)], "title": title}
     uid = f"attn-{uuid.uuid5(uuid.NAMESPACE_OID, title + str(S) + str(L) + str(H)).hex[:10]}"
-    payload = json.dumps(data).replace("</", "<\\/")
+    payload = _script_payload(data)
     body = (f"<div class='wb-attn' id='{uid}'><div class='wb-attn-title'>{html.escape(title)}</div>"
             f"<script type='application/json' class='wb-data'>{payload}</script>"
             "<noscript>The attention viewer needs JavaScript.</noscript></div>")
@@ -152,8 +176,7 @@ def _graph_payload(data: dict) -> dict:
 def graph_viewer(data: dict, title: str, caption: str) -> Widget:
     """An attribution graph (tokens × layers; nodes, weighted edges and their pruning cuts) with node and
     edge threshold sliders and a panel for the clicked node. Raises ValueError on malformed `data`."""
-    payload = json.dumps(_graph_payload(data), separators=(",", ":"), allow_nan=False)
-    payload = payload.replace("</", "<\\/").replace("<!--", "\\u003c!--")  # nothing can end the script early
+    payload = _script_payload(_graph_payload(data))
     uid = f"graph-{uuid.uuid5(uuid.NAMESPACE_OID, title + payload).hex[:10]}"
     body = (f"<div class='wb-graph' id='{uid}'><div class='wb-g-title'>{html.escape(title)}</div>"
             f"<script type='application/json' class='wb-data'>{payload}</script>"
@@ -161,6 +184,14 @@ def graph_viewer(data: dict, title: str, caption: str) -> Widget:
     return Widget(body, caption)
 
 
-WIDGETS_JS = f"var WB_WIDGETS_CSS = {json.dumps(read_asset('widgets.css'))};\n" + read_asset("widgets.js")
-"""The viewers' script (workbench/report/assets/widgets.js) with their styles (widgets.css) inside it, so that
-one <script> makes any page, a report's or a notebook's, show them."""
+def figure_widget(fig: go.Figure, caption: Optional[str] = None) -> Widget:
+    """A plotly figure as a `Widget` (its caption from `plotting.captioned` unless given): a notebook shows it
+    offline, with plotly.js from the installed `plotly` package, once per notebook."""
+    config = {"displaylogo": False, "responsive": True}
+    payload = _script_payload('{"figure":' + pio.to_json(fig, validate=False) + ',"config":' + json.dumps(config) + "}")
+    body = (f"<div class='wb-plotly'><script type='application/json' class='wb-data'>{payload}</script>"
+            "<noscript>This figure needs JavaScript.</noscript></div>")
+    return Widget(body, caption_of(fig) if caption is None else caption, needs=("widgets", "plotly"))
+
+
+__all__ = ["SECTION_FILES", "WIDGETS_JS", "Widget", "attention_viewer", "figure_widget", "graph_viewer"]

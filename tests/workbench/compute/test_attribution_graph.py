@@ -244,11 +244,11 @@ def test_a_model_where_freezing_does_not_take_effect_is_refused(model, tc, monke
     import workbench.model.transformer as wm
     real = wm.Attention.forward
 
-    def ignores_pattern_edits(self, x):
+    def ignores_pattern_edits(self, x, kv=None):
         hooks = self.hook_pattern.fwd_hooks
         self.hook_pattern.fwd_hooks = []
         try:
-            out = real(self, x)
+            out = real(self, x, kv)
         finally:
             self.hook_pattern.fwd_hooks = hooks
         return out

@@ -102,7 +102,8 @@ def test_an_analysis_sets_exactly_one_kind_of_compute():
         Analysis("both", "", object, compute=lambda m, c: None, compute_toys=lambda d, c: None, figures=figures)
     with pytest.raises(InputError, match="exactly one of `compute`"):
         Analysis("neither", "", object, compute=None, figures=figures)
-    assert Analysis("toys", "", object, compute=None, compute_toys=lambda d, c: None, figures=figures).uses_model is False
+    toys = Analysis("toys", "", object, compute=None, compute_toys=lambda d, c: None, figures=figures)
+    assert toys.uses_model is False
 
 
 def test_run_analysis_takes_a_loaded_model_not_a_name(attn_model):
@@ -111,4 +112,5 @@ def test_run_analysis_takes_a_loaded_model_not_a_name(attn_model):
     with pytest.raises(InputError, match="studies a model: pass one"):
         run_analysis("model-card", None)
     cfg = make_config(get_analysis("model-card"), {"repeat_len": 8, "prompt": "ab ab ab"})
-    assert run_analysis("model-card", attn_model, cfg).model == "Transformer"  # built in memory: no folder, no recorded name
+    # built in memory: no folder and no recorded name, so the label is its type
+    assert run_analysis("model-card", attn_model, cfg).model == "Transformer"

@@ -1,6 +1,7 @@
 """The report's front-end code as real files: widgets.js and widgets.css (the attention and graph
-viewers), report.css (the report's pages) and dashboard.css (the SAE feature dashboards), shipped as
-package data and read with `importlib.resources`."""
+viewers, the SAE feature card and plotly figures in notebooks), report.css (the report's pages),
+dashboard.css and dashboard.js (the SAE feature dashboards) and plotly_loader.js (plotly.js in a
+notebook, once per page), shipped as package data and read with `importlib.resources`."""
 
 from __future__ import annotations
 

@@ -1,6 +1,19 @@
 // workbench report widgets (no dependencies, no network)
+//
+// One script serves every viewer on a page: a report page loads it once as assets/widgets.js; a notebook gets it
+// inside the output of its first viewer (workbench/report/scripts.py). Each viewer root (.wb-attn, .wb-graph,
+// .wb-feature, .wb-plotly) is built once, whenever it appears: when this script runs, when the page finishes
+// parsing, and later through a MutationObserver, since a notebook adds outputs after the script ran and an
+// exported notebook may carry the script in an output below the viewers it serves. Running the script again (a
+// re-run cell, a duplicated output) changes nothing: the copy already installed just looks for new viewers.
 (function () {
   "use strict";
+  const VERSION = typeof WB_WIDGETS_VERSION === "string" ? WB_WIDGETS_VERSION : "";
+  if (window.wbWidgets && window.wbWidgets.version === VERSION) {
+    window.wbWidgets.scan();
+    return;
+  }
+  if (window.wbWidgets) window.wbWidgets.stop();  // an older copy (the package was upgraded): this one takes over
   function decode(b64) {
     const bin = atob(b64), out = new Uint8Array(bin.length);
     for (let i = 0; i < bin.length; i++) out[i] = bin.charCodeAt(i);
@@ -336,15 +349,65 @@
     draw();
     root.dataset.ready = "1";
   }
-  // widgets.css: `workbench.widgets.WIDGETS_JS` defines WB_WIDGETS_CSS ahead of this script
-  const style = typeof WB_WIDGETS_CSS === "string" ? WB_WIDGETS_CSS : "";
-  function start() {
-    const s = document.createElement("style");
-    s.textContent = style;
-    document.head.appendChild(s);
-    document.querySelectorAll(".wb-attn").forEach(attentionViewer);
-    document.querySelectorAll(".wb-graph").forEach(graphViewer);
+  function featureCard(root) {  // an SAE feature's dashboard (HTML from workbench/report/dashboards.py)
+    const readout = el("div", {class: "wb-f-readout"}, "Hover a token for its activation.");
+    root.insertBefore(readout, root.querySelector(".wb-f-body"));
+    root.addEventListener("mouseover", (ev) => {
+      const tok = ev.target.closest(".tok[data-act]");
+      if (!tok || !root.contains(tok)) return;
+      root.querySelectorAll(".tok.wb-f-hot").forEach((t) => t.classList.remove("wb-f-hot"));
+      tok.classList.add("wb-f-hot");
+      readout.textContent = "'" + tok.textContent + "': activation " + tok.dataset.act;
+    });
+    root.dataset.ready = "1";
   }
-  if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);
-  else start();
+  function plotlyFigure(root) {  // a plotly figure whose plotly.js came in a notebook output (see mount)
+    const d = JSON.parse(root.querySelector("script.wb-data").textContent);
+    const div = el("div", {class: "wb-plotly-plot"});
+    root.appendChild(div);
+    window.Plotly.newPlot(div, d.figure.data, d.figure.layout, d.config).then(() => { root.dataset.ready = "1"; });
+  }
+  const KINDS = [[".wb-attn", attentionViewer], [".wb-graph", graphViewer], [".wb-feature", featureCard],
+                 [".wb-plotly", plotlyFigure]];
+  const SELECTOR = KINDS.map(([sel]) => sel).join(",");
+  function mount(root) {
+    if (root.dataset.wbMounted) return;
+    if (root.matches(".wb-plotly") && typeof window.Plotly === "undefined") return;  // built when plotly.js runs
+    root.dataset.wbMounted = "1";
+    const [, build] = KINDS.find(([sel]) => root.matches(sel));
+    try {
+      build(root);
+    } catch (err) {
+      console.error("workbench viewer:", err);
+    }
+  }
+  function scan(node) {
+    const where = node || document;
+    if (where.matches && where.matches(SELECTOR)) mount(where);
+    where.querySelectorAll(SELECTOR).forEach(mount);
+  }
+  // widgets.css: `workbench.report.scripts.WIDGETS_JS` defines WB_WIDGETS_CSS ahead of this script
+  const style = document.createElement("style");
+  style.id = "wb-widgets-css";
+  style.textContent = typeof WB_WIDGETS_CSS === "string" ? WB_WIDGETS_CSS : "";
+  const old = document.getElementById(style.id);
+  if (old) old.remove();
+  (document.head || document.documentElement).appendChild(style);
+  const observer = new MutationObserver((records) => {
+    for (const r of records) r.addedNodes.forEach((n) => { if (n.nodeType === 1) scan(n); });
+  });
+  function start() {
+    scan();
+    observer.observe(document.documentElement, {childList: true, subtree: true});
+  }
+  window.wbWidgets = {version: VERSION, scan: () => scan(),
+                      stop: () => { observer.disconnect(); style.remove(); }};
+  // While the page is still parsing, only what lies above this script is complete: build that now and the rest
+  // once parsing ends (an observer would see a viewer's root before its data).
+  if (document.readyState === "loading") {
+    scan();
+    document.addEventListener("DOMContentLoaded", start);
+  } else {
+    start();
+  }
 })();
