@@ -64,7 +64,7 @@ def token_heatmap(z_RS: np.ndarray, tokens: Sequence[str], rows: Sequence[str], 
 def logit_lens_figure(lens: LogitLens, tokens: Sequence[str], top_tokens: Sequence[Sequence[str]], title: str
                       ) -> go.Figure:
     """The logit lens of one prompt as a captioned token heatmap: a row per readout, a cell per position holding
-    the top prediction (`top_tokens` [R][S], readable strings) shaded by its probability; the hover adds the
+    the top prediction (`top_tokens`: R rows of S readable strings) shaded by its probability; the hover adds the
     probability of the token that really comes next. `tokens` are the prompt's (at least S of them)."""
     R, S = lens.next_prob_RS.shape
     tokens = list(tokens)[:S]
