@@ -87,6 +87,8 @@ class KVCache:
                              "fit. Make a larger cache (at most n_ctx), or start again with a shorter input.")
         device = tokens_BS.device
         real_BS = None
+        if attention_mask_BS is not None and attention_mask_BS.ndim == 1:
+            attention_mask_BS = attention_mask_BS[None]  # one row, as the tokens [S] become [1, S]
         if attention_mask_BS is not None:
             if attention_mask_BS.shape != tokens_BS.shape:
                 raise InputError(f"attention_mask has shape {tuple(attention_mask_BS.shape)}; it must match the "
@@ -309,6 +311,9 @@ def _prompt(model: GeneratesText, input: Any, prepend_bos: Optional[bool], atten
     # TransformerLens's defaults.
     bos = bool(model.cfg.default_prepend_bos if prepend_bos is None else prepend_bos)
     with_bos = [bos or not t for t in texts]
+    if any(not t for t in texts) and getattr(model.tokenizer, "bos_token_id", None) is None:
+        raise InputError("An empty prompt starts from the BOS token, and this model's tokenizer has none; "
+                         "give each prompt at least one token.")
     rows = [model.to_tokens(t, prepend_bos=b)[0] for t, b in zip(texts, with_bos)]
     S = max(len(r) for r in rows)
     pad = _eos_of(model.tokenizer)

@@ -29,6 +29,7 @@ import math
 import re
 import weakref
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import numpy as np
@@ -64,7 +65,7 @@ class LensConfig:
 
     def __eq__(self, other: object) -> bool:
         """Equal to a `ModelConfig` (bound or not) with the same fields."""
-        if not (isinstance(other, LensConfig) or isinstance(self, type(other))):
+        if not hasattr(other, "to_dict") or not (isinstance(other, LensConfig) or isinstance(self, type(other))):
             return NotImplemented
         return self.to_dict() == other.to_dict()  # type: ignore[attr-defined]
 
@@ -107,12 +108,10 @@ class LensConfig:
 
     @property
     def model_name(self) -> str:
-        """The name its folder records ('attn-only-2l'), else the folder's name; '' for a model built in
-        memory."""
-        model = self._bound_model()
-        folder = getattr(model, "folder", None)
-        name = getattr(model, "meta", {}).get("name")
-        return str(name) if name else (folder.name if folder is not None else "")
+        """The model folder's name ('attn-only-2l'), as `workbench.adapter.provenance.model_name_of`
+        names a model; '' for a model built in memory."""
+        folder = getattr(self._bound_model(), "folder", None)
+        return Path(folder).name if folder is not None else ""
 
     @property
     def d_vocab_out(self) -> int:

@@ -342,6 +342,7 @@ class Transformer(LensSurface, HookedRootModule):
         self.tokenizer = tokenizer
         self.folder: Optional[Path] = None  # the model folder it was loaded from, if any
         self.meta: dict[str, Any] = {}  # that folder's config.json (training config, step, ...)
+        cfg = self.cfg  # every part holds the one config, bound to this model
         self.embed = Embed(cfg)
         self.hook_embed = HookPoint()  # [B, S, D]
         self.pos_embed = PosEmbed(cfg)
@@ -425,11 +426,14 @@ class Transformer(LensSurface, HookedRootModule):
                 attention_mask: Optional[torch.Tensor] = None, past_kv_cache: Optional[KVCache] = None):
         """tokens [B, S] -> logits [B, S, V], mean next-token loss [], or (logits, loss). The tokens follow
         those `past_kv_cache` holds, if given; `attention_mask` [B, S] is 0 on (left) padding."""
-        if return_type not in ("logits", "loss", "both", None) or (
-                attention_mask is not None and return_type in ("loss", "both")):
-            raise InputError(f"return_type must be 'logits', 'loss', 'both' or None (no loss with an "
-                             f"attention_mask), got {return_type!r}.")
+        if return_type not in ("logits", "loss", "both", None):
+            raise InputError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}.")
+        if attention_mask is not None and return_type in ("loss", "both"):
+            raise InputError("No loss with an attention_mask: padded positions have no next token to predict. "
+                             "Ask for return_type='logits' and score the real positions yourself.")
         tokens_BS = self.check_tokens(tokens)
+        if attention_mask is not None and past_kv_cache is None and bool(attention_mask.bool().all()):
+            attention_mask = None  # nothing is padded: the plain causal forward
         kv = past_kv_cache
         if kv is None and attention_mask is not None:  # padded rows: masks and positions as with a cache
             kv = KVCache(self.cfg, *tokens_BS.shape)
@@ -439,9 +443,10 @@ class Transformer(LensSurface, HookedRootModule):
             resid_BSD = block(resid_BSD, None if kv is None else kv.layers[i])
         if kv is not None:
             kv.commit()
-        logits_BSV = self.unembed(self.ln_final(resid_BSD))
+        x_BSD = self.ln_final(resid_BSD)  # its hooks fire for return_type=None too
         if return_type is None:
             return None
+        logits_BSV = self.unembed(x_BSD)
         if return_type == "logits":
             return logits_BSV
         loss = lm_loss(logits_BSV, tokens_BS)

@@ -214,6 +214,9 @@ def write_report(out: Union[str, Path], sections: list[Section], title: str = "w
         (tmp / "metrics.json").write_text(metrics)
         for s in sections:
             for rel, data in s.files.items():
+                if Path(rel).is_absolute() or ".." in Path(rel).parts:
+                    raise InputError(f"The {s.analysis} study gave a file path {rel!r} outside its folder of the "
+                                     "report; a study's files() must name paths inside it.")
                 path = tmp / s.slug / rel
                 path.parent.mkdir(parents=True, exist_ok=True)
                 if isinstance(data, bytes):

@@ -120,7 +120,8 @@ def _running_cell(shell: Any) -> Optional[str]:
     kernel = getattr(shell, "kernel", None)  # a terminal IPython has no kernel
     if kernel is None:
         return None
-    return (kernel.get_parent().get("metadata") or {}).get("cellId")
+    get_parent = getattr(kernel, "get_parent", None)  # ipykernel 6 and later
+    return (get_parent().get("metadata") or {}).get("cellId") if get_parent is not None else None
 
 
 def page_scripts(needs: Sequence[str], force: bool = False) -> str:

@@ -45,7 +45,7 @@ def prompt_tokens(model: HookedModel, prompt: Prompt) -> torch.Tensor:
     if isinstance(prompt, str):
         if model.tokenizer is None:
             raise InputError(f"{model_label(model)} has no tokenizer, so it cannot read text; pass token ids.")
-        tokens = model.to_tokens(prompt)
+        tokens = model.to_tokens(prompt, truncate=False)  # too long is an error below, not a silent cut
     else:
         tokens = torch.as_tensor(prompt, dtype=torch.long)
         tokens = tokens[None] if tokens.ndim == 1 else tokens

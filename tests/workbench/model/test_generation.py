@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 
+import workbench
 from tests.conftest import tiny_config
 from workbench.data.tokenizer import TextCodec, byte_tokenizer
 from workbench.errors import InputError
@@ -317,3 +318,9 @@ def test_a_bridge_generates_with_transformerlens_own_loop(tiny_gpt2):
     assert isinstance(text, str) and text.startswith("def main")
     with torch.no_grad():
         assert torch.equal(bridge(out[:, :-1])[:, tokens.shape[1] - 1:].argmax(-1), out[:, tokens.shape[1]:])
+
+
+def test_an_empty_prompt_on_a_tokenizer_without_a_bos_says_so():
+    model = workbench.load("modular-addition", device="cpu")
+    with pytest.raises(InputError, match="empty prompt starts from the BOS"):
+        model.generate("", max_new_tokens=1, verbose=False)

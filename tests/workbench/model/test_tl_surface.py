@@ -292,3 +292,24 @@ def test_the_bound_config_follows_copies_and_pickles_and_keeps_no_model_alive():
         assert gone() is None  # no reference cycle through the config: freed as soon as it is dropped
     finally:
         gc.enable()
+
+
+def test_every_part_holds_the_bound_config_and_the_name_is_the_folders(tmp_path):
+    model = workbench.load("attn-only-2l", device="cpu")
+    assert model.blocks[0].attn.cfg is model.cfg and model.blocks[0].attn.cfg.device == torch.device("cpu")
+    assert model.cfg.model_name == "attn-only-2l"
+    assert (model.cfg == object()) is False  # not comparable: not equal, and no error
+    workbench.save_model(model, tmp_path / "renamed")
+    assert workbench.load(tmp_path / "renamed", device="cpu").cfg.model_name == "renamed"  # as model_name_of says
+
+
+def test_a_mask_with_nothing_padded_is_the_plain_forward_and_return_type_none_skips_the_unembedding():
+    model = workbench.load("attn-only-2l", device="cpu")
+    tokens = model.to_tokens("def f(x):")
+    assert torch.equal(model(tokens, attention_mask=torch.ones_like(tokens)), model(tokens))
+    seen = []
+    with model.hooks(fwd_hooks=[("ln_final.hook_normalized", lambda x, hook: seen.append(x.shape))]):
+        assert model(tokens, return_type=None) is None
+    assert seen == [(1, tokens.shape[1], model.cfg.d_model)]
+    with pytest.raises(InputError, match="No loss with an attention_mask"):
+        model(tokens, return_type="loss", attention_mask=torch.ones_like(tokens))

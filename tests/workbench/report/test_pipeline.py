@@ -114,3 +114,11 @@ def test_run_analysis_takes_a_loaded_model_not_a_name(attn_model):
     cfg = make_config(get_analysis("model-card"), {"repeat_len": 8, "prompt": "ab ab ab"})
     # built in memory: no folder and no recorded name, so the label is its type
     assert run_analysis("model-card", attn_model, cfg).model == "Transformer"
+
+
+@pytest.mark.parametrize("rel", ["../escaped.html", "/tmp/absolute.html"])
+def test_a_study_file_outside_its_folder_is_refused(tmp_path, rel):
+    section = Section("model-card", "m", {}, {}, [], 0.0, {rel: "x"})
+    with pytest.raises(InputError, match="outside its folder"):
+        write_report(tmp_path / "report", [section])
+    assert not (tmp_path / "escaped.html").exists() and not (tmp_path / "report").exists()
