@@ -39,6 +39,7 @@ The package, lowest module first (each imports only those before it):
     weights       norm scales, head weights, embeddings, the unembedding and the verified fold
     decompose     the residual stream in parts, from cached activations
     edits         run_with_knockout with the verified method, random_control
+    sites         require_edit: an edit at a hook point is seen to change the logits, or a refusal
 
 and beside them, reading no Architecture: `provenance` (a model's name, training log, checkpoints and
 validation rows, as its folder records them) and `tokens` (readable token strings).
@@ -71,6 +72,7 @@ from workbench.adapter.provenance import (
     training_log,
     validation_rows,
 )
+from workbench.adapter.sites import require_edit, require_hook
 from workbench.adapter.tokens import token_strings
 from workbench.adapter.weights import (
     effective_embedding_std,
@@ -86,6 +88,6 @@ __all__ = ["Architecture", "Checkpoint", "DoesNotApplyError", "FoldedWeights", "
            "NormKind", "Piece", "Positional", "apply_final_norm", "attn_bias_output", "checkpoints", "comparable_name",
            "describe", "effective_embedding_std", "embedding_matrix", "final_norm_hooks", "folded_weights",
            "head_output_hooks", "head_outputs", "head_weights", "head_write_change", "model_label", "model_name_of",
-           "norm_bias", "norm_scale", "normalize", "positional_matrix", "random_control", "run_folder",
+           "norm_bias", "norm_scale", "normalize", "positional_matrix", "random_control", "require_edit", "require_hook", "run_folder",
            "run_with_knockout", "token_strings", "tokens_seen", "training_data", "training_log", "uncap_logits",
            "unembed", "validation_rows"]

@@ -423,24 +423,48 @@ class Transformer(LensSurface, HookedRootModule):
         return tokens.long()
 
     def forward(self, tokens: torch.Tensor, return_type: ReturnType = "logits", *,
-                attention_mask: Optional[torch.Tensor] = None, past_kv_cache: Optional[KVCache] = None):
+                attention_mask: Optional[torch.Tensor] = None, past_kv_cache: Optional[KVCache] = None,
+                start_at_layer: Optional[int] = None, stop_at_layer: Optional[int] = None):
         """tokens [B, S] -> logits [B, S, V], mean next-token loss [], or (logits, loss). The tokens follow
-        those `past_kv_cache` holds, if given; `attention_mask` [B, S] is 0 on (left) padding."""
+        those `past_kv_cache` holds, if given; `attention_mask` [B, S] is 0 on (left) padding.
+
+        As in TransformerLens: with `start_at_layer` l, `tokens` is the residual stream [B, S, D]
+        entering block l (blocks.l.hook_resid_pre); with `stop_at_layer` l, the run stops before
+        block l and returns the residual stream there (l = n_layers: after the last block, before
+        ln_final). Neither goes with a KV cache, a mask or a loss."""
         if return_type not in ("logits", "loss", "both", None):
             raise InputError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}.")
         if attention_mask is not None and return_type in ("loss", "both"):
             raise InputError("No loss with an attention_mask: padded positions have no next token to predict. "
                              "Ask for return_type='logits' and score the real positions yourself.")
-        tokens_BS = self.check_tokens(tokens)
-        if attention_mask is not None and past_kv_cache is None and bool(attention_mask.bool().all()):
-            attention_mask = None  # nothing is padded: the plain causal forward
-        kv = past_kv_cache
-        if kv is None and attention_mask is not None:  # padded rows: masks and positions as with a cache
-            kv = KVCache(self.cfg, *tokens_BS.shape)
-        pos_BS = None if kv is None else kv.begin(tokens_BS, attention_mask)  # [B, S] positions, per row if padded
-        resid_BSD = self.hook_embed(self.embed(tokens_BS)) + self.hook_pos_embed(self.pos_embed(tokens_BS, pos_BS))
-        for i, block in enumerate(self.blocks):
-            resid_BSD = block(resid_BSD, None if kv is None else kv.layers[i])
+        L = self.cfg.n_layers
+        if start_at_layer is not None or stop_at_layer is not None:
+            start, stop = start_at_layer or 0, L if stop_at_layer is None else stop_at_layer
+            if not (0 <= start <= stop <= L):
+                raise InputError(f"Need 0 <= start_at_layer <= stop_at_layer <= n_layers = {L}; got "
+                                 f"{start_at_layer} and {stop_at_layer}.")
+            if attention_mask is not None or past_kv_cache is not None or (
+                    start_at_layer is not None and return_type in ("loss", "both")):
+                raise InputError("start_at_layer and stop_at_layer go without attention_mask, past_kv_cache and, "
+                                 "with start_at_layer, without a loss (there are no tokens to predict).")
+        if start_at_layer is None:
+            tokens_BS = self.check_tokens(tokens)
+            if attention_mask is not None and past_kv_cache is None and bool(attention_mask.bool().all()):
+                attention_mask = None  # nothing is padded: the plain causal forward
+            kv = past_kv_cache
+            if kv is None and attention_mask is not None:  # padded rows: masks and positions as with a cache
+                kv = KVCache(self.cfg, *tokens_BS.shape)
+            pos_BS = None if kv is None else kv.begin(tokens_BS, attention_mask)  # [B, S] positions, per row if padded
+            resid_BSD = self.hook_embed(self.embed(tokens_BS)) + self.hook_pos_embed(self.pos_embed(tokens_BS, pos_BS))
+        else:
+            if tokens.ndim != 3 or tokens.shape[-1] != self.cfg.d_model or not tokens.is_floating_point():
+                raise InputError(f"With start_at_layer the input is the residual stream [batch, seq, "
+                                 f"{self.cfg.d_model}]; got {tuple(tokens.shape)} of {tokens.dtype}.")
+            resid_BSD, kv, tokens_BS = tokens, None, None
+        for i in range(start_at_layer or 0, L if stop_at_layer is None else stop_at_layer):
+            resid_BSD = self.blocks[i](resid_BSD, None if kv is None else kv.layers[i])
+        if stop_at_layer is not None:
+            return resid_BSD
         if kv is not None:
             kv.commit()
         x_BSD = self.ln_final(resid_BSD)  # its hooks fire for return_type=None too
