@@ -12,6 +12,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from workbench.compute.lens import LogitLens
+from workbench.compute.patching.result import PatchingResult
 
 LAYOUT = dict(template="plotly_white", margin=dict(l=60, r=20, t=60, b=50))
 
@@ -148,3 +149,66 @@ def table(rows: Sequence[tuple[str, str]], title: str) -> go.Figure:
     fig = go.Figure(go.Table(header=dict(values=["", ""]), cells=dict(values=[list(keys), list(values)], align="left")))
     fig.update_layout(title=title, height=60 + 28 * len(rows), **LAYOUT)
     return fig
+
+
+def patching_figure(result: PatchingResult) -> go.Figure:
+    """A patching result as a heatmap (a bar chart for one axis; a layer picker for three axes),
+    coloured by the metric after each patch; an estimate's check against exact patching beside it
+    as a scatter with the line estimate = exact, and its correlation and worst error in the title."""
+    unit = "normalised metric (clean 1, corrupt 0)" if result.normalized else result.metric
+    title = f"{result.method}: {result.site} by {result.by} ({result.direction}, {result.task})"
+    values, labels, axes = result.values, result.labels, result.axes
+    if len(axes) == 3:  # (layer, position, head): one heatmap per layer
+        main = heatmap_picker(values.transpose(0, 2, 1), labels[0], labels[1], labels[2], title, axes[1], axes[2],
+                              colorbar=unit, colorscale="RdBu", zmid=0.0 if result.normalized else None)
+        main_traces = list(main.data)
+    elif len(axes) == 2:
+        main_traces = [go.Heatmap(z=values, x=list(labels[1]), y=list(labels[0]), colorscale="RdBu",
+                                  zmid=(0.0 if result.normalized else None),
+                                  colorbar=dict(title=dict(text=unit, side="right")),
+                                  hovertemplate=f"{axes[0]} %{{y}}<br>{axes[1]} %{{x}}<br>%{{z:.3f}}<extra></extra>")]
+        main = None
+    else:
+        main_traces = [go.Bar(x=[" ".join(lab) for lab in labels[0]] if axes else ["all"], y=values.reshape(-1),
+                              hovertemplate="%{x}: %{y:.3f}<extra></extra>")]
+        main = None
+    check = result.check
+    if check is None:
+        fig = main or go.Figure(main_traces)
+        if main is None:
+            fig.update_layout(title=title, xaxis_title=axes[-1] if axes else "", yaxis_title=axes[0] if len(axes) == 2
+                              else unit, **LAYOUT)
+            if len(axes) == 2:
+                fig.update_yaxes(autorange="reversed")
+        return captioned(fig, _patching_caption(result))
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.62, 0.38], horizontal_spacing=0.14,
+                        subplot_titles=(title, "estimate against exact patching"))
+    for trace in main_traces:
+        fig.add_trace(trace, row=1, col=1)
+    lo = float(min(check.exact.min(), check.estimate.min()))
+    hi = float(max(check.exact.max(), check.estimate.max()))
+    fig.add_trace(go.Scatter(x=check.exact, y=check.estimate, mode="markers", name="checked patches",
+                             text=[" ".join(lab) for lab in check.labels],
+                             hovertemplate="%{text}<br>exact %{x:.3f}<br>estimate %{y:.3f}<extra></extra>"), row=1, col=2)
+    fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", name="estimate = exact",
+                             line=dict(dash="dash", color="gray")), row=1, col=2)
+    fig.update_xaxes(title_text="exact", row=1, col=2)
+    fig.update_yaxes(title_text="estimate", row=1, col=2)
+    if len(axes) >= 2:
+        fig.update_yaxes(autorange="reversed", row=1, col=1)
+    if main is not None:
+        fig.update_layout(updatemenus=main.layout.updatemenus)
+    fig.update_layout(showlegend=False, height=520, **LAYOUT)
+    return captioned(fig, _patching_caption(result))
+
+
+def _patching_caption(result: PatchingResult) -> str:
+    what = ("how much of the clean behaviour one clean piece restores in the corrupt run" if result.direction ==
+            "denoise" else "how much of the clean behaviour is left when one piece is corrupted")
+    text = (f"Each cell is the {result.metric} after one patch ({what}); clean {result.clean:.3g}, corrupt "
+            f"{result.corrupt:.3g}.")
+    if result.check is not None:
+        text += f" The linear estimate, {result.check.summary()}."
+    return text

@@ -7,6 +7,7 @@ notebook (see `workbench.report.scripts`).
     show_logit_lens(model, "The cat sat on the mat. The cat sat")  what the model would predict after each layer
     show_feature(model, sae, 12)                                   one SAE latent's dashboard
     show_graph(graph)                                              an attribution graph
+    show_patching(result)                                          a patching result (and an estimate's check)
 
 A prompt is text (read with the model's `to_tokens`, so a BOS comes first where the model adds one) or
 token ids ([S] or [1, S]).
@@ -30,7 +31,8 @@ from workbench.compute.lens import logit_lens
 from workbench.errors import InputError
 from workbench.model.hooked import HookedModel
 from workbench.report.dashboards import feature_card
-from workbench.report.plotting import logit_lens_figure
+from workbench.compute.patching.result import PatchingResult
+from workbench.report.plotting import logit_lens_figure, patching_figure
 from workbench.report.widgets import Widget, attention_viewer, figure_widget, graph_viewer
 from workbench.sae.features import collect_feature_data
 from workbench.sae.modules import SAE
@@ -129,3 +131,11 @@ def show_graph(graph: Union[AttributionGraph, dict], max_nodes: int = 80, title:
                         "Nodes are tokens (bottom), transcoder features and error terms (by layer) and logits (top); "
                         "edges are direct effects. Click a node for its strongest inputs and outputs; the sliders "
                         "re-prune.")
+
+
+def show_patching(result: PatchingResult) -> Widget:
+    """A patching result (`activation_patch`, `attribution_patch`) as a figure: heatmap by its axes,
+    and for an estimate, the scatter of its check against exact patching."""
+    if not isinstance(result, PatchingResult):
+        raise InputError(f"show_patching takes a PatchingResult, not a {type(result).__name__}.")
+    return figure_widget(patching_figure(result))

@@ -213,3 +213,20 @@ def test_results_are_strict_json(attn2):
     r = attribution_patch(attn2, task, "resid_pre", by="position", check=4, progress=False)
     text = json.dumps(r.to_dict(), allow_nan=False)
     assert json.loads(text)["check"]["n"] == 4
+
+
+def test_figures_show_every_axis_and_the_check(attn2):
+    from workbench.report import show_patching
+    from workbench.report.plotting import caption_of, patching_figure
+
+    task = induction_task(attn2, n_prompts=2, half=5)
+    two = activation_patch(attn2, task, "z", by="head", progress=False)
+    fig = patching_figure(two)
+    assert fig.data[0].type == "heatmap" and list(fig.data[0].y) == ["L0", "L1"] and "clean" in caption_of(fig)
+    three = attribution_patch(attn2, task, "z", by="head_position", check=6, progress=False)
+    fig = patching_figure(three)
+    assert [t.type for t in fig.data] == ["heatmap", "heatmap", "scatter", "scatter"]  # one heatmap per layer
+    assert "correlation" in caption_of(fig) and len(fig.data[2].x) == 6
+    assert "wb-plotly" in show_patching(three)._repr_html_()
+    with pytest.raises(InputError, match="PatchingResult"):
+        show_patching({"values": []})
