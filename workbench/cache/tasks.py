@@ -69,9 +69,9 @@ class PatchingTask:
 
     def to(self, device: torch.device) -> "PatchingTask":
         """The same task with every tensor on `device`."""
-        move = (lambda t: None if t is None else t.to(device))
-        return PatchingTask(self.name, move(self.clean), move(self.corrupt), move(self.position), move(self.answer),
-                            move(self.wrong))
+        wrong = None if self.wrong is None else self.wrong.to(device)
+        return PatchingTask(self.name, self.clean.to(device), self.corrupt.to(device), self.position.to(device),
+                            self.answer.to(device), wrong)
 
 
 def _device(model: HookedModel) -> torch.device:

@@ -191,7 +191,8 @@ def patching_figure(result: PatchingResult) -> go.Figure:
     hi = float(max(check.exact.max(), check.estimate.max()))
     fig.add_trace(go.Scatter(x=check.exact, y=check.estimate, mode="markers", name="checked patches",
                              text=[" ".join(lab) for lab in check.labels],
-                             hovertemplate="%{text}<br>exact %{x:.3f}<br>estimate %{y:.3f}<extra></extra>"), row=1, col=2)
+                             hovertemplate="%{text}<br>exact %{x:.3f}<br>estimate %{y:.3f}<extra></extra>"),
+                  row=1, col=2)
     fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", name="estimate = exact",
                              line=dict(dash="dash", color="gray")), row=1, col=2)
     fig.update_xaxes(title_text="exact", row=1, col=2)

@@ -28,10 +28,10 @@ from workbench.cache.rows import held_out_text
 from workbench.compute.attribution_graph.files import viewer_data
 from workbench.compute.attribution_graph.graph import AttributionGraph
 from workbench.compute.lens import logit_lens
+from workbench.compute.patching.result import PatchingResult
 from workbench.errors import InputError
 from workbench.model.hooked import HookedModel
 from workbench.report.dashboards import feature_card
-from workbench.compute.patching.result import PatchingResult
 from workbench.report.plotting import logit_lens_figure, patching_figure
 from workbench.report.widgets import Widget, attention_viewer, figure_widget, graph_viewer
 from workbench.sae.features import collect_feature_data

@@ -12,7 +12,7 @@ from workbench.adapter import DoesNotApplyError
 from workbench.cache.tasks import PatchingTask, fact_task, induction_task, modular_task, task_from_strings
 from workbench.compute.attention_scores import induction_score, previous_token_score
 from workbench.compute.patching import activation_patch, attribution_patch
-from workbench.compute.patching.metrics import answer_logprob, logit_diff
+from workbench.compute.patching.metrics import answer_logprob
 from workbench.errors import InputError
 
 
@@ -92,15 +92,17 @@ def test_attribution_estimate_tracks_exact_patching_and_says_how_well(attn2):
     print("attribution patching vs exact on attn-only-2l induction, heads:", est.check.summary())
 
 
-def test_attribution_is_exact_where_the_metric_is_linear(attn2):
-    """logit_diff is linear in the final residual stream, so the estimate at resid_post of the
-    last layer is exact (up to the final LayerNorm, which attn-only-2l has: checked by its size)."""
-    task = induction_task(attn2, n_prompts=4)
-    task = PatchingTask("linear", task.clean, task.corrupt, task.position, task.answer, task.answer.roll(1, 0))
-    est = attribution_patch(attn2, task, "z", by="head", layers=[1], metric=logit_diff, normalized=False,
-                            check=4, progress=False)
-    print("layer-1 heads, logit_diff:", est.check.summary())
-    assert est.check.correlation > 0.9
+def test_attribution_is_exact_where_the_metric_is_linear():
+    """In the one-layer modular-addition model (no LayerNorm) the logits are linear in the MLP's
+    neurons, so logit_diff's linear estimate of patching one neuron is exact."""
+    model = workbench.load("modular-addition", device="cpu")
+    task = modular_task(model, n_prompts=16)
+    est = attribution_patch(model, task, "blocks.0.mlp.hook_post", by="feature", features=range(64), check=32,
+                            progress=False)
+    assert est.check.max_abs_error < 1e-5 and est.check.correlation > 0.9999
+    # and where it is not linear (the attention softmax), the check says so
+    heads = attribution_patch(model, task, "pattern", by="head", check=4, progress=False)
+    assert heads.check.max_abs_error > 1e-3
 
 
 def test_facts_patching_finds_the_sites_causal_tracing_finds(facts):
@@ -230,3 +232,25 @@ def test_figures_show_every_axis_and_the_check(attn2):
     assert "wb-plotly" in show_patching(three)._repr_html_()
     with pytest.raises(InputError, match="PatchingResult"):
         show_patching({"values": []})
+
+
+def test_spliced_transcoder_latents_are_patched_like_heads():
+    """The shipped gelu-2l transcoders spliced in: their latents are a site like any other, for
+    exact and attribution patching, and the error term keeps the unpatched run the model's own."""
+    from workbench.sae import splice
+    from workbench.sae.transcoders import load_transcoders
+
+    model = workbench.load("gelu-2l", device="cpu")
+    task = induction_task(model, n_prompts=4, half=8)
+    plain = activation_patch(model, task, "mlp_out", by="layer", progress=False)
+    with splice(model, load_transcoders(workbench.model.loading.models_dir() / "gelu-2l" / "transcoders")):
+        site = "blocks.1.hook_mlp_out.hook_sae_acts_post"
+        exact = activation_patch(model, task, site, by="feature", features=range(24), progress=False)
+        est = attribution_patch(model, task, site, by="feature", features=range(24), check=12, progress=False)
+        spliced = activation_patch(model, task, "mlp_out", by="layer", progress=False)
+    assert spliced.clean == pytest.approx(plain.clean, abs=1e-4) and spliced.corrupt == pytest.approx(plain.corrupt,
+                                                                                                      abs=1e-4)
+    assert np.isfinite(exact.values).all() and np.abs(exact.effects).max() > 0
+    by_label = dict(zip(exact.labels[0], exact.values))
+    np.testing.assert_allclose(est.check.exact, [by_label[lab[0]] for lab in est.check.labels], atol=1e-6)
+    assert site not in model.hook_dict  # splice left the model as it was

@@ -75,8 +75,8 @@ def _final_resid(model: HookedModel, inputs: torch.Tensor, hooks: list, **kwargs
         raise _Stop
 
     try:
-        model.run_with_hooks(inputs, fwd_hooks=[*hooks, (f"blocks.{int(model.cfg.n_layers) - 1}.hook_resid_post", stop)],
-                             **kwargs)
+        last = f"blocks.{int(model.cfg.n_layers) - 1}.hook_resid_post"
+        model.run_with_hooks(inputs, fwd_hooks=[*hooks, (last, stop)], **kwargs)
     except _Stop:
         return kept[0]
     raise DoesNotApplyError(f"{adapter.describe(model).label}: the last block's hook_resid_post did not fire.")
@@ -213,7 +213,7 @@ def run_patches(model: HookedModel, task: PatchingTask, base: torch.Tensor, sour
             by_hook[patches[i].hook].append((j, patches[i].index))
         fired: set[str] = set()
 
-        def writer(name: str, items: list[tuple[int, tuple]]):
+        def writer(name: str, items: list[tuple[int, tuple]], k: int = k, fired: set[str] = fired):
             src = source[name]
 
             def write(act: torch.Tensor, hook) -> torch.Tensor:

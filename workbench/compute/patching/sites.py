@@ -102,7 +102,7 @@ def make_patches(hooks: Sequence[str], labels: Sequence[str], shapes: Sequence[t
         n_pos = shape[pos_axis]
         n_heads = shape[head_axis] if head_axis is not None else 0
 
-        def index(pos=every, head=every, feature=every) -> tuple:
+        def index(pos=every, head=every, feature=every, shape=shape, pos_axis=pos_axis, head_axis=head_axis) -> tuple:
             idx = [every] * len(shape)
             idx[pos_axis] = pos
             if head_axis is not None:
