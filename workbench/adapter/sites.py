@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from workbench.adapter.probe import _probe_tokens, describe
 from workbench.adapter.architecture import DoesNotApplyError
+from workbench.adapter.probe import _probe_tokens, describe
 from workbench.errors import InputError
 from workbench.model.hooked import HookedModel
 
