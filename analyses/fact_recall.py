@@ -12,8 +12,7 @@ A facts file is a JSON list of {"prompt", "subject", "target"} (the target a sin
 from __future__ import annotations
 
 import json
-import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -24,7 +23,8 @@ from tqdm.auto import tqdm
 
 from workbench.adapter import random_control
 from workbench.adapter.provenance import model_label
-from workbench.cache.collect import run_collect
+from workbench.cache.collect import layer_hooks
+from workbench.cache.probing import probe_activations, split_prompts
 from workbench.compute.causal_tracing import (
     GROUPS,
     FactPrompt,
@@ -35,6 +35,7 @@ from workbench.compute.causal_tracing import (
     top1_hits,
 )
 from workbench.compute.logit_attribution import direct_logit_attribution
+from workbench.compute.probes import ProbeConfig, ProbeSweep, fit_probes
 from workbench.config import check_types
 from workbench.data.facts import KnowledgeBase
 from workbench.errors import InputError, check_field
@@ -115,7 +116,9 @@ class FactRecallResult:
     p_clean: float
     p_corrupt: float
     probes: dict[str, dict[str, np.ndarray]]
-    """'model' / 'control' -> position -> held-out accuracy [L]."""
+    """'model' / 'control task' / 'control' -> position -> held-out accuracy [L]: the model's probes, the
+    same probes on Hewitt and Liang's control task (a random attribute per subject), and probes on a
+    randomly initialised model of the same shape."""
     knockout: dict[str, np.ndarray]
     """'subject' / 'other' -> relative drop in p(target) per window start [L]."""
     dla: dict[str, float]
@@ -123,6 +126,8 @@ class FactRecallResult:
     n_known: int
     """Facts (of the first set) the model recalls top-1; the traced facts are drawn from these, or,
     when there are none, from all the facts (and the headlines say so)."""
+    probe_interval: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    """'low' / 'high' -> position -> the bootstrap 95% interval of the model's probe accuracy [L]."""
 
     def total_effect(self) -> float:
         return self.p_clean - self.p_corrupt
@@ -152,6 +157,7 @@ class FactRecallResult:
                 "traces": {c: {g: (None if v is None else json_array(v)) for g, v in d.items()}
                            for c, d in self.traces.items()},
                 "probes": {k: {p: json_array(v) for p, v in d.items()} for k, d in self.probes.items()},
+                "probe_interval": {k: {p: json_array(v) for p, v in d.items()} for k, d in self.probe_interval.items()},
                 "knockout": ({k: json_array(v) for k, v in self.knockout.items()} if self.knockout_defined()
                              else {k: None for k in self.knockout}),
                 "dla": {k: finite(v) for k, v in self.dla.items()}, "mlp_peak": self.mlp_peak(), "notes": notes}
@@ -179,12 +185,14 @@ class FactRecallResult:
                        f"({early.max():.2f}); at the last token it reaches {late[-1]:.2f} by the last layer{of_total}")
         peak = self.mlp_peak()
         out.append(f"MLP effect peaks at layer {peak['layer']}, {peak['position']} ({peak['effect']:.2f})")
-        probe, ctrl = self.probes["model"], self.probes["control"]
+        probe, ctrl, task = self.probes["model"], self.probes["control"], self.probes["control task"]
         for pos in probe:
             best = int(np.argmax(probe[pos]))
-            acc, base = probe[pos][best], ctrl[pos][best]
-            out.append(f"probe at the {pos}: best layer {best}, held-out accuracy {acc:.0%} "
-                       f"(random-init control {base:.0%}, selectivity {acc - base:+.0%})")
+            acc, base, ct = probe[pos][best], ctrl[pos][best], task[pos][best]
+            ci = (f" [{self.probe_interval['low'][pos][best]:.0%}, {self.probe_interval['high'][pos][best]:.0%}]"
+                  if self.probe_interval else "")
+            out.append(f"probe at the {pos}: best layer {best}, held-out accuracy {acc:.0%}{ci} (control task "
+                       f"{ct:.0%}, selectivity {acc - ct:+.0%}; random-init model {base:.0%})")
         ko = self.knockout["subject"]
         if self.knockout_defined():
             out.append(f"blocking last-token attention to the subject hurts most from layer {int(np.argmax(ko))} "
@@ -194,48 +202,16 @@ class FactRecallResult:
         return out
 
 
-def _fit_probes(model: HookedModel, encs: list, labels: list[int], subjects: list[str], cfg: FactRecallConfig
-                ) -> dict[str, np.ndarray]:
-    """Held-out accuracy [L] of a logistic-regression probe for the attribute at each layer and at
-    the last subject token and the last token; train and test subjects never overlap."""
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    L = model.cfg.n_layers
-    names = [f"blocks.{l}.hook_resid_post" for l in range(L)]
-    feats = {"last subject token": [[None] * len(encs) for _ in range(L)],
-             "last token": [[None] * len(encs) for _ in range(L)]}
-    by_len: dict[int, list[int]] = {}
-    for i, enc in enumerate(encs):  # one forward pass per prompt length
-        by_len.setdefault(enc.tokens.shape[1], []).append(i)
-    for rows in by_len.values():
-        for start in range(0, len(rows), 128):
-            chunk = rows[start:start + 128]
-            _, acts = run_collect(model, torch.cat([encs[i].tokens for i in chunk]), names)
-            for l in range(L):
-                a = acts[names[l]].float().cpu().numpy()
-                for j, i in enumerate(chunk):
-                    feats["last subject token"][l][i] = a[j, encs[i].subject[1] - 1]
-                    feats["last token"][l][i] = a[j, -1]
-    uniq = sorted(set(subjects))
-    rng = np.random.default_rng(cfg.seed)
-    test_subjects = set(rng.choice(uniq, size=max(1, int(len(uniq) * cfg.probe_subject_fraction)), replace=False))
-    test = np.array([s in test_subjects for s in subjects])
-    y = np.array(labels)
-    out = {}
-    for pos, per_layer in feats.items():
-        acc = []
-        for l in range(L):
-            X = np.stack(per_layer[l])
-            clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=300, C=0.1))
-            with warnings.catch_warnings():  # a probe that stops short of convergence is still scored on held-out rows
-                warnings.simplefilter("ignore", ConvergenceWarning)
-                clf.fit(X[~test], y[~test])
-            acc.append(float((clf.predict(X[test]) == y[test]).mean()))
-        out[pos] = np.array(acc)
-    return out
+def _probe_sweep(model: HookedModel, encs: list, labels: list[str], subjects: list[str], cfg: FactRecallConfig
+                 ) -> ProbeSweep:
+    """Logistic probes for the attribute at each layer's residual stream, at the last subject token and
+    the last token, scored on held-out subjects (train and test subjects never overlap), with
+    Hewitt and Liang's control task (a random attribute per subject) beside each."""
+    acts = probe_activations(model, [e.tokens[0] for e in encs], layer_hooks(model, "hook_resid_post"),
+                             {"last subject token": [e.subject[1] - 1 for e in encs], "last token": -1},
+                             batch_size=128)
+    split = split_prompts(acts, cfg.probe_subject_fraction, groups=subjects, seed=cfg.seed)
+    return fit_probes(acts, labels, split, ProbeConfig(seed=cfg.seed))
 
 
 @torch.no_grad()
@@ -288,15 +264,20 @@ def compute(model: HookedModel, cfg: FactRecallConfig) -> FactRecallResult:
     n = len(traced)
     traces = {c: {g: (sums[c][g] / counts[g] if counts[g] else None) for g in GROUPS} for c in sums}
     # probes: every fact, attribute label per relation value; control: a random model of the same shape
-    labels_txt = [f.target for f in facts]
-    classes = sorted(set(labels_txt))
-    labels = [classes.index(t) for t in labels_txt]
+    labels = [f.target for f in facts]
     subjects = [f.subject for f in facts]
-    probes = {"model": _fit_probes(model, encs, labels, subjects, cfg),
-              "control": _fit_probes(random_control(model, cfg.seed), encs, labels, subjects, cfg)}
+    sweep = _probe_sweep(model, encs, labels, subjects, cfg)
+    control = _probe_sweep(random_control(model, cfg.seed), encs, labels, subjects, cfg)
+
+    def by_position(a_LQ: np.ndarray) -> dict[str, np.ndarray]:
+        return {pos: a_LQ[:, q] for q, pos in enumerate(sweep.positions)}
+
+    probes = {"model": by_position(sweep.score_SQ), "control task": by_position(sweep.control_SQ),
+              "control": by_position(control.score_SQ)}
+    interval = {"low": by_position(sweep.low_SQ), "high": by_position(sweep.high_SQ)}
     return FactRecallResult(model_label(model), cfg, L, recall, traces,
                             p_clean / n, p_corrupt / n, probes, {k: v / n for k, v in ko_sum.items()},
-                            {k: v / n for k, v in dla_sum.items()}, n, n_known)
+                            {k: v / n for k, v in dla_sum.items()}, n, n_known, interval)
 
 
 def figures(r: FactRecallResult) -> dict[str, go.Figure]:
@@ -322,10 +303,12 @@ def figures(r: FactRecallResult) -> dict[str, go.Figure]:
     xs = {f"{k}: {pos}": list(range(L)) for k in r.probes for pos in r.probes[k]}
     ys = {f"{k}: {pos}": r.probes[k][pos] for k in r.probes for pos in r.probes[k]}
     figs["linear probes"] = captioned(lines(
-        xs, ys, "Probe accuracy for the attribute on held-out subjects (control: a randomly initialised model of the "
-        "same shape)", "layer", "accuracy (share of held-out subjects)"),
+        xs, ys, "Probe accuracy for the attribute on held-out subjects (control task: a random attribute per "
+        "subject; control: a randomly initialised model of the same shape)", "layer",
+        "accuracy (share of held-out subjects)"),
         "A linear probe reads the attribute from the residual stream at each layer, for people it never saw in "
-        "training. Accuracy well above the random-model control means the fact is linearly present there.")
+        "training. Accuracy well above the control task and the random-model control means the fact is linearly "
+        "present there.")
     figs["attention knockout"] = captioned(lines(
         {k: list(range(L)) for k in r.knockout}, r.knockout,
         f"Relative drop in p(target) when the last token cannot attend to them (layers l…l+{r.config.window - 1})",

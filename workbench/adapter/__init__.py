@@ -85,9 +85,9 @@ from workbench.adapter.weights import (
 )
 
 __all__ = ["Architecture", "Checkpoint", "DoesNotApplyError", "FoldedWeights", "HeadWeights", "KnockoutMethod",
-           "NormKind", "Piece", "Positional", "apply_final_norm", "attn_bias_output", "checkpoints", "comparable_name",
-           "describe", "effective_embedding_std", "embedding_matrix", "final_norm_hooks", "folded_weights",
-           "head_output_hooks", "head_outputs", "head_weights", "head_write_change", "model_label", "model_name_of",
-           "norm_bias", "norm_scale", "normalize", "positional_matrix", "random_control", "require_edit", "require_hook", "run_folder",
-           "run_with_knockout", "token_strings", "tokens_seen", "training_data", "training_log", "uncap_logits",
-           "unembed", "validation_rows"]
+           "NormKind", "Piece", "Positional", "apply_final_norm", "attn_bias_output", "checkpoints",
+           "comparable_name", "describe", "effective_embedding_std", "embedding_matrix", "final_norm_hooks",
+           "folded_weights", "head_output_hooks", "head_outputs", "head_weights", "head_write_change", "model_label",
+           "model_name_of", "norm_bias", "norm_scale", "normalize", "positional_matrix", "random_control",
+           "require_edit", "require_hook", "run_folder", "run_with_knockout", "token_strings", "tokens_seen",
+           "training_data", "training_log", "uncap_logits", "unembed", "validation_rows"]

@@ -13,3 +13,27 @@ from workbench.compute.qk_ov import composition_scores, ov_circuit, qk_circuit
 __all__ = ["AttributionGraph", "GraphConfig", "LogitAttribution", "LogitLens", "attention_knockout", "build_graph",
            "causal_trace", "composition_scores", "direct_logit_attribution", "induction_score", "intervene",
            "logit_lens", "ov_circuit", "path_patch", "previous_token_score", "prune", "qk_circuit"]
+
+from workbench.compute.steering import (  # noqa: E402  (appended: steering, issue 27)
+    SteeringResult,
+    direction,
+    feature_direction,
+    generate_steered,
+    mean_difference,
+    random_like,
+    steer,
+    steering_sweep,
+)
+
+__all__ += ["SteeringResult", "direction", "feature_direction", "generate_steered", "mean_difference", "random_like",
+            "steer", "steering_sweep"]
+
+from workbench.compute.probes import (  # noqa: E402  (appended: linear probes, issue 27)
+    DirectionAblation,
+    ProbeConfig,
+    ProbeSweep,
+    ablate_direction,
+    fit_probes,
+)
+
+__all__ += ["DirectionAblation", "ProbeConfig", "ProbeSweep", "ablate_direction", "fit_probes"]

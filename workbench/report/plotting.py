@@ -12,7 +12,10 @@ import numpy as np
 import plotly.graph_objects as go
 
 from workbench.compute.lens import LogitLens
+from workbench.compute.patching.discovery import Circuit, FaithfulnessCurve
 from workbench.compute.patching.result import PatchingResult
+from workbench.compute.probes import ProbeSweep
+from workbench.compute.steering import SteeringResult
 
 LAYOUT = dict(template="plotly_white", margin=dict(l=60, r=20, t=60, b=50))
 
@@ -213,3 +216,146 @@ def _patching_caption(result: PatchingResult) -> str:
     if result.check is not None:
         text += f" The linear estimate, {result.check.summary()}."
     return text
+
+
+def steering_figure(result: SteeringResult) -> go.Figure:
+    """A steering sweep (`steering_sweep`): the target metric's change (left) and the next-token loss
+    increase on ordinary text (right) against α, for the steering vector and for the random vectors of
+    the same norm (their mean, with a band of one standard deviation and each seed faint)."""
+    from plotly.subplots import make_subplots
+
+    a = result.alphas.tolist()
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12,
+                        subplot_titles=(f"change in {result.metric}", "loss cost on ordinary text"))
+    panels = [(result.effect, result.random_effect, result.random_effect_mean, result.random_effect_spread),
+              (result.ce_cost, result.random_ce_cost, result.random_ce_mean, result.random_ce_spread)]
+    for col, (steered, each, mean, spread) in enumerate(panels, start=1):
+        first = col == 1
+        upper, lower = (mean + spread).tolist(), (mean - spread).tolist()
+        fig.add_trace(go.Scatter(x=a + a[::-1], y=upper + lower[::-1], fill="toself", fillcolor="rgba(128,128,128,0.2)",
+                                 line=dict(width=0), hoverinfo="skip", name="random ± 1 s.d.", showlegend=first,
+                                 legendgroup="band"), row=1, col=col)
+        for seed, row in zip(result.seeds, each):
+            fig.add_trace(go.Scatter(x=a, y=row.tolist(), mode="lines", line=dict(color="gray", width=0.5),
+                                     opacity=0.5, name=f"random seed {seed}", showlegend=False,
+                                     legendgroup="seeds"), row=1, col=col)
+        fig.add_trace(go.Scatter(x=a, y=mean.tolist(), mode="lines+markers", name="random direction, same norm",
+                                 line=dict(color="gray", dash="dash"), showlegend=first, legendgroup="random"),
+                      row=1, col=col)
+        fig.add_trace(go.Scatter(x=a, y=steered.tolist(), mode="lines+markers", name="steering vector",
+                                 line=dict(color="#1f77b4", width=3), showlegend=first, legendgroup="steer"),
+                      row=1, col=col)
+        fig.add_hline(y=0, line_color="black", line_width=0.5, row=1, col=col)
+        fig.update_xaxes(title_text="α (the vector is added α times)", row=1, col=col)
+    fig.update_yaxes(title_text=f"{result.metric} − unsteered ({result.baseline:.3g})", row=1, col=1)
+    fig.update_yaxes(title_text="next-token loss increase (nats/token)", row=1, col=2)
+    fig.update_layout(title=f"Steering at {result.hook}", height=440, **LAYOUT)
+    return captioned(fig, f"{result.summary()} Left: how far steering moves the target metric ({result.positions}); "
+                     "right: what it costs on ordinary text (the vector added at " + result.cost_positions + f", "
+                     f"{result.text}; unsteered loss {result.base_loss:.3g}). The grey curves are random directions "
+                     "of the vector's norm: an effect is the vector's only where the blue curve leaves them.")
+
+
+def probe_sweep_figure(result: ProbeSweep) -> go.Figure:
+    """A probe sweep (`fit_probes`) as two heatmaps over sites × positions: the held-out score (left)
+    and the selectivity, score minus the control task's (right); the hover gives the interval, the
+    control task and the shuffled-label baseline of each probe."""
+    from plotly.subplots import make_subplots
+
+    metric = "accuracy" if result.metric == "accuracy" else "R²"
+    sites, positions = list(result.sites), list(result.positions)
+    custom = np.stack([result.low_SQ, result.high_SQ, result.control_SQ, result.shuffled_SQ, result.selectivity_SQ],
+                      -1)
+    hover = (f"%{{y}}, position %{{x}}<br>{metric} %{{z:.3f}}<br>interval [%{{customdata[0]:.3f}}, "
+             "%{customdata[1]:.3f}]<br>control task %{customdata[2]:.3f}<br>shuffled labels %{customdata[3]:.3f}"
+             "<br>selectivity %{customdata[4]:.3f}<extra></extra>")
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.18,
+                        subplot_titles=(f"held-out {metric}", f"selectivity ({metric} − control task)"))
+    low = float(np.nanmin(result.chance_Q)) if result.metric == "accuracy" else 0.0
+    fig.add_trace(go.Heatmap(z=result.score_SQ, x=positions, y=sites, customdata=custom, hovertemplate=hover,
+                             colorscale="Blues", zmin=low, zmax=1.0, colorbar=dict(x=0.41, title=dict(text=metric))),
+                  row=1, col=1)
+    fig.add_trace(go.Heatmap(z=result.selectivity_SQ, x=positions, y=sites, customdata=custom, hovertemplate=hover,
+                             colorscale="RdBu", zmid=0.0, colorbar=dict(title=dict(text="selectivity"))), row=1, col=2)
+    for col in (1, 2):
+        fig.update_xaxes(title_text="position", row=1, col=col)
+        fig.update_yaxes(autorange="reversed", row=1, col=col)
+    fig.update_yaxes(title_text="site", row=1, col=1)
+    fig.update_layout(title=f"Linear probes ({result.config.kind}): {result.n_train} training and {result.n_test} "
+                      f"held-out prompts", height=max(360, 120 + 26 * len(sites)), **LAYOUT)
+    split = "groups (e.g. subjects)" if result.grouped else "prompts"
+    chance = (f" Chance (the most common label) is {float(np.nanmax(result.chance_Q)):.0%} at most."
+              if result.metric == "accuracy" else "")
+    return captioned(fig, f"A linear probe at each site and position, scored on held-out {split}.{chance} The "
+                     "control task gives every type (a group or a token) a random label from the same distribution: a "
+                     "probe that scores well on it memorises types, so a high score is the representation's only "
+                     "where the selectivity (right) is high too.")
+
+
+def faithfulness_figure(curves: dict[str, FaithfulnessCurve], title: str = "faithfulness") -> go.Figure:
+    """The metric recovered (clean 1, corrupt 0) against the number of edges kept, one line per
+    ranking, each circuit run by exact edge patching."""
+    fig = go.Figure()
+    for name, curve in curves.items():
+        fig.add_trace(go.Scatter(x=curve.n_edges, y=curve.recovered, mode="lines+markers", name=name,
+                                 hovertemplate="%{x} edges: %{y:.3f}<extra>" + name + "</extra>"))
+    total = next(iter(curves.values())).total_edges if curves else 0
+    fig.update_layout(title=title, xaxis_title=f"edges kept (of {total})", yaxis_title="metric recovered (clean 1)",
+                      xaxis_type="log", **LAYOUT)
+    return captioned(fig, "Each point is a circuit of the top edges of a ranking, run with every other edge carrying "
+                          "the corrupt prompt's write: how much of the clean behaviour that many edges carry.")
+
+
+def circuit_figure(circuit: Circuit, max_edges: int = 60) -> go.Figure:
+    """A circuit drawn on the model's layers: the embedding at the bottom, each layer's heads and MLP
+    above it, the logits on top; its `max_edges` strongest edges as lines coloured by the input
+    they enter (q, k, v, MLP, logits) and as wide as their |score|."""
+    g = circuit.graph
+    H = max(g.n_heads, 1)
+    pos: dict[str, tuple[float, float]] = {"embed": ((H - 1) / 2, 0.0)}
+    for node in g.nodes[1:]:
+        if node.startswith("MLP"):
+            pos[node] = ((H - 1) / 2, 2 * int(node[3:]) + 2)
+        else:
+            layer, head = node[1:].split("H")
+            pos[node] = (int(head), 2 * int(layer) + 1)
+    top_y = 2 * g.n_layers + 1
+    pos["logits"] = ((H - 1) / 2, top_y)
+    colours = {"q": "#1f77b4", "k": "#d62728", "v": "#2ca02c", "mlp": "#9467bd", "logits": "#7f7f7f"}
+    edges = circuit.edges[:max_edges]
+    scale = max((abs(circuit.scores[g.index(e)]) for e in edges), default=1.0) or 1.0
+    fig = go.Figure()
+    for edge in edges:
+        node, reader = edge.split("->")
+        kind = reader.rsplit(".", 1)[1] if "." in reader else ("logits" if reader == "logits" else "mlp")
+        target = reader.rsplit(".", 1)[0] if "." in reader else reader
+        if "KV" in target:  # a key/value head: drawn at the middle of the query heads that share it
+            layer, group = target[1:].split("KV")
+            per = g.n_heads // max(g.n_kv_heads, 1)
+            end = (int(group) * per + (per - 1) / 2, 2 * int(layer) + 1)
+        else:
+            end = pos[target]
+        score = float(circuit.scores[g.index(edge)])
+        fig.add_trace(go.Scatter(x=[pos[node][0], end[0]], y=[pos[node][1], end[1]], mode="lines",
+                                 line=dict(color=colours[kind], width=1 + 6 * abs(score) / scale), showlegend=False,
+                                 hovertemplate=f"{edge}: {score:.3f}<extra></extra>"))
+    used = {e.split("->")[0] for e in edges} | {"logits"}
+    for e in edges:
+        target = e.split("->")[1].rsplit(".", 1)[0]
+        if target in pos:
+            used.add(target)
+    names = [n for n in pos if n in used]
+    fig.add_trace(go.Scatter(x=[pos[n][0] for n in names], y=[pos[n][1] for n in names], mode="markers+text",
+                             text=names, textposition="top center", marker=dict(size=12, color="black"),
+                             showlegend=False, hoverinfo="text"))
+    for kind, colour in colours.items():  # the legend: which input an edge enters
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", line=dict(color=colour, width=3), name=kind))
+    fig.update_layout(title=f"{circuit.method} circuit: {circuit.n_kept} edges recover {circuit.recovered:.2f}",
+                      xaxis=dict(title="head", showgrid=False, zeroline=False),
+                      yaxis=dict(title="", tickvals=[0, *range(1, top_y)] + [top_y],
+                                 ticktext=["embed", *[f"{'attn' if y % 2 else 'MLP'} {(y - 1) // 2}"
+                                                      for y in range(1, top_y)], "logits"]),
+                      height=150 + 60 * top_y, **LAYOUT)
+    return captioned(fig, f"The circuit's {len(edges)} strongest edges (of {circuit.n_kept}); an edge enters a "
+                          "head's query, key or value input, an MLP's input or the logits, and is as wide as its "
+                          "score.")

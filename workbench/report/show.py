@@ -8,6 +8,9 @@ notebook (see `workbench.report.scripts`).
     show_feature(model, sae, 12)                                   one SAE latent's dashboard
     show_graph(graph)                                              an attribution graph
     show_patching(result)                                          a patching result (and an estimate's check)
+    show_circuit(circuit)                                          a discovered circuit on the model's layers
+    show_probes(result)                                            a probe sweep: accuracy and selectivity
+    show_steering(result)                                          a steering sweep beside its random control
 
 A prompt is text (read with the model's `to_tokens`, so a BOS comes first where the model adds one) or
 token ids ([S] or [1, S]).
@@ -28,11 +31,21 @@ from workbench.cache.rows import held_out_text
 from workbench.compute.attribution_graph.files import viewer_data
 from workbench.compute.attribution_graph.graph import AttributionGraph
 from workbench.compute.lens import logit_lens
+from workbench.compute.patching.discovery import Circuit, FaithfulnessCurve
 from workbench.compute.patching.result import PatchingResult
+from workbench.compute.probes import ProbeSweep
+from workbench.compute.steering import SteeringResult
 from workbench.errors import InputError
 from workbench.model.hooked import HookedModel
 from workbench.report.dashboards import feature_card
-from workbench.report.plotting import logit_lens_figure, patching_figure
+from workbench.report.plotting import (
+    circuit_figure,
+    faithfulness_figure,
+    logit_lens_figure,
+    patching_figure,
+    probe_sweep_figure,
+    steering_figure,
+)
 from workbench.report.widgets import Widget, attention_viewer, figure_widget, graph_viewer
 from workbench.sae.features import collect_feature_data
 from workbench.sae.modules import SAE
@@ -139,3 +152,33 @@ def show_patching(result: PatchingResult) -> Widget:
     if not isinstance(result, PatchingResult):
         raise InputError(f"show_patching takes a PatchingResult, not a {type(result).__name__}.")
     return figure_widget(patching_figure(result))
+
+
+def show_steering(result: SteeringResult) -> Widget:
+    """A steering sweep (`steering_sweep`) as a figure: the target metric's change and the loss cost on
+    ordinary text against α, beside random directions of the same norm."""
+    if not isinstance(result, SteeringResult):
+        raise InputError(f"show_steering takes a SteeringResult (steering_sweep), not a {type(result).__name__}.")
+    return figure_widget(steering_figure(result))
+
+
+def show_probes(result: ProbeSweep) -> Widget:
+    """A probe sweep (`fit_probes`) as a figure: held-out score and selectivity by site and position."""
+    if not isinstance(result, ProbeSweep):
+        raise InputError(f"show_probes takes a ProbeSweep (fit_probes), not a {type(result).__name__}.")
+    return figure_widget(probe_sweep_figure(result))
+
+
+def show_circuit(circuit: Circuit, max_edges: int = 60) -> Widget:
+    """A discovered circuit (`discover_circuit`, `acdc`) drawn on the model's layers."""
+    if not isinstance(circuit, Circuit):
+        raise InputError(f"show_circuit takes a Circuit, not a {type(circuit).__name__}.")
+    return figure_widget(circuit_figure(circuit, max_edges))
+
+
+def show_faithfulness(curves: Union[FaithfulnessCurve, dict[str, FaithfulnessCurve]]) -> Widget:
+    """Faithfulness curves (`faithfulness`): one, or several by name."""
+    curves = {"ranking": curves} if isinstance(curves, FaithfulnessCurve) else curves
+    if not curves or not all(isinstance(c, FaithfulnessCurve) for c in curves.values()):
+        raise InputError("show_faithfulness takes a FaithfulnessCurve or a dict of them by name.")
+    return figure_widget(faithfulness_figure(curves))

@@ -254,3 +254,22 @@ def test_spliced_transcoder_latents_are_patched_like_heads():
     by_label = dict(zip(exact.labels[0], exact.values))
     np.testing.assert_allclose(est.check.exact, [by_label[lab[0]] for lab in est.check.labels], atol=1e-6)
     assert site not in model.hook_dict  # splice left the model as it was
+
+
+def test_circuit_and_faithfulness_figures(attn2):
+    from workbench.compute.patching import discover_circuit, edge_attribution, faithfulness
+    from workbench.report import show_circuit, show_faithfulness
+    from workbench.report.plotting import circuit_figure, faithfulness_figure
+
+    task = induction_task(attn2, n_prompts=4, half=8)
+    circuit = discover_circuit(attn2, task, n_edges=6)
+    fig = circuit_figure(circuit)
+    lines = [t for t in fig.data if t.mode == "lines" and t.x[0] is not None]
+    assert len(lines) == 6 and {e.split("->")[0] for e in circuit.edges} <= set(fig.data[6].text)
+    scores = edge_attribution(attn2, task, "eap", check=8)
+    assert scores.check is not None and len(scores.check.labels) == 8 and np.isfinite(scores.check.max_abs_error)
+    curve = faithfulness(attn2, task, scores, n_edges=[0, 4, 16, circuit.graph.n_edges])
+    fig = faithfulness_figure({"eap": curve})
+    assert list(fig.data[0].x) == [0, 4, 16, circuit.graph.n_edges]
+    assert fig.data[0].y[0] == pytest.approx(0, abs=1e-4) and fig.data[0].y[-1] == pytest.approx(1, abs=1e-4)
+    assert "wb-plotly" in show_circuit(circuit)._repr_html_() and "wb-plotly" in show_faithfulness(curve)._repr_html_()

@@ -22,7 +22,7 @@ import torch
 from workbench.cache.tasks import PatchingTask
 from workbench.compute.patching.activation import Setup, run_patches
 from workbench.compute.patching.metrics import Metric
-from workbench.compute.patching.result import ApproximationCheck, PatchingResult
+from workbench.compute.patching.result import ApproximationCheck, PatchingResult, sample_for_check
 from workbench.compute.patching.sites import By
 from workbench.model.hooked import HookedModel
 
@@ -65,17 +65,12 @@ def attribution_patch(model: HookedModel, task: PatchingTask, site: str = "resid
     result = setup.finish(raw, normalized, "attribution patching")
     if check <= 0:
         return result
-    picked = _sample(raw - base_value, check, seed)
+    picked = sample_for_check(raw - base_value, check, seed)
     exact = run_patches(model, setup.task, setup.base, setup.source, [setup.patches[i] for i in picked],
                         setup.metric, batch_rows, desc=f"checking attribution patching of {site}", progress=progress,
                         route=setup.route)
-    exact_r = _units(exact, setup, normalized)
-    est = result.values.reshape(-1)[picked]
-    err = np.abs(est - exact_r)
-    corr = float(np.corrcoef(est, exact_r)[0, 1]) if len(picked) > 1 and est.std() > 0 and exact_r.std() > 0 \
-        else float("nan")
-    checked = ApproximationCheck(tuple(_label(result, i) for i in picked), est, exact_r, corr, float(err.max()),
-                                 float(err.mean()))
+    checked = ApproximationCheck.of([_label(result, i) for i in picked], result.values.reshape(-1)[picked],
+                                    _units(exact, setup, normalized))
     return setup.finish(raw, normalized, "attribution patching", check=checked)
 
 
@@ -83,16 +78,6 @@ def _units(raw: np.ndarray, setup: Setup, normalized: bool) -> np.ndarray:
     if not normalized:
         return raw
     return (raw - setup.corrupt) / (setup.clean - setup.corrupt)
-
-
-def _sample(effects: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """n patch indices: the n//2 of largest |estimated effect|, then random others."""
-    n = min(n, len(effects))
-    top = list(np.argsort(-np.abs(effects), kind="stable")[: n // 2])
-    rest = np.setdiff1d(np.arange(len(effects)), top)
-    rng = np.random.default_rng(seed)
-    extra = rng.choice(rest, size=n - len(top), replace=False) if n > len(top) else np.array([], dtype=int)
-    return np.sort(np.concatenate([np.asarray(top, dtype=int), extra.astype(int)]))
 
 
 def _label(result: PatchingResult, flat: int) -> tuple[str, ...]:

@@ -3,6 +3,7 @@ for an approximation, `ApproximationCheck`, its error against exact patching on 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -22,6 +23,15 @@ class ApproximationCheck:
     """Pearson correlation of estimate and exact (NaN where either is constant: see to_dict)."""
     max_abs_error: float
     mean_abs_error: float
+
+    @classmethod
+    def of(cls, labels: Sequence[tuple[str, ...]], estimate: np.ndarray, exact: np.ndarray) -> "ApproximationCheck":
+        """The check of `estimate` against `exact` on the same patches."""
+        estimate, exact = np.asarray(estimate, dtype=np.float64), np.asarray(exact, dtype=np.float64)
+        err = np.abs(estimate - exact)
+        corr = float(np.corrcoef(estimate, exact)[0, 1]) if len(err) > 1 and estimate.std() > 0 and exact.std() > 0 \
+            else float("nan")
+        return cls(tuple(labels), estimate, exact, corr, float(err.max()), float(err.mean()))
 
     def summary(self) -> str:
         corr = "undefined" if not np.isfinite(self.correlation) else f"{self.correlation:.3f}"
@@ -91,3 +101,13 @@ class PatchingResult:
                 "labels": [list(lab) for lab in self.labels],
                 "values": np.vectorize(finite, otypes=[object])(self.values).tolist() if self.values.size else [],
                 "check": None if self.check is None else self.check.to_dict()}
+
+
+def sample_for_check(effects: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """n indices of `effects` to check an estimate on: the n//2 of largest |estimated effect| (the
+    ones a reader acts on), then random others (how it does elsewhere); sorted."""
+    n = min(n, len(effects))
+    top = np.argsort(-np.abs(effects), kind="stable")[: n // 2].astype(int)
+    rest = np.setdiff1d(np.arange(len(effects)), top)
+    extra = np.random.default_rng(seed).choice(rest, size=n - len(top), replace=False).astype(int)
+    return np.sort(np.concatenate([top, extra]))
