@@ -186,9 +186,11 @@ def patching_figure(result: PatchingResult) -> go.Figure:
         return captioned(fig, _patching_caption(result))
     from plotly.subplots import make_subplots
 
-    fig = make_subplots(rows=1, cols=2, column_widths=[0.62, 0.38], horizontal_spacing=0.14,
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.58, 0.42], horizontal_spacing=0.2,
                         subplot_titles=(title, "estimate against exact patching"))
     for trace in main_traces:
+        if trace.type == "heatmap":  # the colour bar between the two panels, not over the scatter
+            trace.colorbar.update(x=0.47, thickness=12, len=0.8, y=0.4, title=dict(side="top"))
         fig.add_trace(trace, row=1, col=1)
     lo = float(min(check.exact.min(), check.estimate.min()))
     hi = float(max(check.exact.max(), check.estimate.max()))
