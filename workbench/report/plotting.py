@@ -235,8 +235,8 @@ def steering_figure(result: SteeringResult) -> go.Figure:
         first = col == 1
         upper, lower = (mean + spread).tolist(), (mean - spread).tolist()
         fig.add_trace(go.Scatter(x=a + a[::-1], y=upper + lower[::-1], fill="toself", fillcolor="rgba(128,128,128,0.2)",
-                                 line=dict(width=0), hoverinfo="skip", name="random ± 1 s.d.", showlegend=first,
-                                 legendgroup="band"), row=1, col=col)
+                                 mode="none", line=dict(width=0), hoverinfo="skip", name="random ± 1 s.d.",
+                                 showlegend=first, legendgroup="band"), row=1, col=col)
         for seed, row in zip(result.seeds, each):
             fig.add_trace(go.Scatter(x=a, y=row.tolist(), mode="lines", line=dict(color="gray", width=0.5),
                                      opacity=0.5, name=f"random seed {seed}", showlegend=False,
@@ -271,11 +271,12 @@ def probe_sweep_figure(result: ProbeSweep) -> go.Figure:
     hover = (f"%{{y}}, position %{{x}}<br>{metric} %{{z:.3f}}<br>interval [%{{customdata[0]:.3f}}, "
              "%{customdata[1]:.3f}]<br>control task %{customdata[2]:.3f}<br>shuffled labels %{customdata[3]:.3f}"
              "<br>selectivity %{customdata[4]:.3f}<extra></extra>")
-    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.18,
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.26,
                         subplot_titles=(f"held-out {metric}", f"selectivity ({metric} − control task)"))
     low = float(np.nanmin(result.chance_Q)) if result.metric == "accuracy" else 0.0
     fig.add_trace(go.Heatmap(z=result.score_SQ, x=positions, y=sites, customdata=custom, hovertemplate=hover,
-                             colorscale="Blues", zmin=low, zmax=1.0, colorbar=dict(x=0.41, title=dict(text=metric))),
+                             colorscale="Blues", zmin=low, zmax=1.0,
+                             colorbar=dict(x=0.385, thickness=12, title=dict(text=metric))),
                   row=1, col=1)
     fig.add_trace(go.Heatmap(z=result.selectivity_SQ, x=positions, y=sites, customdata=custom, hovertemplate=hover,
                              colorscale="RdBu", zmid=0.0, colorbar=dict(title=dict(text="selectivity"))), row=1, col=2)
