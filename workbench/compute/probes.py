@@ -18,7 +18,10 @@ it was the faster against scikit-learn's `LogisticRegression` (lbfgs, the same p
 probe by probe, on 2 CPU threads: the `facts` model's sweep (6 layers × 2 positions, each probe
 with its 2 baselines, 300 × 128 activations) in 0.20 s against 0.27 s; a random 6-layer width-128
 model's 192 probes on 2,000 prompts (benchmarks/probe_speed.py) at 0.004 s a probe against 0.017 s;
-held-out accuracies within 0.01 in both.
+held-out accuracies within 0.01 in both. Not everywhere: with fewer training prompts than
+dimensions (GPT-2 small's width 768, 225 training prompts) scikit-learn took 0.014 s a probe
+against 0.022 s (benchmarks/probe_speed.py --prompts 300 --n-ctx 32); the batched fit is kept for
+streaming every site at once and for running on a GPU.
 
 Activations are centred and divided by one scale per probe (their RMS), never per coordinate, so the
 L2 penalty treats every direction alike and a probe's weight is a direction of the activation space
@@ -254,6 +257,9 @@ def control_labels(y: np.ndarray, types_QN: np.ndarray, seed: int) -> np.ndarray
 
 
 # -- the batched fit -------------------------------------------------------------------------------------
+PROBES_PER_FIT = 32
+"""Probes fitted together in one batched L-BFGS run."""
+
 def _fit_logistic(X_PND: torch.Tensor, Y: torch.Tensor, C: int, cfg: ProbeConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """(W [P, D, K·C], b [P, 1, K·C]) minimising Σ_probes (mean cross-entropy + l2/2·|W|²) by L-BFGS.
     Y: [P, N, K] class indices (C > 1) or 0/1 (C = 1).
@@ -368,7 +374,10 @@ def fit_probes(acts: ProbeActivations, labels: Any, split: PromptSplit, config: 
     y_t = torch.as_tensor(y_K, device=device, dtype=torch.float32 if cfg.kind == "linear" else torch.long)
     weights_NR = _cluster_weights(split, cfg.n_bootstrap, cfg.seed).to(device)
     flat_PND = acts.acts_SQND.reshape(S * Q, N, D)
-    per_chunk = max(1, cfg.chunk_elements // (N * D))
+    # at most PROBES_PER_FIT probes share one L-BFGS run: its line search and stopping rule are joint,
+    # so a larger batch of independent probes needs more iterations (384 at once fitted 2.7x slower
+    # than 12 batches of 32, benchmarks/probe_speed.py)
+    per_chunk = max(1, min(PROBES_PER_FIT, cfg.chunk_elements // (N * D)))
     score, boot, train = torch.empty(S * Q, K), torch.empty(S * Q, cfg.n_bootstrap), torch.empty(S * Q, K)
     weight, bias = torch.empty(S * Q, D, C), torch.empty(S * Q, C)
     for start in range(0, S * Q, per_chunk):

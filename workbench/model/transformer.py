@@ -68,8 +68,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         check_types(self)
         own = "ModelConfig"
-        check_field(isinstance(self.n_layers, int) and 1 <= self.n_layers <= 8, own, "n_layers",
-                    self.n_layers, "an integer from 1 to 8")
+        check_field(isinstance(self.n_layers, int) and 1 <= self.n_layers <= 48, own, "n_layers",
+                    self.n_layers, "an integer from 1 to 48")
         for name in ("d_model", "n_heads", "d_head", "n_ctx", "d_vocab"):
             value = getattr(self, name)
             check_field(isinstance(value, int) and value > 0, own, name, value, "a positive integer")
