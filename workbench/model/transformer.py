@@ -43,7 +43,7 @@ class ModelConfig:
     """Architecture of a workbench Transformer. Field names follow TransformerLens's config."""
 
     n_layers: int = 2
-    """Number of transformer blocks (1 to 8)."""
+    """Number of transformer blocks (1 to 48)."""
     d_model: int = 64
     """Width of the residual stream."""
     n_heads: int = 4
