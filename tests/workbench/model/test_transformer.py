@@ -144,7 +144,7 @@ def test_bad_tokens_get_clear_errors(attn_model):
         attn_model(torch.zeros(1, 4, dtype=torch.long), return_type="probs")
 
 
-@pytest.mark.parametrize("field,value", [("n_layers", 0), ("n_layers", 9), ("d_model", -1), ("n_heads", 0),
+@pytest.mark.parametrize("field,value", [("n_layers", 0), ("n_layers", 49), ("d_model", -1), ("n_heads", 0),
                                          ("act_fn", "swish"), ("normalization_type", "RMS"), ("d_mlp", 0),
                                          ("init_range", -0.1)])
 def test_impossible_config_names_the_field(field, value):

@@ -105,7 +105,8 @@ def _compact(task: PatchingTask) -> PatchingTask:
 @torch.no_grad()
 def fast_route(model: HookedModel, task: PatchingTask, base: torch.Tensor, metric: Metric) -> Route:
     """The Route this model, task and metric allow: each shortcut is used only where it reproduces
-    the model's own logits on the base prompts (to 1e-4 of their scale)."""
+    the model's own logits on the base prompts (to 1e-4 of their scale; starting at a layer is
+    checked from the middle layer and from the last)."""
     L = int(model.cfg.n_layers)
     names = [f"blocks.{l}.hook_resid_pre" for l in range(L)]
     if L == 0 or any(n not in model.hook_dict for n in [*names, f"blocks.{L - 1}.hook_resid_post"]):
@@ -114,13 +115,16 @@ def fast_route(model: HookedModel, task: PatchingTask, base: torch.Tensor, metri
     at = logits.gather(1, task.position[..., None].expand(-1, -1, logits.shape[-1])).float()
     tol = 1e-4 * (1.0 + float(at.abs().max()))
     resid_list: Optional[list[torch.Tensor]] = [resid[n] for n in names]
-    try:
-        fired = []
-        out = model.run_with_hooks(resid[names[-1]], start_at_layer=L - 1,
-                                   fwd_hooks=[(names[-1], lambda a, hook: fired.append(1))])
-        same = bool(fired) and out.shape == logits.shape and float((out.float() - logits.float()).abs().max()) < tol
-    except Exception:  # a model without start_at_layer
-        same = False
+    same = True
+    for start in sorted({L // 2, L - 1} - {0}):  # checked from the middle layer and from the last
+        try:
+            fired: list[int] = []
+            out = model.run_with_hooks(resid[names[start]], start_at_layer=start,
+                                       fwd_hooks=[(names[start], lambda a, hook, fired=fired: fired.append(1))])
+            same = same and bool(fired) and out.shape == logits.shape and \
+                float((out.float() - logits.float()).abs().max()) < tol
+        except Exception:  # a model without start_at_layer
+            same = False
     if not same:
         resid_list = None
     tail = False
